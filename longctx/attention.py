@@ -1,0 +1,134 @@
+"""Exact softmax attention, and the merge of partial results that blockwise and ring attention build on.
+
+Layout everywhere in longctx: ``[batch, heads, seq, head_dim]``. Keys and values may carry fewer heads
+than queries (grouped-query attention): ``n_head % n_kv_head == 0`` and query head ``h`` reads KV head
+``h // (n_head // n_kv_head)``.
+
+Causal masks are aligned bottom-right: with ``Tq`` queries and ``Tk >= Tq`` keys, query ``i`` sits at
+position ``Tk - Tq + i`` and sees keys ``0 .. Tk - Tq + i``. With ``Tq == Tk`` this is the usual mask; with
+``Tq < Tk`` it is what decoding with a cache needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
+    """Validate ``q [B,Hq,Tq,D]``, ``k [B,Hkv,Tk,D]``, ``v [B,Hkv,Tk,Dv]``; return ``(Hq, Hkv)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in heads and seq")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q head_dim {q.shape[3]} != k head_dim {k.shape[3]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    return hq, hkv
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """``[B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]``: each KV head serves ``n_rep`` query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def causal_mask(tq: int, tk: int, device=None) -> Tensor:
+    """Boolean ``[tq, tk]`` mask, True where query ``i`` (at position ``tk - tq + i``) may see key ``j``."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    return j <= i
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+                        scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Plain matrix form, differentiable in both outputs: returns ``(out [B,Hq,Tq,Dv], lse [B,Hq,Tq])``.
+
+    The test oracle (run it in float64) and the fallback where no fused kernel fits. Rows with no visible
+    key (only possible when ``causal`` and ``Tq > Tk``) give ``out = 0`` and ``lse = -inf``.
+    """
+    hq, hkv = check_qkv(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).to(s.dtype)).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor] | None:
+    """PyTorch's fused kernels that also return the log-sum-exp; None where none applies."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
+            and q.shape[-1] == v.shape[-1]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out, lse[..., : q.shape[2]]
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                         scale=scale)[:2]
+        return out, lse[..., : q.shape[2]]
+    return None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+              return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact softmax attention. ``q [B,Hq,Tq,D]``, ``k [B,Hkv,Tk,D]``, ``v [B,Hkv,Tk,Dv]`` -> ``[B,Hq,Tq,Dv]``.
+
+    With ``return_lse`` also returns the float32 (float64 for float64 input) log-sum-exp ``[B,Hq,Tq]`` of
+    each row of scaled scores. Dispatches to PyTorch's fused kernels (SDPA; the flash ops that return the
+    lse on CPU and CUDA). Gradients flow through ``out``; when gradients are being recorded and the lse is
+    asked for, the differentiable matrix form is used so the lse carries its gradient too.
+    """
+    hq, hkv = check_qkv(q, k, v)
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={q.shape[2]} "
+                         f"> Tk={k.shape[2]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Fused kernels align a causal mask top-left; with Tq < Tk we need bottom-right, given as a mask.
+    square = q.shape[2] == k.shape[2]
+    if not return_lse:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal and not square else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and square,
+                                              scale=scale, enable_gqa=hq != hkv)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad or (causal and not square):
+        return attention_reference(q, k, v, causal, scale)
+    fused = _fused_with_lse(q, repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv), causal, scale)
+    return fused if fused is not None else attention_reference(q, k, v, causal, scale)
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact attention over the union of two disjoint key sets, from each set's partial result.
+
+    ``out_* [B,H,T,D]`` and ``lse_* [B,H,T]``. Returns ``(out, lse)`` in float32 (float64 stays float64).
+    A row that saw no key on one side (lse = -inf) takes the other side unchanged.
+    """
+    dt = torch.float64 if torch.float64 in (out_a.dtype, lse_a.dtype) else torch.float32
+    lse_a, lse_b = lse_a.to(dt), lse_b.to(dt)
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return w_a * out_a.to(dt) + w_b * out_b.to(dt), lse
+
+
+def attention_flops(batch: int, n_head: int, tq: int, tk: int, head_dim: int, causal: bool) -> float:
+    """Forward matmul flops of exact attention (2 products of 2*Tq*Tk*D each), halved when causal+square."""
+    f = 4.0 * batch * n_head * tq * tk * head_dim
+    return f / 2 if causal and tq == tk else f
+
+
+__all__ = ["attention", "attention_reference", "merge_attention", "repeat_kv", "causal_mask", "check_qkv",
+           "attention_flops"]

@@ -1,0 +1,7 @@
+"""Attention mechanisms behind one interface (see ``base``). Importing this package registers them all."""
+from .base import Mechanism, build_mechanism, lookup, register, registered, tensor_bytes
+from .full import FullAttention, KVCache
+from .sliding_window import SlidingWindowAttention, WindowCache, sliding_window_attention
+
+__all__ = ["Mechanism", "build_mechanism", "lookup", "register", "registered", "tensor_bytes",
+           "FullAttention", "KVCache", "SlidingWindowAttention", "WindowCache", "sliding_window_attention"]

@@ -1,0 +1,131 @@
+"""The mechanism interface every approach implements, and the registry the model and the bench read.
+
+A mechanism mixes tokens given per-head queries, keys and values in the library's one layout
+``[batch, heads, seq, head_dim]`` (keys/values may have fewer heads: GQA). It has three faces:
+
+* ``forward(q, k, v) -> o`` — the parallel form for training and prefill, causal, ``o [B, Hq, T, Dv]``;
+* ``step(q, k, v, state) -> (o, state)`` — the recurrent form for decoding: ``T_new >= 1`` new tokens are
+  appended to the explicit ``state`` (made by ``init_state``) and their outputs returned;
+* ``state_bytes(context_len, batch, dtype)`` — the decoding state's size after ``context_len`` tokens:
+  the one source of truth the benchmark, the report and the tests read.
+
+Mechanisms that need more than q/k/v (RayTention reads token embeddings) replace the whole layer through
+the classmethod ``make_layer``; the rest are wrapped by the model's ``CausalSelfAttention``.
+"""
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import check_qkv
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors inside a state object (dataclass, dict, list/tuple or tensor): measured.
+
+    A tensor referenced from several places (a buffer shared by all layers) is counted once.
+    """
+    seen: dict[tuple, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, Tensor):
+            seen[(x.data_ptr(), tuple(x.shape), x.stride())] = x.numel() * x.element_size()
+        elif is_dataclass(x):
+            for f in fields(x):
+                walk(getattr(x, f.name))
+        elif isinstance(x, dict):
+            for y in x.values():
+                walk(y)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+
+    walk(obj)
+    return sum(seen.values())
+
+
+class Mechanism(nn.Module):
+    """Base class: holds the head geometry and checks inputs. Subclasses implement the three faces."""
+
+    #: Longest context the mechanism supports (None: unbounded). Longer inputs raise.
+    max_context: int | None = None
+
+    def __init__(self, n_head: int, n_kv_head: int, head_dim: int):
+        super().__init__()
+        if n_head <= 0 or n_kv_head <= 0 or head_dim <= 0:
+            raise ValueError(f"n_head, n_kv_head, head_dim must be positive, got {n_head}, {n_kv_head}, {head_dim}")
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+
+    def check(self, q: Tensor, k: Tensor, v: Tensor, context_len: int | None = None) -> None:
+        """Raise a clear error for inputs that do not fit this mechanism."""
+        check_qkv(q, k, v)
+        if q.shape[1] != self.n_head or k.shape[1] != self.n_kv_head:
+            raise ValueError(f"{type(self).__name__} expects {self.n_head} query / {self.n_kv_head} KV heads, "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        if q.shape[3] != self.head_dim:
+            raise ValueError(f"{type(self).__name__} expects head_dim {self.head_dim}, got {q.shape[3]}")
+        n = q.shape[2] if context_len is None else context_len
+        if self.max_context is not None and n > self.max_context:
+            raise ValueError(f"context of {n} tokens exceeds {type(self).__name__}.max_context={self.max_context}")
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def init_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        raise NotImplementedError
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def state_bytes(self, context_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"
+
+
+# --- registry ------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, tuple[type, dict]] = {}
+
+
+def register(name: str, **defaults) -> Callable[[type], type]:
+    """Class decorator: make a mechanism buildable by ``name``, with default options ``defaults``.
+
+    One class may be registered under several names with different defaults (``power`` and ``power4``).
+    """
+    def deco(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"mechanism {name!r} is already registered")
+        _REGISTRY[name] = (cls, dict(defaults))
+        return cls
+    return deco
+
+
+def registered() -> list[str]:
+    """Names of the registered mechanisms, in registration order."""
+    return list(_REGISTRY)
+
+
+def lookup(name: str) -> tuple[type, dict]:
+    """``(class, default options)`` of a registered mechanism; a clear error for an unknown name."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown mechanism {name!r}; registered: {', '.join(_REGISTRY)}")
+    cls, defaults = _REGISTRY[name]
+    return cls, dict(defaults)
+
+
+def build_mechanism(name: str, n_head: int, n_kv_head: int, head_dim: int, **options) -> Mechanism:
+    """Instantiate the mechanism registered as ``name``; ``options`` override its defaults."""
+    cls, kwargs = lookup(name)
+    kwargs.update(options)
+    return cls(n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, **kwargs)

@@ -1,0 +1,93 @@
+"""Sliding-window attention: each token sees itself and the ``window - 1`` tokens before it.
+
+Decoding keeps a ring buffer of the last ``window`` keys and values, so its state is flat in context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attention import check_qkv
+from .base import Mechanism, dtype_bytes, register
+
+
+def window_mask(tq: int, tk: int, window: int, device=None) -> Tensor:
+    """Boolean ``[tq, tk]``: query ``i`` (at position ``tk - tq + i``) sees keys ``j`` with ``i - window < j <= i``."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None = None) -> Tensor:
+    """Causal attention restricted to a window. ``q [B,Hq,Tq,D]``, ``k, v [B,Hkv,Tk,D]``, bottom-right aligned.
+
+    Uses SDPA with a banded mask (fused on GPU; the mask is ``Tq x Tk`` booleans, not a float score matrix).
+    """
+    hq, hkv = check_qkv(q, k, v)
+    mask = window_mask(q.shape[2], k.shape[2], window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+
+
+@dataclass
+class WindowCache:
+    """Ring buffer ``k, v [B, Hkv, window, D]``; token ``t`` lives in slot ``t % window``; ``seen`` tokens so far."""
+    k: Tensor
+    v: Tensor
+    seen: int = 0
+
+    def ordered(self) -> tuple[Tensor, Tensor]:
+        """The buffered tokens oldest first: ``[B, Hkv, min(seen, window), D]``."""
+        w = self.k.shape[2]
+        if self.seen <= w:
+            return self.k[:, :, : self.seen], self.v[:, :, : self.seen]
+        idx = (torch.arange(w, device=self.k.device) + self.seen) % w
+        return self.k[:, :, idx], self.v[:, :, idx]
+
+
+@register("sliding_window", window=64)
+class SlidingWindowAttention(Mechanism):
+    """Softmax attention over the last ``window`` tokens (the token itself included)."""
+
+    def __init__(self, n_head: int, n_kv_head: int, head_dim: int, window: int = 64):
+        super().__init__(n_head, n_kv_head, head_dim)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.check(q, k, v)
+        return sliding_window_attention(q, k, v, self.window)
+
+    def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> WindowCache:
+        shape = (batch, self.n_kv_head, self.window, self.head_dim)
+        return WindowCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: WindowCache) -> tuple[Tensor, WindowCache]:
+        self.check(q, k, v, context_len=1)
+        n, w = q.shape[2], self.window
+        if n == 1:
+            # Write first, then attend over every filled slot: order does not matter to softmax.
+            kb, vb = state.k.clone(), state.v.clone()
+            kb[:, :, state.seen % w], vb[:, :, state.seen % w] = k[:, :, 0], v[:, :, 0]
+            filled = min(state.seen + 1, w)
+            out = F.scaled_dot_product_attention(q, kb[:, :, :filled], vb[:, :, :filled],
+                                                 enable_gqa=self.n_head != self.n_kv_head)
+            return out, WindowCache(kb, vb, state.seen + 1)
+        old_k, old_v = state.ordered()
+        keys, vals = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        out = sliding_window_attention(q, keys, vals, w)
+        kb, vb = state.k.clone(), state.v.clone()
+        keep = min(n, w)
+        slots = (torch.arange(state.seen + n - keep, state.seen + n, device=k.device)) % w
+        kb[:, :, slots], vb[:, :, slots] = k[:, :, n - keep:], v[:, :, n - keep:]
+        return out, WindowCache(kb, vb, state.seen + n)
+
+    def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        # The buffer is allocated at full size from the first token on.
+        return 2 * batch * self.n_kv_head * self.window * self.head_dim * dtype_bytes(dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", window={self.window}"

@@ -1,0 +1,54 @@
+"""Decode-time measurements: state bytes actually held, peak device memory, decode speed."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..mechanisms import tensor_bytes
+from ..model import GPT
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_decode(model: GPT, context: int, decode_steps: int, batch: int = 1, prefill_chunk: int = 1024,
+                   seed: int = 0) -> dict:
+    """Prefill ``context`` random tokens through the step form (in chunks), then decode ``decode_steps``.
+
+    Returns the bytes the decoding state really holds (``state_bytes_measured``) next to the mechanisms'
+    formula (``state_bytes_formula``), decode tokens/s, and on CUDA the peak allocated bytes while decoding.
+    """
+    model.eval()
+    p = next(model.parameters())
+    device = p.device
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
+    state = model.init_state(batch)
+    for chunk in prompt.split(prefill_chunk, dim=1):
+        logits, state = model.step(chunk, state)
+    tok = logits[:, -1:].argmax(-1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(decode_steps):
+        logits, state = model.step(tok, state)
+        tok = logits[:, -1:].argmax(-1)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    out = {
+        "context": context + decode_steps,
+        "batch": batch,
+        "state_bytes_measured": tensor_bytes(state.layers),
+        "state_bytes_formula": model.state_bytes(context + decode_steps, batch, p.dtype),
+        "decode_tokens_per_s": batch * decode_steps / seconds,
+        "decode_ms_per_token": 1000 * seconds / decode_steps,
+    }
+    if device.type == "cuda":
+        out["peak_allocated_bytes_decoding"] = torch.cuda.max_memory_allocated(device)
+        out["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.parameters())
+    return out

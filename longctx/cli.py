@@ -1,0 +1,64 @@
+"""The ``longctx`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .bench.presets import PRESETS, settings_for
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="train a small GPT per mechanism on one corpus and compare them",
+                       description="Train one small GPT per attention mechanism on the same tokens and report "
+                                   "quality, recall, decode memory and speed (results.json, report.md, PNGs).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes and budgets (default: cpu)")
+    p.add_argument("--mechanisms", help="comma-separated names (default: every registered mechanism)")
+    p.add_argument("--steps", type=int, help="text-model training steps")
+    p.add_argument("--recall-steps", type=int, help="recall-model training steps")
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--n-kv-head", type=int)
+    p.add_argument("--block-size", type=int, help="training context in tokens")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--measure-context", type=int, help="context at which decode state and speed are measured")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
+    p.add_argument("--data", help="a UTF-8 text file to train on instead of the built-in corpus")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> None:
+    from .bench.run import run_bench
+
+    s = settings_for(args.preset, steps=args.steps, recall_steps=args.recall_steps, n_layer=args.n_layer,
+                     n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
+                     block_size=args.block_size, batch_size=args.batch_size, measure_context=args.measure_context)
+    mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()] if args.mechanisms else None
+    run_bench(s, mechs, args.device, args.seed, args.out, args.data, args.preset, not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description="Attention over long contexts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: finished results are kept in the output folder", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

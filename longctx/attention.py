@@ -57,13 +57,16 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     """
     hq, hkv = check_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype = q.dtype
+    if q.dtype in (torch.float16, torch.bfloat16):  # scores and softmax in float32, as fused kernels do
+        q, k, v = q.float(), k.float(), v.float()
     k, v = repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv)
     s = (q @ k.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1).to(s.dtype)).nan_to_num(0.0)
-    return p @ v, lse
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return (p @ v).to(out_dtype), lse
 
 
 def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor] | None:
@@ -96,6 +99,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
         raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={q.shape[2]} "
                          f"> Tk={k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    causal = causal and q.shape[2] > 1  # one query (decoding) sees every key: no mask needed
     # Fused kernels align a causal mask top-left; with Tq < Tk we need bottom-right, given as a mask.
     square = q.shape[2] == k.shape[2]
     if not return_lse:

@@ -2,6 +2,7 @@
 from .base import Mechanism, build_mechanism, lookup, register, registered, tensor_bytes
 from .full import FullAttention, KVCache
 from .sliding_window import SlidingWindowAttention, WindowCache, sliding_window_attention
+from ..distributed.mechanism import RingAttention  # registers "ring"
 
 __all__ = ["Mechanism", "build_mechanism", "lookup", "register", "registered", "tensor_bytes",
            "FullAttention", "KVCache", "SlidingWindowAttention", "WindowCache", "sliding_window_attention"]

@@ -1,0 +1,13 @@
+"""Attention with the sequence split over devices (``torch.distributed``): ring attention and its layouts.
+
+``ring_attention(q, k, v, group=None, causal=True, layout="zigzag")`` returns this rank's shard of exact
+attention over the whole sequence; ``shard`` / ``gather`` / ``local_positions`` place a sequence in the
+zigzag or contiguous layout; importing this package registers the ``"ring"`` mechanism.
+"""
+from .comm import RingComm, RingCommError, RingShift
+from .layout import LAYOUTS, check_seq_len, gather, local_positions, required_multiple, shard, unshard
+from .mechanism import RingAttention
+from .ring import KERNELS, ring_attention
+
+__all__ = ["ring_attention", "KERNELS", "RingAttention", "RingComm", "RingCommError", "RingShift", "LAYOUTS",
+           "check_seq_len", "gather", "local_positions", "required_multiple", "shard", "unshard"]

@@ -1,0 +1,283 @@
+"""Ring attention: exact softmax attention with the sequence split over the ranks of a process group.
+
+Each rank holds its shard of the sequence (``layout.py``): ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``
+with ``L = T / N`` on each of the ``N`` ranks. The key/value shards travel around the ring (``comm.py``),
+the next one in flight while the current one is used; each rank attends its queries to every shard with
+PyTorch's fused kernels that return the log-sum-exp, and merges the partial results in float32 (float64
+for float64 input) with the lse trick. The backward pass sends the key/value shards around again, with
+their gradients travelling beside them and coming home after a full turn; each block's backward uses the
+saved global output and lse, so nothing of the forward is recomputed beyond the blocks themselves.
+
+Causal work per step (``src`` = the rank whose shard this rank holds at that step):
+
+* step 0 (its own shard): the causal diagonal block — the only masked block;
+* zigzag, ``src < rank``: all local queries against the *first* half of the shard (the later half is in
+  every local query's future);
+* zigzag, ``src > rank``: the *second* half of the local queries against the whole shard (the first
+  half of the queries precedes all of it);
+* contiguous: ``src < rank`` the whole block, ``src > rank`` nothing (fully masked blocks are skipped).
+
+So under zigzag every rank computes half a block per step, none of it masked.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attention import check_qkv, repeat_kv
+from .comm import RingComm, RingShift
+from .layout import check_layout, required_multiple
+
+aten = torch.ops.aten
+
+KERNELS = ("auto", "cpu", "flash", "cudnn", "efficient")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pick_kernel(kernel: str, q: Tensor, n_kv_head: int | None = None) -> str:
+    """The fused attention op used per block: ``cpu`` (CPU flash), ``flash``, ``cudnn`` or ``efficient``
+    (CUDA). ``auto``: ``cpu`` on CPU; on CUDA for fp16/bf16 ``cudnn`` where it runs these shapes with
+    head_dim <= 128 (the fastest on Hopper), else ``flash`` (head_dim <= 256), else ``efficient``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    dev = q.device.type
+    if dev not in ("cpu", "cuda"):
+        raise ValueError(f"ring attention runs on CPU or CUDA tensors, got device {q.device}")
+    if kernel == "auto":
+        if dev == "cpu":
+            return "cpu"
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+            return "efficient"
+        hkv = q.shape[1] if n_kv_head is None else n_kv_head
+        if q.shape[-1] <= 128 and kernel_runs("cudnn", q.device, q.dtype, q.shape[1], hkv, q.shape[-1]):
+            return "cudnn"
+        return "flash"
+    if (kernel == "cpu") != (dev == "cpu"):
+        raise ValueError(f"kernel {kernel!r} does not run on device {q.device}")
+    if kernel in ("flash", "cudnn") and q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"kernel {kernel!r} needs float16 or bfloat16 inputs, got {q.dtype}")
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_runs(kernel: str, device: torch.device, dtype: torch.dtype, hq: int, hkv: int, d: int) -> bool:
+    """Whether ``kernel`` runs a small causal block of this geometry forward and backward on ``device``:
+    decided once per geometry, locally, before any ring transfer is posted (no random draws)."""
+    if kernel == "cudnn" and not torch.backends.cudnn.is_available():
+        return False
+    try:
+        q = torch.linspace(-1, 1, 128 * d, device=device, dtype=dtype).view(1, 1, 128, d).expand(1, hq, 128, d)
+        q = q.contiguous()
+        k = v = q[:, :hkv].contiguous()
+        o, l, aux = _block_forward(kernel, q, k, v, True, d ** -0.5)
+        _block_backward(kernel, o, q, k, v, o, l.contiguous(), True, d ** -0.5, aux)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return True
+    except Exception:  # noqa: BLE001 - any failure of the probe means: use another kernel
+        return False
+
+
+def _block_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+                   ) -> tuple[Tensor, Tensor, tuple]:
+    """One block: ``(out [B,Hq,Tq,D], lse [B,Hq,Tq], aux)``; ``aux`` is what the op's backward also needs."""
+    tq = q.shape[2]
+    if kernel == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse, ()
+    if kernel == "flash":
+        r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return r[0], r[1], (r[6], r[7])
+    if kernel == "cudnn":
+        r = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+        return r[0], r[1].reshape(r[1].shape[0], r[1].shape[1], tq), (r[6], r[7])
+    rep = q.shape[1] // k.shape[1]
+    r = aten._scaled_dot_product_efficient_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), None, True, 0.0,
+                                                     causal, scale=scale)
+    return r[0], r[1][..., :tq], (r[2], r[3])
+
+
+def _block_backward(kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    causal: bool, scale: float, aux: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` of one block given the *global* ``out`` and ``lse [B,Hq,Tq]`` (contiguous)
+    of these queries: the softmax of this block is then the global one restricted to the block's keys."""
+    tq, tk = q.shape[2], k.shape[2]
+    if kernel == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
+                                                                         scale=scale)
+    if kernel == "flash":
+        return aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, None, None, tq, tk, 0.0,
+                                                                 causal, aux[0], aux[1], scale=scale)
+    if kernel == "cudnn":
+        return aten._scaled_dot_product_cudnn_attention_backward(dout, q, k, v, out, lse.unsqueeze(-1), aux[0],
+                                                                 aux[1], None, None, None, tq, tk, 0.0, causal,
+                                                                 scale=scale)
+    hkv, rep = k.shape[1], q.shape[1] // k.shape[1]
+    lse = F.pad(lse, (0, -tq % 32))  # the memory-efficient kernel keeps its lse padded to 32 rows
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, repeat_kv(k, rep), repeat_kv(v, rep), None, out, lse, aux[0], aux[1], 0.0,
+        [True, True, True, False], causal, scale=scale)
+    if rep > 1:
+        dk = dk.unflatten(1, (hkv, rep)).sum(2)
+        dv = dv.unflatten(1, (hkv, rep)).sum(2)
+    return dq, dk, dv
+
+
+def block_kind(step: int, rank: int, world_size: int, causal: bool, layout: str) -> str:
+    """What rank ``rank`` computes at ``step`` (holding the shard of rank ``(rank - step) % world_size``):
+    ``"diag"`` (causal own block), ``"full"``, ``"kv_lo"`` (all queries x first half of the keys),
+    ``"q_hi"`` (second half of the queries x all keys) or ``"skip"``."""
+    if not causal:
+        return "full"
+    if step == 0:
+        return "diag"
+    src = (rank - step) % world_size
+    if layout == "zigzag":
+        return "kv_lo" if src < rank else "q_hi"
+    return "full" if src < rank else "skip"
+
+
+def _merge_into(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
+    """Fold a partial result ``(o [B,H,T,D], l [B,H,T])`` into the running ``(out, lse)``, in place."""
+    new = torch.logaddexp(lse, l)
+    out.mul_(torch.exp(lse - new).unsqueeze(-1)).addcmul_(o, torch.exp(l - new).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm, causal: bool, layout: str, scale: float,
+                  kernel: str) -> tuple[Tensor, Tensor, tuple]:
+    n, rank = comm.world_size, comm.rank
+    B, H, L, _ = q.shape
+    c = L // 2
+    acc = _acc_dtype(q.dtype)
+    kv = RingShift(comm, torch.stack((k, v)), "keys/values")
+    out = torch.empty_like(q, dtype=acc)          # q's memory layout, so the result keeps it
+    lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+    aux: tuple = ()
+    for step in range(n):
+        if step + 1 < n:
+            kv.start()
+        ks, vs = kv.current.unbind(0)
+        kind = block_kind(step, rank, n, causal, layout)
+        if kind == "diag" or (kind == "full" and step == 0):
+            o, l, aux = _block_forward(kernel, q, ks, vs, kind == "diag", scale)
+            out.copy_(o)
+            lse.copy_(l)
+        elif kind == "full":
+            o, l, _ = _block_forward(kernel, q, ks, vs, False, scale)
+            _merge_into(out, lse, o, l)
+        elif kind == "kv_lo":
+            o, l, _ = _block_forward(kernel, q, ks[:, :, :c], vs[:, :, :c], False, scale)
+            _merge_into(out, lse, o, l)
+        elif kind == "q_hi":
+            o, l, _ = _block_forward(kernel, q[:, :, c:], ks, vs, False, scale)
+            _merge_into(out[:, :, c:], lse[:, :, c:], o, l)
+        if step + 1 < n:
+            kv.finish()
+    return out.to(q.dtype), lse, aux
+
+
+def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, comm: RingComm,
+                   causal: bool, layout: str, scale: float, kernel: str, aux: tuple
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    n, rank = comm.world_size, comm.rank
+    c = q.shape[2] // 2
+    acc = _acc_dtype(q.dtype)
+    kv = RingShift(comm, torch.stack((k, v)), "keys/values")
+    dkv: RingShift | None = None                     # gradients of the shard held, travelling with it
+    halves = causal and layout == "zigzag" and n > 1
+    if halves:
+        q_hi, out_hi, dout_hi, lse_hi = q[:, :, c:], out[:, :, c:], dout[:, :, c:], lse[:, :, c:].contiguous()
+    dq = torch.empty_like(q, dtype=acc)
+    for step in range(n):
+        if step + 1 < n:
+            kv.start()
+        ks, vs = kv.current.unbind(0)
+        kind = block_kind(step, rank, n, causal, layout)
+        if kind in ("diag", "full"):
+            g = _block_backward(kernel, dout, q, ks, vs, out, lse, kind == "diag", scale, aux)
+        elif kind == "kv_lo":
+            g = _block_backward(kernel, dout, q, ks[:, :, :c], vs[:, :, :c], out, lse, False, scale, aux)
+        elif kind == "q_hi":
+            g = _block_backward(kernel, dout_hi, q_hi, ks, vs, out_hi, lse_hi, False, scale, aux)
+        if step == 0:                                # always "diag" or "full": initialises the accumulators
+            dq.copy_(g[0])
+            first = torch.empty((2, *k.shape), dtype=acc, device=k.device)
+            first[0].copy_(g[1])
+            first[1].copy_(g[2])
+            dkv = RingShift(comm, first, "key/value gradients")
+        else:
+            dks, dvs = dkv.finish().unbind(0)        # this shard's gradients from the ranks before
+            if kind == "full":
+                dq.add_(g[0])
+                dks.add_(g[1])
+                dvs.add_(g[2])
+            elif kind == "kv_lo":
+                dq.add_(g[0])
+                dks[:, :, :c].add_(g[1])
+                dvs[:, :, :c].add_(g[2])
+            elif kind == "q_hi":
+                dq[:, :, c:].add_(g[0])
+                dks.add_(g[1])
+                dvs.add_(g[2])
+        dkv.start()                                  # pass them on; after the last step they arrive home
+        if step + 1 < n:
+            kv.finish()
+    dk, dv = dkv.finish().unbind(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, comm, causal, layout, scale, kernel):
+        out, lse, aux = _ring_forward(q, k, v, comm, causal, layout, scale, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config = (comm, causal, layout, scale, kernel, aux)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1 or 0 in dout.stride():
+            dout = dout.contiguous()
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.config)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None = None, causal: bool = True,
+                   layout: str = "zigzag", scale: float | None = None, kernel: str = "auto") -> Tensor:
+    """Exact attention over a sequence sharded across the ranks of ``group``; this rank's output shard.
+
+    Call it on every rank of ``group`` (default: the default process group; without ``torch.distributed``
+    initialised it runs on this process alone) with this rank's shard in ``layout`` (see
+    ``longctx.distributed.layout``): ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``, the same ``L`` on every
+    rank, ``Hq % Hkv == 0``. Returns ``[B, Hq, L, D]`` in q's dtype, equal to exact attention over the whole
+    sequence restricted to this rank's queries; differentiable in ``q, k, v``. ``causal`` masks by global
+    position. ``kernel`` picks the fused op per block (see ``pick_kernel``); every rank must pick the same.
+    """
+    check_qkv(q, k, v)
+    check_layout(layout)
+    if k.shape != v.shape:
+        raise ValueError(f"ring attention needs k and v of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    kernel = pick_kernel(kernel, q, k.shape[1])
+    comm = RingComm(group)
+    n, L = comm.world_size, q.shape[2]
+    if k.shape[2] != L:
+        raise ValueError(f"q and k must hold the same tokens (one shard), got {L} and {k.shape[2]}")
+    multiple = required_multiple(n, layout)
+    if L * n % multiple or L == 0:
+        what = "2 * world_size" if layout == "zigzag" else "world_size"
+        raise ValueError(f"the {layout} layout over {n} ranks needs a total sequence length that is a multiple of "
+                         f"{what} = {multiple}; got {L} tokens on this rank ({L * n} in total)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _RingAttention.apply(q, k, v, comm, causal, layout, scale, kernel)
+
+
+__all__ = ["ring_attention", "block_kind", "pick_kernel", "kernel_runs", "KERNELS"]

@@ -74,8 +74,15 @@ def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
-            and q.shape[-1] == v.shape[-1]:
+    half = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
+    if q.device.type == "cuda" and half and q.shape[-1] <= 128:
+        try:  # cuDNN's kernel is the fastest on Hopper where it applies
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
+                                                                          scale=scale)[:2]
+            return out, lse.reshape(q.shape[:3])
+        except RuntimeError:  # no cuDNN, or a shape it rejects: flash below
+            pass
+    if q.device.type == "cuda" and half and q.shape[-1] <= 256:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)[:2]
         return out, lse[..., : q.shape[2]]
     if q.device.type == "cuda":

@@ -3,6 +3,7 @@ from .base import Mechanism, build_mechanism, lookup, register, registered, tens
 from .full import FullAttention, KVCache
 from .sliding_window import SlidingWindowAttention, WindowCache, sliding_window_attention
 from ..distributed.mechanism import RingAttention  # registers "ring"
+from .raytention import RayTention  # registers "raytention"
 
 __all__ = ["Mechanism", "build_mechanism", "lookup", "register", "registered", "tensor_bytes",
            "FullAttention", "KVCache", "SlidingWindowAttention", "WindowCache", "sliding_window_attention"]

@@ -1,0 +1,1 @@
+"""Triton kernels; each module names the pure-PyTorch reference it must match and runs under TRITON_INTERPRET=1."""

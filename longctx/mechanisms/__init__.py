@@ -4,6 +4,7 @@ from .full import FullAttention, KVCache
 from .sliding_window import SlidingWindowAttention, WindowCache, sliding_window_attention
 from ..distributed.mechanism import RingAttention  # registers "ring"
 from .raytention import RayTention  # registers "raytention"
+from .tensor_cache import TensorCache  # registers "tensor_cache"
 
 __all__ = ["Mechanism", "build_mechanism", "lookup", "register", "registered", "tensor_bytes",
            "FullAttention", "KVCache", "SlidingWindowAttention", "WindowCache", "sliding_window_attention"]

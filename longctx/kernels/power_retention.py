@@ -2,25 +2,28 @@
 ``longctx.mechanisms.power.chunk.power_retention_chunk``; oracle: ``...power.naive``).
 
 Features. ``(q . k)^2 = sum_{a,b} q_a q_b k_a k_b``. The ``d`` coordinates are cut into ``NB = d / 16`` blocks;
-for every pair of blocks ``A <= B`` one tile of 16 x 16 = 256 features ``k_a k_b`` (``a in A, b in B``) is kept,
-the query side carrying weight 1 on diagonal tiles and 2 off them. ``NP = NB (NB + 1) / 2`` tiles: 2560
-features for ``d = 64`` (the symmetric power has 2080; the 23% extra buys whole 16 x 16 tensor-core tiles).
+for every pair of blocks ``A <= B`` one tile of 16 x 16 = 256 features ``k_a k_b`` (``a in A, b in B``, row
+``a * 16 + b`` of the tile) is kept, the query side carrying weight 1 on diagonal tiles and 2 off them.
+``NP = NB (NB + 1) / 2`` tiles: 2560 features for ``d = 64`` (the symmetric power has 2080; the 23% extra buys
+whole 16-wide tensor-core tiles). Kernels walk a tile in sub-tiles of ``FT`` rows (``FT / 16`` values of
+``a``, all 16 of ``b``); a sub-tile's features are built by two gathered loads of the inputs and a product.
 
 Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float32):
 
-1. ``_fwd_state``   grid (tiles x value splits, B*Hkv): walks the chunks in order, keeps its slice of the
-   state ``S`` (fp32, in registers) and writes the state entering every chunk (bf16) and ``z`` (fp32).
-2. ``_fwd_out``     grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
-   state part ``scale^2 exp(G_i - G_start) phi(q_i) . S_n``; writes ``o`` and the normaliser.
-3. ``_bwd_state``   grid as 1, reverse walk: the gradient of every chunk's outgoing state.
-4. ``_bwd_dq``      grid as 2.
-5. ``_bwd_dkv``     grid (T / BN, B*Hkv), summing over the query heads of its KV head (GQA).
+1. ``_fwd_state``  grid (state sub-tiles x value splits, B*Hkv): walks the chunks in order, keeps its slice of
+   ``S`` (fp32, registers) and writes the state entering every chunk (bf16) and ``z`` (fp32).
+2. ``_fwd_out``    grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
+   state part ``scale^2 exp(G_i - G_start) phi(q_i) . S_n``; writes ``o`` (and fp32 ``o``, the normaliser).
+3. ``_bwd_state``  grid as 1, reverse walk: the gradient of every chunk's outgoing state.
+4. ``_bwd_dq``     grid as 2.
+5. ``_bwd_dkv``    grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
 
-The gate's gradient needs no kernel: every weight is ``(scale q_i . k_j)^2 exp(G_i - G_j)``, homogeneous of
-degree 2 in ``q_i`` and in ``k_j``, so ``dL/dG_t = (q_t . dq_t - k_t . dk_t) / 2`` and ``d log_g`` is its reverse
-cumulative sum. Matmul operands are bf16 (fp16 inputs too: the states and the power weights need bf16's
-range), accumulation fp32. Plain ``@triton.jit`` without autotuning, so the same code runs under
-``TRITON_INTERPRET=1`` on CPU.
+Gate gradient. Every weight is ``w_ij = (scale q_i . k_j)^2 exp(G_i - G_j)``, so
+``dL/dG_t = sum_j dL/dw_tj w_tj - sum_i dL/dw_it w_it``: kernels 4 and 5 accumulate the two sums in fp32 (for
+the state parts they are ``phi(q_i) . g_i`` and ``phi(k_j) . g_j`` with ``g`` the feature gradients), and
+``d log_g`` is the reverse cumulative sum. Matmul operands are bf16 (fp16 inputs too: the states and the power
+weights need bf16's range), accumulation fp32. Plain ``@triton.jit`` without autotuning, so the same code runs
+under ``TRITON_INTERPRET=1`` on CPU.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ try:
 except ImportError:  # the PyTorch paths work without triton
     triton = None
 
-BLK = 16  # feature block edge: one tile = BLK x BLK features
+BLK = 16  # feature block edge: one pair tile = BLK x BLK features
+LAUNCHES: dict = {}  # name -> the last compiled kernel launched (the benchmark reads registers and spills)
 
 
 def _interpreting() -> bool:
@@ -47,7 +51,7 @@ def _interpreting() -> bool:
 def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -> bool:
     """Whether ``power_retention_triton`` can run these inputs (device: CUDA, or CPU under the interpreter)."""
     d, e = q.shape[-1], v.shape[-1]
-    chunk_ok = chunk_size % 16 == 0 and (chunk_size <= 64 or chunk_size % 64 == 0)
+    chunk_ok = chunk_size in (16, 32) or (chunk_size > 0 and chunk_size % 64 == 0)
     return (triton is not None and (q.is_cuda or _interpreting()) and deg == 2
             and q.dtype in (torch.float16, torch.bfloat16) and d % BLK == 0 and e % 16 == 0
             and d <= 128 and e <= 128 and chunk_ok)
@@ -55,19 +59,21 @@ def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shapes. ``block``: query/key rows per program in the chunk kernels (and row sub-block of the state
-    kernels), capped at the chunk; ``value_split``: the state kernels cut the value dim into this many programs
-    (``None``: enough programs to fill ~264 slots)."""
+    """Launch shapes. ``block``: query/key rows per program of the chunk kernels (capped at the chunk);
+    ``features``: feature sub-tile of the chunk kernels (16..256); ``state_rows``: rows per step of the state
+    kernels; ``state_features``: their feature sub-tile (``None``: the largest giving ~264 programs, then the
+    value dim is split); ``operands``: matmul operand type, ``"bf16"`` (fast path) or ``"fp32"`` with fp32 state
+    snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to check every term tightly)."""
     block: int = 64
-    value_split: int | None = None
+    features: int = 128
+    state_rows: int = 32
+    state_features: int | None = None
     warps_state: int = 8
     warps_chunk: int = 8
     stages: int = 2
     operands: str = "bf16"
 
     def operand_type(self):
-        """Matmul operand type: ``"bf16"`` (the fast path), or ``"fp32"`` with fp32 state snapshots too — on a
-        GPU that is tf32, under the interpreter exact fp32, which the tests use to check every term tightly."""
         if self.operands not in ("bf16", "fp32"):
             raise ValueError(f"operands must be 'bf16' or 'fp32', got {self.operands!r}")
         return tl.bfloat16 if self.operands == "bf16" else tl.float32
@@ -88,40 +94,48 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _place(part, blk, ROWS: tl.constexpr, NB: tl.constexpr, BLK: tl.constexpr):
-        """``part [ROWS, BLK]`` written into columns ``blk*BLK ..`` of a zero ``[ROWS, NB*BLK]``."""
-        wide = tl.reshape(tl.broadcast_to(part[:, None, :], [ROWS, NB, BLK]), [ROWS, NB * BLK])
-        cols = tl.arange(0, NB * BLK) // BLK
-        return tl.where(cols[None, :] == blk, wide, 0.0)
+    def _subtile(PAIRS, s, FT: tl.constexpr, BLK: tl.constexpr):
+        """Sub-tile ``s`` (of ``FT`` rows): input columns of its features' two factors ``[FT]``, the query-side
+        weight, and its first row in the state."""
+        SPP: tl.constexpr = BLK * BLK // FT
+        t = s // SPP
+        h = s % SPP
+        a_blk = tl.load(PAIRS + 2 * t)
+        b_blk = tl.load(PAIRS + 2 * t + 1)
+        fi = tl.arange(0, FT)
+        col_a = a_blk * BLK + h * (FT // BLK) + fi // BLK
+        col_b = b_blk * BLK + fi % BLK
+        return col_a, col_b, 2.0 - (a_blk == b_blk).to(tl.float32), t * BLK * BLK + h * FT
 
     @triton.jit
-    def _outer(x_ptr, rows, a_blk, b_blk, DK: tl.constexpr, ROWS: tl.constexpr, BLK: tl.constexpr):
-        """Feature tile ``[ROWS, BLK*BLK]``: ``x[r, a] * x[r, b]`` for ``a`` in block ``a_blk``, ``b`` in ``b_blk``;
-        also returns the two ``[ROWS, BLK]`` blocks (float32)."""
-        ci = tl.arange(0, BLK)
-        xa = tl.load(x_ptr + rows[:, None] * DK + (a_blk * BLK + ci)[None, :]).to(tl.float32)
-        xb = tl.load(x_ptr + rows[:, None] * DK + (b_blk * BLK + ci)[None, :]).to(tl.float32)
-        return tl.reshape(xa[:, :, None] * xb[:, None, :], [ROWS, BLK * BLK]), xa, xb
+    def _gather(x_ptr, rows, cols, DK: tl.constexpr):
+        """``x[rows, cols]`` as ``[len(rows), len(cols)]`` float32."""
+        return tl.load(x_ptr + rows[:, None] * DK + cols[None, :]).to(tl.float32)
+
+    @triton.jit
+    def _scatter_cols(h, cols, DK: tl.constexpr, OPDT: tl.constexpr, INTERP: tl.constexpr):
+        """``out[r, c] = sum_f h[r, f] [cols[f] == c]``: ``[R, FT] -> [R, DK]`` through a one-hot matmul."""
+        onehot = tl.where(cols[:, None] == tl.arange(0, DK)[None, :], 1.0, 0.0).to(OPDT)  # bool->bf16 is 0 in the interpreter
+        return _mm(h.to(OPDT), onehot, INTERP)
 
     @triton.jit
     def _fwd_state(K, V, G, PAIRS, SB, ZB, NC,
                    HAS_GATE: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr,
-                   E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr, BLK: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                   E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
+                   F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_f = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
-        t = pid_f // NE
+        s = pid_f // NE
         et = pid_f % NE
-        a_blk = tl.load(PAIRS + 2 * t)
-        b_blk = tl.load(PAIRS + 2 * t + 1)
-        FT: tl.constexpr = BLK * BLK
+        col_a, col_b, _, row0 = _subtile(PAIRS, s, FT, BLK)
         fi = tl.arange(0, FT)
         ce = et * BE + tl.arange(0, BE)
         Tp = NC * C
         k_ptr = K + bkv * Tp * DK
         v_ptr = V + bkv * Tp * E
         g_ptr = G + bkv * Tp
-        s_ptr = SB + bkv * NC * F * E + t * FT * E
-        z_ptr = ZB + bkv * NC * F + t * FT
+        s_ptr = SB + bkv * NC * F * E + row0 * E
+        z_ptr = ZB + bkv * NC * F + row0
         S = tl.zeros([FT, BE], dtype=tl.float32)
         z = tl.zeros([FT], dtype=tl.float32)
         for n in range(NC):
@@ -130,26 +144,26 @@ if triton is not None:
             c0 = n * C
             if HAS_GATE:
                 g_end = tl.load(g_ptr + c0 + C - 1)
-                g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
-                S = S * tl.exp(g_end - g_start)
-                z = z * tl.exp(g_end - g_start)
+                decay = tl.exp(g_end - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
+                S = S * decay
+                z = z * decay
             for s0 in range(0, C, BC):
                 rows = c0 + s0 + tl.arange(0, BC)
-                phi, ka, kb = _outer(k_ptr, rows, a_blk, b_blk, DK, BC, BLK)
+                phit = tl.trans(_gather(k_ptr, rows, col_a, DK) * _gather(k_ptr, rows, col_b, DK))  # [FT, BC]
                 vv = tl.load(v_ptr + rows[:, None] * E + ce[None, :]).to(tl.float32)
                 if HAS_GATE:
                     beta = tl.exp(g_end - tl.load(g_ptr + rows))
                     vv = vv * beta[:, None]
-                    z += tl.sum(phi * beta[:, None], 0)
+                    z += tl.sum(phit * beta[None, :], 1)
                 else:
-                    z += tl.sum(phi, 0)
-                S += _mm(tl.trans(phi.to(OPDT)), vv.to(OPDT), INTERP)
+                    z += tl.sum(phit, 1)
+                S += _mm(phit.to(OPDT), vv.to(OPDT), INTERP)
 
     @triton.jit
-    def _fwd_out(Q, K, V, G, PAIRS, SB, ZB, O, DEN, NC, scale,
+    def _fwd_out(Q, K, V, G, PAIRS, SB, ZB, O, O32, DEN, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NP: tl.constexpr,
-                 F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
+                 NS: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -169,68 +183,62 @@ if triton is not None:
         den = tl.zeros([BM], dtype=tl.float32)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
-            g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
-            r = scale * scale * tl.exp(gi - g_start)
+            r = scale * scale * tl.exp(gi - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        # inside the chunk: keys c0 .. m0 + BM - 1
-        for j0 in range(c0, m0 + BM, BM):
+        for j0 in range(c0, m0 + BM, BM):  # inside the chunk: keys c0 .. m0 + BM - 1
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
             x = _mm(q, tl.trans(kk), INTERP) * scale
             vis = rows[:, None] >= cols[None, :]
             if HAS_GATE:
-                gj = tl.load(g_ptr + cols)
-                w = x * x * tl.exp(tl.where(vis, gi[:, None] - gj[None, :], float("-inf")))
+                w = x * x * tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
             else:
                 w = tl.where(vis, x * x, 0.0)
-            den += tl.sum(w, 1)
-            num += _mm(w.to(OPDT), vv.to(OPDT), INTERP)
-        # the state entering the chunk
-        FT: tl.constexpr = BLK * BLK
+            # the normaliser sums the same rounded weights the numerator uses: a row is then an exact convex
+            # combination of its values (row 0 returns v_0 exactly), which keeps do.v - delta free of rounding
+            # bias in the backward (seen without: dq of a first token with a tiny weight off by 4x |dq|)
+            w = w.to(OPDT)
+            den += tl.sum(w.to(tl.float32), 1)
+            num += _mm(w, vv.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * NC + n) * F * E
         z_ptr = ZB + (bkv * NC + n) * F
         acc = tl.zeros([BM, E], dtype=tl.float32)
         acc_den = tl.zeros([BM], dtype=tl.float32)
-        for t in range(NP):
-            a_blk = tl.load(PAIRS + 2 * t)
-            b_blk = tl.load(PAIRS + 2 * t + 1)
-            phi, qa, qb = _outer(q_ptr, rows, a_blk, b_blk, DK, BM, BLK)
-            phi = phi * (2.0 - (a_blk == b_blk).to(tl.float32))
-            st = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
-            zt = tl.load(z_ptr + t * FT + fi)
-            acc += _mm(phi.to(OPDT), st, INTERP)
-            acc_den += tl.sum(phi * zt[None, :], 1)
+        for s in range(NS):  # the state entering the chunk
+            col_a, col_b, wab, row0 = _subtile(PAIRS, s, FT, BLK)
+            phi = _gather(q_ptr, rows, col_a, DK) * _gather(q_ptr, rows, col_b, DK) * wab
+            acc += _mm(phi.to(OPDT), tl.load(s_ptr + (row0 + fi)[:, None] * E + ei[None, :]), INTERP)
+            acc_den += tl.sum(phi * tl.load(z_ptr + row0 + fi)[None, :], 1)
         num += acc * r[:, None]
         den += acc_den * r
         o = num / tl.where(den == 0.0, 1.0, den)[:, None]
         tl.store(O + bh * Tp * E + rows[:, None] * E + ei[None, :], o.to(O.dtype.element_ty))
+        tl.store(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :], o)
         tl.store(DEN + bh * Tp + rows, den)
 
     @triton.jit
     def _bwd_state(Q, G, PAIRS, DO, DEN, DELTA, DSB, DZB, NC, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                    BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr,
-                   BLK: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                   FT: tl.constexpr, BLK: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr,
+                   OPDT: tl.constexpr):
         pid_f = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         REP: tl.constexpr = HQ // HKV
         b = bkv // HKV
         kvh = bkv % HKV
-        t = pid_f // NE
+        s = pid_f // NE
         et = pid_f % NE
-        a_blk = tl.load(PAIRS + 2 * t)
-        b_blk = tl.load(PAIRS + 2 * t + 1)
-        wab = 2.0 - (a_blk == b_blk).to(tl.float32)
-        FT: tl.constexpr = BLK * BLK
+        col_a, col_b, wab, row0 = _subtile(PAIRS, s, FT, BLK)
         fi = tl.arange(0, FT)
         ce = et * BE + tl.arange(0, BE)
         Tp = NC * C
         g_ptr = G + bkv * Tp
-        s_ptr = DSB + bkv * NC * F * E + t * FT * E
-        z_ptr = DZB + bkv * NC * F + t * FT
+        s_ptr = DSB + bkv * NC * F * E + row0 * E
+        z_ptr = DZB + bkv * NC * F + row0
         dS = tl.zeros([FT, BE], dtype=tl.float32)
         dz = tl.zeros([FT], dtype=tl.float32)
         for i in range(NC):
@@ -239,10 +247,10 @@ if triton is not None:
             tl.store(z_ptr + n * F + fi, dz, mask=(fi < FT) & (et == 0))
             c0 = n * C
             if HAS_GATE:
-                g_end = tl.load(g_ptr + c0 + C - 1)
                 g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
-                dS = dS * tl.exp(g_end - g_start)
-                dz = dz * tl.exp(g_end - g_start)
+                decay = tl.exp(tl.load(g_ptr + c0 + C - 1) - g_start)
+                dS = dS * decay
+                dz = dz * decay
             for s0 in range(0, C, BC):
                 rows = c0 + s0 + tl.arange(0, BC)
                 if HAS_GATE:
@@ -251,20 +259,19 @@ if triton is not None:
                     r = tl.full([BC], scale * scale, tl.float32) * wab
                 for rr in range(REP):
                     bh = b * HQ + kvh * REP + rr
-                    phi, qa, qb = _outer(Q + bh * Tp * DK, rows, a_blk, b_blk, DK, BC, BLK)
-                    phi = phi * r[:, None]
+                    q_ptr = Q + bh * Tp * DK
+                    phit = tl.trans(_gather(q_ptr, rows, col_a, DK) * _gather(q_ptr, rows, col_b, DK)) * r[None, :]
                     den = tl.load(DEN + bh * Tp + rows)
                     den = tl.where(den == 0.0, 1.0, den)
-                    delta = tl.load(DELTA + bh * Tp + rows)
                     do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ce[None, :]).to(tl.float32)
-                    dS += _mm(tl.trans(phi.to(OPDT)), (do / den[:, None]).to(OPDT), INTERP)
-                    dz += tl.sum(phi * (-delta / den)[:, None], 0)
+                    dS += _mm(phit.to(OPDT), (do / den[:, None]).to(OPDT), INTERP)
+                    dz += tl.sum(phit * (-tl.load(DELTA + bh * Tp + rows) / den)[None, :], 1)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, PAIRS, SB, ZB, DO, DEN, DELTA, DQ, NC, scale,
+    def _bwd_dq(Q, K, V, G, PAIRS, SB, ZB, DO, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
-                NP: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
+                NS: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -286,11 +293,11 @@ if triton is not None:
         delta = tl.load(DELTA + bh * Tp + rows)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
-            g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
-            r = scale * scale * tl.exp(gi - g_start)
+            r = scale * scale * tl.exp(gi - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
         else:
             r = tl.full([BM], scale * scale, tl.float32)
         dq = tl.zeros([BM, DK], dtype=tl.float32)
+        dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
         for j0 in range(c0, m0 + BM, BM):
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
@@ -298,37 +305,34 @@ if triton is not None:
             x = _mm(q, tl.trans(kk), INTERP) * scale
             vis = rows[:, None] >= cols[None, :]
             if HAS_GATE:
-                gj = tl.load(g_ptr + cols)
-                ex = tl.exp(tl.where(vis, gi[:, None] - gj[None, :], float("-inf")))
+                ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
             else:
                 ex = tl.where(vis, 1.0, 0.0)
             dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
-            ds = dw * (2.0 * scale) * x * ex
-            dq += _mm(ds.to(OPDT), kk.to(OPDT), INTERP)
-        FT: tl.constexpr = BLK * BLK
+            dg += tl.sum(dw * x * x * ex, 1)
+            dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * NC + n) * F * E
         z_ptr = ZB + (bkv * NC + n) * F
         dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
         dden = -delta / den
-        for t in range(NP):
-            a_blk = tl.load(PAIRS + 2 * t)
-            b_blk = tl.load(PAIRS + 2 * t + 1)
-            wab = 2.0 - (a_blk == b_blk).to(tl.float32)
-            st = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
-            zt = tl.load(z_ptr + t * FT + fi)
-            g = _mm(dnum, tl.trans(st), INTERP) + dden[:, None] * zt[None, :]
-            g3 = tl.reshape(g * (r * wab)[:, None], [BM, BLK, BLK])
-            _, qa, qb = _outer(q_ptr, rows, a_blk, b_blk, DK, BM, BLK)
-            dq += _place(tl.sum(g3 * qb[:, None, :], 2), a_blk, BM, NB, BLK)
-            dq += _place(tl.sum(g3 * qa[:, :, None], 1), b_blk, BM, NB, BLK)
+        for s in range(NS):
+            col_a, col_b, wab, row0 = _subtile(PAIRS, s, FT, BLK)
+            st = tl.load(s_ptr + (row0 + fi)[:, None] * E + ei[None, :])
+            g = _mm(dnum, tl.trans(st), INTERP) + dden[:, None] * tl.load(z_ptr + row0 + fi)[None, :]
+            g = g * (r * wab)[:, None]
+            qa = _gather(q_ptr, rows, col_a, DK)
+            qb = _gather(q_ptr, rows, col_b, DK)
+            dg += tl.sum(g * qa * qb, 1)
+            dq += _scatter_cols(g * qb, col_a, DK, OPDT, INTERP) + _scatter_cols(g * qa, col_b, DK, OPDT, INTERP)
         tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq)
+        tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
-    def _bwd_dkv(Q, K, V, G, PAIRS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, NC, scale,
+    def _bwd_dkv(Q, K, V, G, PAIRS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
-                 NP: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
+                 NS: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         REP: tl.constexpr = HQ // HKV
@@ -352,6 +356,7 @@ if triton is not None:
             beta = tl.full([BM], 1.0, tl.float32)
         dk = tl.zeros([BM, DK], dtype=tl.float32)
         dv = tl.zeros([BM, E], dtype=tl.float32)
+        dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
         for rr in range(REP):
             bh = b * HQ + kvh * REP + rr
             for i0 in range(j0, c0 + C, BM):
@@ -364,32 +369,31 @@ if triton is not None:
                 xt = _mm(kk, tl.trans(q), INTERP) * scale                               # [keys, queries]
                 vis = rows[None, :] >= cols[:, None]
                 if HAS_GATE:
-                    gi = tl.load(g_ptr + rows)
-                    ex = tl.exp(tl.where(vis, gi[None, :] - gj[:, None], float("-inf")))
+                    ex = tl.exp(tl.where(vis, tl.load(g_ptr + rows)[None, :] - gj[:, None], float("-inf")))
                 else:
                     ex = tl.where(vis, 1.0, 0.0)
-                dv += _mm((xt * xt * ex).to(OPDT), (do.to(tl.float32) / den[:, None]).to(OPDT), INTERP)
+                wt = xt * xt * ex
+                dv += _mm(wt.to(OPDT), (do.to(tl.float32) / den[:, None]).to(OPDT), INTERP)
                 dwt = (_mm(vv, tl.trans(do), INTERP) - delta[None, :]) / den[None, :]
-                dst = dwt * (2.0 * scale) * xt * ex
-                dk += _mm(dst.to(OPDT), q.to(OPDT), INTERP)
-        FT: tl.constexpr = BLK * BLK
+                dg += tl.sum(dwt * wt, 1)
+                dk += _mm((dwt * (2.0 * scale) * xt * ex).to(OPDT), q.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = DSB + (bkv * NC + n) * F * E
         z_ptr = DZB + (bkv * NC + n) * F
         vb = vv.to(OPDT)
-        for t in range(NP):
-            a_blk = tl.load(PAIRS + 2 * t)
-            b_blk = tl.load(PAIRS + 2 * t + 1)
-            dst_ = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
-            dzt = tl.load(z_ptr + t * FT + fi)
-            phi, ka, kb = _outer(k_ptr, cols, a_blk, b_blk, DK, BM, BLK)
-            dv += _mm(phi.to(OPDT), dst_, INTERP) * beta[:, None]
-            gk = (_mm(vb, tl.trans(dst_), INTERP) + dzt[None, :]) * beta[:, None]
-            g3 = tl.reshape(gk, [BM, BLK, BLK])
-            dk += _place(tl.sum(g3 * kb[:, None, :], 2), a_blk, BM, NB, BLK)
-            dk += _place(tl.sum(g3 * ka[:, :, None], 1), b_blk, BM, NB, BLK)
+        for s in range(NS):
+            col_a, col_b, _, row0 = _subtile(PAIRS, s, FT, BLK)
+            dst = tl.load(s_ptr + (row0 + fi)[:, None] * E + ei[None, :])
+            ka = _gather(k_ptr, cols, col_a, DK)
+            kb = _gather(k_ptr, cols, col_b, DK)
+            phi = ka * kb
+            dv += _mm(phi.to(OPDT), dst, INTERP) * beta[:, None]
+            gk = (_mm(vb, tl.trans(dst), INTERP) + tl.load(z_ptr + row0 + fi)[None, :]) * beta[:, None]
+            dg += tl.sum(gk * phi, 1)
+            dk += _scatter_cols(gk * kb, col_a, DK, OPDT, INTERP) + _scatter_cols(gk * ka, col_b, DK, OPDT, INTERP)
         tl.store(DKO + bkv * Tp * DK + cols[:, None] * DK + di[None, :], dk)
         tl.store(DVO + bkv * Tp * E + cols[:, None] * E + ei[None, :], dv)
+        tl.store(DGK + bkv * Tp + cols, dg)
 
 
 def _pairs(nb: int, device) -> Tensor:
@@ -410,14 +414,27 @@ class _Geometry:
     NC: int
     NB: int
     NP: int
-    F: int
     BM: int
-    BE: int
-    NE: int
+    FT: int      # feature sub-tile of the chunk kernels
+    FTS: int     # feature sub-tile of the state kernels
+    BC: int      # rows per step of the state kernels
+    NE: int      # value splits of the state kernels
 
     @property
     def Tp(self) -> int:
         return self.NC * self.C
+
+    @property
+    def F(self) -> int:
+        return self.NP * BLK * BLK
+
+    @property
+    def BE(self) -> int:
+        return self.E // self.NE
+
+
+def _power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
 
 
 def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfig) -> _Geometry:
@@ -427,20 +444,30 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     NC = max(1, -(-T // C))
     NB = DK // BLK
     NP = NB * (NB + 1) // 2
-    BM = min(cfg.block, C)
-    if cfg.value_split is not None:
-        NE = cfg.value_split
-    else:  # split the value dim until the state kernels have ~264 programs (two per SM on an H100)
-        NE = 1
-        while NP * B * Hkv * NE < 264 and E // (2 * NE) >= 16:
-            NE *= 2
-    if E % NE or (E // NE) % 16:
-        raise ValueError(f"value_split={NE} must divide the value dim {E} into multiples of 16")
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, NP * BLK * BLK, BM, E // NE, NE)
+    for name, x, lo in (("block", cfg.block, 16), ("features", cfg.features, 16), ("state_rows", cfg.state_rows, 16)):
+        if not _power_of_two(x) or x < lo:
+            raise ValueError(f"KernelConfig.{name} must be a power of two >= {lo}, got {x}")
+    if cfg.features > BLK * BLK or (cfg.state_features is not None and (
+            not _power_of_two(cfg.state_features) or not 16 <= cfg.state_features <= BLK * BLK)):
+        raise ValueError(f"feature sub-tiles must be powers of two in 16..256, got {cfg.features}, "
+                         f"{cfg.state_features}")
+    # the state kernels walk the chunks in order: make enough programs (~264: two per SM of an H100) from
+    # smaller feature sub-tiles first, then from splits of the value dim
+    FTS, NE = cfg.state_features or BLK * BLK, 1
+    while cfg.state_features is None and FTS > 64 and NP * (BLK * BLK // FTS) * B * Hkv < 264:
+        FTS //= 2
+    while NP * (BLK * BLK // FTS) * B * Hkv * NE < 264 and E // (2 * NE) >= 16 and (E // (2 * NE)) % 16 == 0:
+        NE *= 2
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), cfg.features, FTS,
+                     min(cfg.state_rows, C), NE)
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
     return F.pad(x, (0, 0, 0, g.Tp - g.T)).contiguous()
+
+
+def _launch(name: str, kernel, grid, *args, **kwargs) -> None:
+    LAUNCHES[name] = kernel[grid](*args, **kwargs)
 
 
 class _PowerRetentionFn(torch.autograd.Function):
@@ -454,47 +481,56 @@ class _PowerRetentionFn(torch.autograd.Function):
         else:
             G = torch.zeros(1, device=q.device, dtype=torch.float32)
         pairs = _pairs(g.NB, q.device)
+        common = dict(INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages)
         SB = torch.empty(g.B * g.Hkv, g.NC, g.F, g.E, device=q.device, dtype=cfg.state_dtype)
         ZB = torch.empty(g.B * g.Hkv, g.NC, g.F, device=q.device, dtype=torch.float32)
-        _fwd_state[(g.NP * g.NE, g.B * g.Hkv)](
-            kp, vp, G, pairs, SB, ZB, g.NC, HAS_GATE=has_gate, C=g.C, BC=g.BM, DK=g.DK, E=g.E, BE=g.BE,
-            NE=g.NE, BLK=BLK, F=g.F, INTERP=_interpreting(), OPDT=cfg.operand_type(), num_warps=cfg.warps_state, num_stages=cfg.stages)
+        _launch("fwd_state", _fwd_state, (g.NP * (BLK * BLK // g.FTS) * g.NE, g.B * g.Hkv),
+                kp, vp, G, pairs, SB, ZB, g.NC, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE,
+                NE=g.NE, FT=g.FTS, BLK=BLK, F=g.F, num_warps=cfg.warps_state, **common)
         O = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=q.dtype)
+        O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
-        _fwd_out[(g.Tp // g.BM, g.B * g.Hq)](
-            qp, kp, vp, G, pairs, SB, ZB, O, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C,
-            BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NP=g.NP, F=g.F, INTERP=_interpreting(), OPDT=cfg.operand_type(), num_warps=cfg.warps_chunk, num_stages=cfg.stages)
-        ctx.save_for_backward(qp, kp, vp, G, O, DEN, SB, ZB, pairs)
+        _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
+                qp, kp, vp, G, pairs, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
+                C=g.C, BM=g.BM, DK=g.DK, E=g.E, FT=g.FT, BLK=BLK, NS=g.NP * (BLK * BLK // g.FT), F=g.F,
+                num_warps=cfg.warps_chunk, **common)
+        ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, pairs)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
         return O if g.T == g.Tp else O[:, :, :g.T].contiguous()
 
     @staticmethod
     def backward(ctx, do):
-        qp, kp, vp, G, O, DEN, SB, ZB, pairs = ctx.saved_tensors
+        qp, kp, vp, G, O32, DEN, SB, ZB, pairs = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
-        dop = _pad(do.to(O.dtype), g)
-        delta = (dop.float() * O.float()).sum(-1).contiguous()                   # [B, Hq, Tp]
+        common = dict(INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages)
+        dop = _pad(do.to(qp.dtype), g)
+        # delta_i = do_i . o_i from the fp32 output: with the rounded one, the cancellation in
+        # (do_i . v_j - delta_i) made dq, dk ~10x less accurate (seen: 2.4e-2 vs 1.7e-3, bf16, gated)
+        delta = (dop.float() * O32).sum(-1).contiguous()                          # [B, Hq, Tp]
         DSB, DZB = torch.empty_like(SB), torch.empty_like(ZB)
-        _bwd_state[(g.NP * g.NE, g.B * g.Hkv)](
-            qp, G, pairs, dop, DEN, delta, DSB, DZB, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C,
-            BC=g.BM, DK=g.DK, E=g.E, BE=g.BE, NE=g.NE, BLK=BLK, F=g.F, INTERP=_interpreting(), OPDT=cfg.operand_type(), num_warps=cfg.warps_state,
-            num_stages=cfg.stages)
-        dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=qp.device, dtype=torch.float32)
-        _bwd_dq[(g.Tp // g.BM, g.B * g.Hq)](
-            qp, kp, vp, G, pairs, SB, ZB, dop, DEN, delta, dq, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
-            HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, NP=g.NP, F=g.F,
-            INTERP=_interpreting(), OPDT=cfg.operand_type(), num_warps=cfg.warps_chunk, num_stages=cfg.stages)
-        dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=qp.device, dtype=torch.float32)
-        dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=qp.device, dtype=torch.float32)
-        _bwd_dkv[(g.Tp // g.BM, g.B * g.Hkv)](
-            qp, kp, vp, G, pairs, DSB, DZB, dop, DEN, delta, dk, dv, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
-            HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, NP=g.NP, F=g.F,
-            INTERP=_interpreting(), OPDT=cfg.operand_type(), num_warps=cfg.warps_chunk, num_stages=cfg.stages)
+        _launch("bwd_state", _bwd_state, (g.NP * (BLK * BLK // g.FTS) * g.NE, g.B * g.Hkv),
+                qp, G, pairs, dop, DEN, delta, DSB, DZB, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
+                C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE, NE=g.NE, FT=g.FTS, BLK=BLK, F=g.F,
+                num_warps=cfg.warps_state, **common)
+        dev = qp.device
+        dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=torch.float32)
+        dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
+        NS = g.NP * (BLK * BLK // g.FT)
+        _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
+                qp, kp, vp, G, pairs, SB, ZB, dop, DEN, delta, dq, dgq, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
+                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FT=g.FT, BLK=BLK, NS=NS, F=g.F,
+                num_warps=cfg.warps_chunk, **common)
+        dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=torch.float32)
+        dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=torch.float32)
+        dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
+        _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BM, g.B * g.Hkv),
+                qp, kp, vp, G, pairs, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
+                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FT=g.FT, BLK=BLK, NS=NS, F=g.F,
+                num_warps=cfg.warps_chunk, **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
-            dG_q = (qp.float() * dq).sum(-1).view(g.B, g.Hkv, g.Hq // g.Hkv, g.Tp).sum(2)
-            dG = (dG_q - (kp.float() * dk).sum(-1)) / 2                                 # [B, Hkv, Tp]
+            dG = dgq.view(g.B, g.Hkv, g.Hq // g.Hkv, g.Tp).sum(2).double() - dgk.double()   # [B, Hkv, Tp]
             dlog_g = dG.flip(-1).cumsum(-1).flip(-1)[..., :g.T].to(ctx.log_g_dtype)
         T = g.T
         return (dq[:, :, :T].to(qp.dtype), dk[:, :, :T].to(kp.dtype), dv[:, :, :T].to(vp.dtype), dlog_g,
@@ -506,14 +542,14 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
     """Deg-2 power retention through the Triton kernels, differentiable in ``q, k, v, log_g``.
 
     ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]`` fp16/bf16, ``log_g [B,Hkv,T]`` (float32 advised),
-    ``d, e`` multiples of 16 up to 128, ``chunk_size`` a multiple of 16 (<= 64) or of 64. Returns ``o [B,Hq,T,e]``.
+    ``d, e`` multiples of 16 up to 128, ``chunk_size`` 16, 32 or a multiple of 64. Returns ``o [B,Hq,T,e]``.
     """
+    from ..attention import check_qkv
     from ..mechanisms.power.naive import check_gate, default_scale
     if not kernel_applies(q, k, v, 2, chunk_size):
         raise ValueError(f"power_retention_triton needs triton, CUDA (or TRITON_INTERPRET=1), fp16/bf16 inputs, "
-                         f"head dims multiples of 16 up to 128 and a chunk_size multiple of 16 (<= 64) or of 64; "
+                         f"head dims multiples of 16 up to 128 and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
-    from ..attention import check_qkv
     check_qkv(q, k, v)
     check_gate(log_g, k)
     return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),

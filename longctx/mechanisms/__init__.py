@@ -5,6 +5,7 @@ from .sliding_window import SlidingWindowAttention, WindowCache, sliding_window_
 from ..distributed.mechanism import RingAttention  # registers "ring"
 from .raytention import RayTention  # registers "raytention"
 from .tensor_cache import TensorCache  # registers "tensor_cache"
+from .power import PowerRetention  # registers "power", "power4"
 
 __all__ = ["Mechanism", "build_mechanism", "lookup", "register", "registered", "tensor_bytes",
            "FullAttention", "KVCache", "SlidingWindowAttention", "WindowCache", "sliding_window_attention"]

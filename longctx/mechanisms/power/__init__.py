@@ -1,0 +1,16 @@
+"""Power retention (issue 4): weights ``g_ij (scale q_i . k_j)^p`` normalised by their sum, with a state of
+``C(d+p-1, p) x (e+1)`` numbers per KV head whatever the context length.
+
+``naive`` is the quadratic definition (the tests' oracle), ``expand`` the symmetric power feature map,
+``chunk`` the chunked training form and the ``power_retention`` entry point, ``recurrent`` the decoding form,
+``mechanism`` the registered ``"power"`` / ``"power4"``. The Triton kernel is ``longctx.kernels.power_retention``.
+"""
+from .chunk import power_retention, power_retention_chunk
+from .expand import check_deg, expanded_dim, sympow
+from .mechanism import PowerRetention
+from .naive import power_retention_naive
+from .recurrent import PowerState, init_power_state, power_retention_step, power_state_bytes
+
+__all__ = ["power_retention", "power_retention_chunk", "power_retention_naive", "power_retention_step",
+           "init_power_state", "power_state_bytes", "PowerState", "PowerRetention", "sympow", "expanded_dim",
+           "check_deg"]

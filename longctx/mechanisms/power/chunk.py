@@ -1,0 +1,141 @@
+"""Chunked parallel form of power retention: O(T) in sequence length, exact.
+
+The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the weights are formed as in
+attention (``c x c`` per chunk); everything before the chunk is summarised by the state entering it::
+
+    S = sum_j g_(end, j) phi(k_j) v_j^T   [D, e]        z = sum_j g_(end, j) phi(k_j)   [D]
+
+(``phi`` the symmetric power of ``expand``, ``D = C(d+p-1, p)``), so that query ``i`` of chunk ``n`` adds
+``scale^p g_(i, start) phi(q_i)^T S_n`` to its numerator and ``scale^p g_(i, start) phi(q_i)^T z_n`` to its
+denominator. Arithmetic is float32 (float64 for float64 inputs) whatever the input dtype: the state of an
+ungated 1M-token sequence holds sums of ~1e6 terms of size ``|k|^(2p)``, far inside float32's range, so
+fp16/bf16 inputs never overflow (fp16's own range, 65504, would not survive 64K tokens).
+
+Differentiable through autograd. This is also the reference the Triton kernel
+(``longctx.kernels.power_retention``) is tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...attention import check_qkv
+from ...rope import apply_rope
+from .expand import check_deg, expanded_dim, sympow
+from .naive import check_gate, compute_dtype, default_scale, group_queries, safe_ratio
+
+
+def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def empty_state(batch: int, n_kv: int, d: int, e: int, deg: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """Zero state ``(S [B, Hkv, D, e], z [B, Hkv, D])``."""
+    D = expanded_dim(d, deg)
+    return (torch.zeros(batch, n_kv, D, e, device=device, dtype=dtype),
+            torch.zeros(batch, n_kv, D, device=device, dtype=dtype))
+
+
+def power_retention_chunk(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None, deg: int = 2,
+                          chunk_size: int = 64, scale: float | None = None,
+                          initial_state: tuple[Tensor, Tensor] | None = None, return_state: bool = False):
+    """Chunked power retention. ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]``, ``log_g [B,Hkv,T]``.
+
+    ``initial_state = (S [B,Hkv,D,e], z [B,Hkv,D])`` summarises tokens before this call, on the gate level just
+    before the first token. Returns ``o [B,Hq,T,e]`` (``q``'s dtype), and with ``return_state`` also the state
+    after the last token (arithmetic dtype, on the gate level of the last token). ``T`` need not be a
+    multiple of ``chunk_size``.
+    """
+    check_qkv(q, k, v)
+    check_gate(log_g, k)
+    check_deg(deg)
+    check_chunk_size(chunk_size)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same length, got {q.shape[2]} and {k.shape[2]}")
+    ct = compute_dtype(q.dtype)
+    B, Hq, T, d = q.shape
+    Hkv, e = k.shape[1], v.shape[-1]
+    scale = default_scale(d, scale)
+    c = chunk_size
+    n = max(1, -(-T // c))
+    pad = n * c - T
+    qg = F.pad(group_queries(q.to(ct), Hkv), (0, 0, 0, pad))                    # [B, Hkv, R, Tp, d]
+    kp, vp = F.pad(k.to(ct), (0, 0, 0, pad)), F.pad(v.to(ct), (0, 0, 0, pad))
+    lg = torch.zeros(B, Hkv, T, dtype=ct, device=q.device) if log_g is None else log_g.to(ct)
+    G = torch.cumsum(F.pad(lg, (0, pad)), -1).view(B, Hkv, n, c)                 # padded tokens: log_g = 0
+    qc = qg.view(B, Hkv, -1, n, c, d)
+    kc, vc = kp.view(B, Hkv, n, c, d), vp.view(B, Hkv, n, c, e)
+
+    # inside each chunk: attention-like weights
+    x = scale * torch.einsum("bhrncd,bhnsd->bhrncs", qc, kc)
+    tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~tril, float("-inf")))
+    w = x.pow(deg) * decay.unsqueeze(2)
+    num = torch.einsum("bhrncs,bhnse->bhrnce", w, vc)
+    den = w.sum(-1)
+
+    # the state entering each chunk
+    G_end = G[..., -1]                                                            # [B, Hkv, n]
+    G_start = F.pad(G_end[..., :-1], (1, 0))                                      # level just before each chunk
+    phik = sympow(kc, deg) * torch.exp(G_end[..., None] - G)[..., None]          # [B, Hkv, n, c, D]
+    dS = torch.einsum("bhncD,bhnce->bhnDe", phik, vc)
+    dz = phik.sum(-2)
+    gamma = torch.exp(G_end - G_start)
+    if initial_state is None:
+        S, z = empty_state(B, Hkv, d, e, deg, q.device, ct)
+    else:
+        S, z = _check_state(initial_state, B, Hkv, expanded_dim(d, deg), e, ct)
+    S_in, z_in = [], []
+    for m in range(n):
+        S_in.append(S)
+        z_in.append(z)
+        S = gamma[..., m, None, None] * S + dS[:, :, m]
+        z = gamma[..., m, None] * z + dz[:, :, m]
+    S_in, z_in = torch.stack(S_in, 2), torch.stack(z_in, 2)                      # [B, Hkv, n, D, (e)]
+
+    # queries read the state (deg-homogeneity of phi carries the scale and the gate)
+    r = (scale ** deg) * torch.exp(G - G_start[..., None]).unsqueeze(2)          # [B, Hkv, 1, n, c]
+    phiq = sympow(qc, deg)                                                        # [B, Hkv, R, n, c, D]
+    num = num + r[..., None] * torch.einsum("bhrncD,bhnDe->bhrnce", phiq, S_in)
+    den = den + r * torch.einsum("bhrncD,bhnD->bhrnc", phiq, z_in)
+    o = safe_ratio(num, den).reshape(B, Hq, n * c, e)[:, :, :T].to(q.dtype)
+    return (o, (S, z)) if return_state else o
+
+
+def _check_state(state, B: int, Hkv: int, D: int, e: int, ct: torch.dtype) -> tuple[Tensor, Tensor]:
+    S, z = state
+    if tuple(S.shape) != (B, Hkv, D, e) or tuple(z.shape) != (B, Hkv, D):
+        raise ValueError(f"initial_state must be (S {(B, Hkv, D, e)}, z {(B, Hkv, D)}), "
+                         f"got {tuple(S.shape)}, {tuple(z.shape)}")
+    return S.to(ct), z.to(ct)
+
+
+def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None, deg: int = 2,
+                    chunk_size: int = 64, scale: float | None = None, rotary_base: float | None = None,
+                    positions: Tensor | None = None, use_kernel: bool | None = None) -> Tensor:
+    """Power retention, parallel training / prefill form: ``o [B, Hq, T, e]``. Forward and backward.
+
+    ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]``, ``log_g [B,Hkv,T]`` (optional gate, ``<= 0``),
+    ``deg`` 1 or even, ``scale`` default ``d ** -0.5``. ``rotary_base``: apply rotary embeddings to ``q`` and
+    ``k`` first, at ``positions [T]`` (default ``0 .. T-1``). ``use_kernel``: the Triton kernel (CUDA, deg 2,
+    fp16/bf16, ``d`` and ``e`` multiples of 16 up to 128, ``chunk_size`` 16, 32 or a multiple of 64); ``None``
+    uses it wherever it applies.
+    """
+    check_qkv(q, k, v)
+    check_deg(deg)
+    check_chunk_size(chunk_size)
+    if rotary_base is not None:
+        pos = torch.arange(q.shape[2], device=q.device) if positions is None else positions
+        q, k = apply_rope(q, pos, rotary_base), apply_rope(k, pos, rotary_base)
+    from ...kernels.power_retention import kernel_applies, power_retention_triton
+    fits = kernel_applies(q, k, v, deg, chunk_size)
+    if use_kernel and not fits:
+        raise ValueError("use_kernel=True: the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, "
+                         "fp16/bf16 q/k/v, head dims multiples of 16 up to 128 and chunk_size 16, 32 or a multiple "
+                         f"of 64; got deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}")
+    if use_kernel or (use_kernel is None and fits and q.is_cuda):
+        return power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale)
+    return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)

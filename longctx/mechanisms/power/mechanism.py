@@ -1,0 +1,95 @@
+"""The registered mechanisms ``"power"`` (deg 2) and ``"power4"`` (deg 4).
+
+Gate. The mechanism interface passes only ``q, k, v``, so there is no per-token gate projection here;
+``gate="decay"`` (the default) learns one constant log-decay per KV head, ``log_g_h = -softplus(theta_h)``,
+initialised to half-lives spread geometrically from 32 to 512 tokens; ``gate="none"`` is ungated. The
+standalone functions (``power_retention``, ``power_retention_step``) take any per-token ``log_g``.
+
+Rotary. The GPT applies RoPE before calling the mechanism, so ``rotary`` is off by default; ``rotary=True``
+rotates ``q, k`` here (positions ``0..T-1`` in ``forward``, ``seen..`` in ``step``) for standalone use.
+
+Parallel form. Sequences of at most ``switch_over`` tokens use the quadratic form (cheaper there, and the
+same function); longer ones the chunked form, through the Triton kernel on CUDA for deg 2 in fp16/bf16.
+Defaults suit the CPU bench's tiny GPT (head_dim 16, block 128): ``power`` folds after 64 tokens in chunks
+of 32 (its state, 136 x 17 floats per KV head, equals about 72 tokens of K/V at head_dim 16); ``power4``'s
+state is 3876 x 17 floats per KV head (about 2000 tokens of K/V), so it stays on plain K/V up to 1024 tokens
+and folds in chunks of 64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...rope import apply_rope
+from ..base import Mechanism, register
+from .chunk import power_retention
+from .expand import check_deg
+from .naive import power_retention_naive
+from .recurrent import PowerState, check_schedule, init_power_state, power_retention_step, power_state_bytes
+
+GATES = ("decay", "none")
+
+
+@register("power4", deg=4, chunk_size=64, switch_over=1024)
+@register("power", deg=2, chunk_size=32, switch_over=64)
+class PowerRetention(Mechanism):
+    """Power retention: weights ``g_ij (scale q_i . k_j)^deg`` normalised by their sum; state flat in context."""
+
+    def __init__(self, n_head: int, n_kv_head: int, head_dim: int, deg: int = 2, chunk_size: int = 32,
+                 switch_over: int = 64, gate: str = "decay", scale: float | None = None, rotary: bool = False,
+                 rope_base: float = 10000.0, use_kernel: bool | None = None):
+        super().__init__(n_head, n_kv_head, head_dim)
+        check_deg(deg)
+        check_schedule(chunk_size, switch_over)
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        self.deg, self.chunk_size, self.switch_over, self.gate = deg, chunk_size, switch_over, gate
+        self.scale, self.rotary, self.rope_base, self.use_kernel = scale, rotary, rope_base, use_kernel
+        if gate == "decay":
+            spread = torch.linspace(0, 1, n_kv_head) if n_kv_head > 1 else torch.zeros(1)
+            half_life = 32.0 * 16.0 ** spread
+            rate = math.log(2) / half_life                                         # -log_g
+            self.decay_logit = nn.Parameter(torch.log(torch.expm1(rate)))
+
+    def _log_g(self, q: Tensor, T: int) -> Tensor | None:
+        if self.gate == "none":
+            return None
+        log_g = -F.softplus(self.decay_logit)                                      # [Hkv]
+        return log_g.to(q.dtype if q.dtype == torch.float64 else torch.float32)[None, :, None].expand(
+            q.shape[0], -1, T)
+
+    def _rotate(self, q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        if not self.rotary:
+            return q, k
+        pos = torch.arange(start, start + q.shape[2], device=q.device)
+        return apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.check(q, k, v)
+        T = q.shape[2]
+        q, k = self._rotate(q, k, 0)
+        log_g = self._log_g(q, T)
+        if T <= self.switch_over:
+            return power_retention_naive(q, k, v, log_g, self.deg, self.scale)
+        return power_retention(q, k, v, log_g, self.deg, self.chunk_size, self.scale, use_kernel=self.use_kernel)
+
+    def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> PowerState:
+        return init_power_state(batch, self.n_kv_head, self.head_dim, self.head_dim, self.gate != "none",
+                                device, dtype)
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: PowerState) -> tuple[Tensor, PowerState]:
+        self.check(q, k, v, context_len=state.seen + q.shape[2])
+        q, k = self._rotate(q, k, state.seen)
+        return power_retention_step(q, k, v, state, self._log_g(q, q.shape[2]), self.deg, self.scale,
+                                    self.chunk_size, self.switch_over)
+
+    def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        return power_state_bytes(context_len, batch, self.n_kv_head, self.head_dim, self.head_dim, self.deg,
+                                 self.gate != "none", self.chunk_size, self.switch_over, dtype)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", deg={self.deg}, chunk_size={self.chunk_size}, "
+                f"switch_over={self.switch_over}, gate={self.gate!r}, rotary={self.rotary}")

@@ -1,0 +1,80 @@
+"""The Triton power-retention kernels (forward and backward) == the float64 chunked reference, on CPU under
+TRITON_INTERPRET=1 in a subprocess (the interpreter must be chosen before triton is imported)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECK = r"""
+import json, sys, torch
+from longctx.kernels.power_retention import KernelConfig, power_retention_triton
+from longctx.mechanisms.power import power_retention, power_retention_chunk
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False):
+    q = torch.randn(B, hq, T, d, generator=g)
+    k = torch.randn(B, hkv, T, d, generator=g)
+    if tiny_first_weight:  # q_0 almost orthogonal to k_0: row 0 is v_0 with a weight ~1e-6, its dq exactly 0
+        k0 = k[:, :1, 0].expand(B, hq, d)
+        q[:, :, 0] -= (q[:, :, 0] * k0).sum(-1, keepdim=True) / (k0 * k0).sum(-1, keepdim=True) * k0 * 0.999
+    q, k = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    v = torch.randn(B, hkv, T, e, generator=g).to(dtype).requires_grad_()
+    log_g = (-0.2 * torch.rand(B, hkv, T, generator=g)).requires_grad_() if gated else None
+    leaves = [q, k, v] + ([log_g] if gated else [])
+    out = power_retention_triton(q, k, v, log_g, chunk_size=chunk, config=KernelConfig(block=16, operands=operands))
+    assert out.dtype == dtype and out.shape == (B, hq, T, e) and torch.isfinite(out).all()
+    do = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, do.to(dtype))
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = power_retention_chunk(*ref_leaves[:3], ref_leaves[3] if gated else None, 2, chunk)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    assert all(a.dtype == b.dtype and torch.isfinite(a).all() for a, b in zip(grads, leaves))
+    return [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+
+res = {
+    # fp32 operands and snapshots: every term checked tightly (fp16 inputs; the output is rounded to fp16)
+    "exact_gated_gqa": case(1, 4, 2, 37, 32, 16, 16, True, torch.float16, "fp32"),
+    "exact_ungated": case(2, 2, 2, 45, 32, 16, 32, False, torch.float16, "fp32"),
+    # the fast path: bf16 operands, as on the GPU
+    "bf16_gated_gqa": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16"),
+    "bf16_tiny_first_weight": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16", tiny_first_weight=True),
+}
+errors = {}
+q = torch.randn(1, 2, 8, 24).half()
+for label, call in [("d=24", lambda: power_retention_triton(q, q, q)),
+                    ("chunk=48", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=48))]:
+    try:
+        call()
+    except ValueError as err:
+        errors[label] = str(err)
+print(json.dumps({"errors": res, "refused": errors}))
+"""
+
+
+def test_kernel_matches_chunked_reference_under_interpreter(gen):
+    seed = int(torch_seed(gen))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-c", CHECK, str(seed)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    errors = report["errors"]
+    for name in ("exact_gated_gqa", "exact_ungated"):       # o, dq, dk, dv (, dlog_g)
+        assert max(errors[name]) < 1e-3, (name, errors[name])
+    for name in ("bf16_gated_gqa", "bf16_tiny_first_weight"):  # bf16 operands: ~5e-3 typical
+        assert max(errors[name]) < 3e-2, (name, errors[name])
+    assert "head dims multiples of 16" in report["refused"]["d=24"]
+    assert "chunk_size=48" in report["refused"]["chunk=48"]
+
+
+def torch_seed(gen) -> int:
+    import torch
+    return torch.randint(0, 2**31 - 1, (), generator=gen).item()

@@ -7,13 +7,13 @@ memory from 1K to 1M tokens of context.
 CPU dry run of every code path at toy sizes (Triton interpreter, wall-clock timer, no ``retention``):
 
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/power_retention.py --device cpu --tokens 256 --seqs 64,128 \
-        --heads 2 --head-dim 16 --chunk 32 --variants b32w4 --decode-contexts 1024,2048 --no-retention --out /tmp/prb
+        --heads 2 --head-dim 16 --chunk 32 --chunks 32,64 --variants b32w4 --decode-contexts 1024,2048 --no-retention --out /tmp/prb
 
 Shapes: tokens per step fixed (``--tokens``, 128K), batch = tokens / T, 8 heads (query = KV), d = e = 64, deg 2,
 chunk 128, gated (``log_g = logsigmoid(randn)``, float32, with gradient), bf16. Times: median of
 ``triton.testing.do_bench``; forward+backward = one forward and ``torch.autograd.grad`` of all inputs.
 
-Flops (useful work, the same count for both power kernels): forward ``B H T (4 D e + c (d + e))`` with
+Flops (useful work, each power kernel at its own chunk c): forward ``B H T (4 D e + c (d + e))`` with
 ``D = C(d+1, 2) = 2080`` (state update and query, ``2 D e`` each; causal half of the ``c x c`` chunk
 attention), forward+backward 3x that. SDPA: forward ``2 B H T^2 d`` (causal), forward+backward 3.5x. The
 matmul ceiling is a measured 8192^3 bf16 ``torch.matmul`` in the same run.
@@ -40,10 +40,12 @@ from longctx.mechanisms import build_mechanism, tensor_bytes
 from longctx.mechanisms.power import expanded_dim, power_retention_chunk
 from longctx.mechanisms.power.recurrent import PowerState, recent_count
 
-VARIANTS = {  # block (rows) / features (sub-tile) / warps of the chunk kernels
-    "b64f128w8": KernelConfig(block=64, features=128, warps_chunk=8),
-    "b64f64w4": KernelConfig(block=64, features=64, warps_chunk=4),
-    "b32f128w4": KernelConfig(block=32, features=128, warps_chunk=4),
+VARIANTS = {  # rows per program (block) / warps of the chunk kernels / rows per step of the state kernels
+    "b64w8": KernelConfig(block=64, warps_chunk=8),
+    "b64w4": KernelConfig(block=64, warps_chunk=4),
+    "b32w4": KernelConfig(block=32, warps_chunk=4),
+    "b32w8": KernelConfig(block=32, warps_chunk=8),
+    "b64w8r64": KernelConfig(block=64, warps_chunk=8, state_rows=64),
 }
 T0 = time.time()
 
@@ -60,8 +62,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--variants", default="b64f128w8,b64f64w4,b32f128w4", help="kernel configurations to compare")
+    ap.add_argument("--chunk", type=int, default=128, help="chunk of the retention kernel and the checks")
+    ap.add_argument("--chunks", default="128,256", help="chunk sizes of our kernel compared with the variants "
+                    "(the result is the same function; the chunk trades in-chunk work for state snapshots)")
+    ap.add_argument("--variants", default="b64w8,b64w4,b32w4,b64w8r64", help="kernel configurations to compare")
     ap.add_argument("--profile-seqs", default="4096,131072", help="T at which per-kernel times are recorded")
     ap.add_argument("--variant-seqs", default="4096,131072", help="T at which the variants are compared")
     ap.add_argument("--check-seq", type=int, default=4096, help="length of the correctness checks")
@@ -295,6 +299,9 @@ def main() -> None:
                 results["checks"].append({"name": name, "error": repr(err)})
             if name != next(iter(variants)) or args.quick_checks:
                 break  # other variants: one gated bf16 check
+    if all("error" in r for r in results["checks"]):
+        save()
+        raise SystemExit("every check of our kernel failed: nothing to time (see the tracebacks above)")
     try:
         q, k, v, lg = make_inputs(2, H, args.check_seq // 2, d, torch.bfloat16, True, 99)
         k, v, lg = k[:, ::4].contiguous(), v[:, ::4].contiguous(), lg[:, ::4].contiguous()
@@ -319,36 +326,38 @@ def main() -> None:
             results["checks"].append({"name": "retention", "error": repr(err)})
     save()
 
-    # choose the kernel configuration
-    best, best_ms = next(iter(variants)), math.inf
-    if len(variants) > 1:
-        for name, cfg in variants.items():
-            total = 0.0
+    # choose the kernel configuration and our chunk size
+    chunks = [int(x) for x in args.chunks.split(",")]
+    candidates = [(name, oc) for oc in chunks for name in variants]
+    (best, oc), best_ms = candidates[0], math.inf
+    if len(candidates) > 1:
+        for name, ch in candidates:
+            cfg, total = variants[name], 0.0
             for T in [int(x) for x in args.variant_seqs.split(",")]:
                 B = args.tokens // T
                 try:
-                    f, fb = time_pair(lambda q, k, v, g, cfg=cfg: run_ours(q, k, v, g, c, cfg),
+                    f, fb = time_pair(lambda q, k, v, g, cfg=cfg, ch=ch: run_ours(q, k, v, g, ch, cfg),
                                       *make_inputs(B, H, T, d, torch.bfloat16), args.rep)
                 except Exception as err:  # noqa: BLE001
                     traceback.print_exc()
-                    results["variants"].append({"name": name, "T": T, "error": repr(err)})
+                    results["variants"].append({"name": name, "chunk": ch, "T": T, "error": repr(err)})
                     total = math.inf
                     continue
                 total += fb
-                results["variants"].append({"name": name, "T": T, "fwd_ms": f, "fwd_bwd_ms": fb})
-                log(f"variant {name:10s} T={T:6d}: fwd {f:7.2f} ms  fwd+bwd {fb:7.2f} ms")
+                results["variants"].append({"name": name, "chunk": ch, "T": T, "fwd_ms": f, "fwd_bwd_ms": fb})
+                log(f"variant {name:10s} chunk {ch:4d} T={T:6d}: fwd {f:7.2f} ms  fwd+bwd {fb:7.2f} ms")
             if total < best_ms:
-                best, best_ms = name, total
+                (best, oc), best_ms = (name, ch), total
         save()
-    results["kernel_config"] = {"name": best, **variants[best].__dict__}
-    log(f"kernel configuration: {best}")
+    results["kernel_config"] = {"name": best, "chunk": oc, **variants[best].__dict__}
+    log(f"kernel configuration: {best}, chunk {oc}")
     if DEVICE == "cuda":
         results["kernel_info"] = kernel_info()
         log(f"kernel resources (last launches): {results['kernel_info']}")
         results["profile"] = {}
         for T in [int(x) for x in args.profile_seqs.split(",")]:
             try:
-                prof = profile(lambda q, k, v, g: run_ours(q, k, v, g, c, variants[best]),
+                prof = profile(lambda q, k, v, g: run_ours(q, k, v, g, oc, variants[best]),
                                *make_inputs(args.tokens // T, H, T, d, torch.bfloat16))
             except Exception as err:  # noqa: BLE001
                 traceback.print_exc()
@@ -367,7 +376,7 @@ def main() -> None:
         B = args.tokens // T
         row = {"T": T, "batch": B}
         ins = make_inputs(B, H, T, d, torch.bfloat16)
-        for label, fn in [("longctx", lambda q, k, v, g: run_ours(q, k, v, g, c, cfg)),
+        for label, fn in [("longctx", lambda q, k, v, g: run_ours(q, k, v, g, oc, cfg)),
                           ("sdpa", None), ("retention", lambda q, k, v, g: run_retention(q, k, v, g, c))]:
             if label == "retention" and not have_retention:
                 continue
@@ -385,7 +394,7 @@ def main() -> None:
                 traceback.print_exc()
                 row[f"{label}_error"] = repr(err)
                 continue
-            flops = sdpa_flops(B, H, T, d) if label == "sdpa" else power_flops(B, H, T, d, c)
+            flops = sdpa_flops(B, H, T, d) if label == "sdpa" else power_flops(B, H, T, d, oc if label == "longctx" else c)
             mult = 3.5 if label == "sdpa" else 3.0
             row.update({f"{label}_fwd_ms": f, f"{label}_fwd_bwd_ms": fb, f"{label}_fwd_tflops": flops / f / 1e9,
                         f"{label}_fwd_bwd_tflops": mult * flops / fb / 1e9})

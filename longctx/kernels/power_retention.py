@@ -5,12 +5,13 @@ Features. ``(q . k)^2 = sum_{a,b} q_a q_b k_a k_b``. The ``d`` coordinates are c
 for every pair of blocks ``A <= B`` one tile of 16 x 16 = 256 features ``k_a k_b`` (``a in A, b in B``, row
 ``a * 16 + b`` of the tile) is kept, the query side carrying weight 1 on diagonal tiles and 2 off them.
 ``NP = NB (NB + 1) / 2`` tiles: 2560 features for ``d = 64`` (the symmetric power has 2080; the 23% extra buys
-whole 16-wide tensor-core tiles). Kernels walk a tile in sub-tiles of ``FT`` rows (``FT / 16`` values of
-``a``, all 16 of ``b``); a sub-tile's features are built by two gathered loads of the inputs and a product.
+whole 16-wide tensor-core tiles). A tile's features are built in registers from two 16-column blocks of the
+input, ``x_A[:, :, None] * x_B[:, None, :]`` reshaped to ``[rows, 256]``; the chain rule back through a tile
+is two reductions of the ``[rows, 16, 16]`` feature gradient (no gathers, no scatters).
 
 Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float32):
 
-1. ``_fwd_state``  grid (state sub-tiles x value splits, B*Hkv): walks the chunks in order, keeps its slice of
+1. ``_fwd_state``  grid (tiles x value splits, B*Hkv): walks the chunks in order, keeps its slice of
    ``S`` (fp32, registers) and writes the state entering every chunk (bf16) and ``z`` (fp32).
 2. ``_fwd_out``    grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i - G_start) phi(q_i) . S_n``; writes ``o`` (and fp32 ``o``, the normaliser).
@@ -41,6 +42,7 @@ except ImportError:  # the PyTorch paths work without triton
     triton = None
 
 BLK = 16  # feature block edge: one pair tile = BLK x BLK features
+HEAD_DIMS = (16, 32, 64, 128)  # d and e: powers of two (block counts and ranges in the kernels)
 LAUNCHES: dict = {}  # name -> the last compiled kernel launched (the benchmark reads registers and spills)
 
 
@@ -53,21 +55,19 @@ def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -
     d, e = q.shape[-1], v.shape[-1]
     chunk_ok = chunk_size in (16, 32) or (chunk_size > 0 and chunk_size % 64 == 0)
     return (triton is not None and (q.is_cuda or _interpreting()) and deg == 2
-            and q.dtype in (torch.float16, torch.bfloat16) and d % BLK == 0 and e % 16 == 0
-            and d <= 128 and e <= 128 and chunk_ok)
+            and q.dtype in (torch.float16, torch.bfloat16) and d in HEAD_DIMS and e in HEAD_DIMS and chunk_ok)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch shapes. ``block``: query/key rows per program of the chunk kernels (capped at the chunk);
-    ``features``: feature sub-tile of the chunk kernels (16..256); ``state_rows``: rows per step of the state
-    kernels; ``state_features``: their feature sub-tile (``None``: the largest giving ~264 programs, then the
-    value dim is split); ``operands``: matmul operand type, ``"bf16"`` (fast path) or ``"fp32"`` with fp32 state
-    snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to check every term tightly)."""
-    block: int = 64
-    features: int = 128
+    ``state_rows``: rows per step of the state kernels; ``value_split``: the state kernels cut the value dim
+    into this many programs (``None``: enough to make ~264 programs, two per SM of an H100); ``operands``: matmul
+    operand type, ``"bf16"`` (fast path) or ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32
+    under the interpreter: the tests use it to check every term tightly)."""
+    block: int = 32          # fastest on an H100 (benchmarks/README.md); 64 spills registers in _fwd_out
     state_rows: int = 32
-    state_features: int | None = None
+    value_split: int | None = None
     warps_state: int = 8
     warps_chunk: int = 8
     stages: int = 2
@@ -94,48 +94,58 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _subtile(PAIRS, s, FT: tl.constexpr, BLK: tl.constexpr):
-        """Sub-tile ``s`` (of ``FT`` rows): input columns of its features' two factors ``[FT]``, the query-side
-        weight, and its first row in the state."""
-        SPP: tl.constexpr = BLK * BLK // FT
-        t = s // SPP
-        h = s % SPP
-        a_blk = tl.load(PAIRS + 2 * t)
-        b_blk = tl.load(PAIRS + 2 * t + 1)
-        fi = tl.arange(0, FT)
-        col_a = a_blk * BLK + h * (FT // BLK) + fi // BLK
-        col_b = b_blk * BLK + fi % BLK
-        return col_a, col_b, 2.0 - (a_blk == b_blk).to(tl.float32), t * BLK * BLK + h * FT
+    def _blocks(x_ptr, rows, A, B, DK: tl.constexpr, BLK: tl.constexpr):
+        """Column blocks ``x[rows, A*BLK:(A+1)*BLK]`` and ``x[rows, B*BLK:...]``, ``[R, BLK]`` float32 each."""
+        c = tl.arange(0, BLK)
+        xa = tl.load(x_ptr + rows[:, None] * DK + (A * BLK + c)[None, :]).to(tl.float32)
+        xb = tl.load(x_ptr + rows[:, None] * DK + (B * BLK + c)[None, :]).to(tl.float32)
+        return xa, xb
 
     @triton.jit
-    def _gather(x_ptr, rows, cols, DK: tl.constexpr):
-        """``x[rows, cols]`` as ``[len(rows), len(cols)]`` float32."""
-        return tl.load(x_ptr + rows[:, None] * DK + cols[None, :]).to(tl.float32)
+    def _tile(xa, xb, R: tl.constexpr, BLK: tl.constexpr):
+        """Features of one tile, ``[R, BLK*BLK]``: column ``a*BLK + b`` is ``xa[:, a] * xb[:, b]``."""
+        return tl.reshape(xa[:, :, None] * xb[:, None, :], (R, BLK * BLK))
 
     @triton.jit
-    def _scatter_cols(h, cols, DK: tl.constexpr, OPDT: tl.constexpr, INTERP: tl.constexpr):
-        """``out[r, c] = sum_f h[r, f] [cols[f] == c]``: ``[R, FT] -> [R, DK]`` through a one-hot matmul."""
-        onehot = tl.where(cols[:, None] == tl.arange(0, DK)[None, :], 1.0, 0.0).to(OPDT)  # bool->bf16 is 0 in the interpreter
-        return _mm(h.to(OPDT), onehot, INTERP)
+    def _tile_t(x_ptr, rows, A, B, R: tl.constexpr, DK: tl.constexpr, BLK: tl.constexpr):
+        """The transposed tile ``[BLK*BLK, R]`` (row ``a*BLK + b``), loaded column-major: no transpose needed."""
+        c = tl.arange(0, BLK)
+        xa = tl.load(x_ptr + rows[None, :] * DK + (A * BLK + c)[:, None]).to(tl.float32)      # [BLK, R]
+        xb = tl.load(x_ptr + rows[None, :] * DK + (B * BLK + c)[:, None]).to(tl.float32)
+        return tl.reshape(xa[:, None, :] * xb[None, :, :], (BLK * BLK, R))
+
+    @triton.jit
+    def _fold_cols(g, xa, xb, A: tl.constexpr, B: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+                   BLK: tl.constexpr):
+        """Chain rule through one tile: ``g [R, BLK*BLK]`` (gradient of the features) -> the gradient of ``x``
+        as ``[R, NB, BLK]`` (non-zero in column blocks A and B): ``dx_a = sum_b g_ab x_b``, ``dx_b = sum_a g_ab x_a``."""
+        g3 = tl.reshape(g, (R, BLK, BLK))
+        da = tl.sum(g3 * xb[:, None, :], 2)
+        db = tl.sum(g3 * xa[:, :, None], 1)
+        nb = tl.arange(0, NB)
+        return (da[:, None, :] * (nb == A).to(tl.float32)[None, :, None]
+                + db[:, None, :] * (nb == B).to(tl.float32)[None, :, None])
 
     @triton.jit
     def _fwd_state(K, V, G, PAIRS, SB, ZB, NC,
                    HAS_GATE: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr,
-                   E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
-                   F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                   E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr, BLK: tl.constexpr, F: tl.constexpr,
+                   INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_f = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
-        s = pid_f // NE
+        FT: tl.constexpr = BLK * BLK
+        t = pid_f // NE
         et = pid_f % NE
-        col_a, col_b, _, row0 = _subtile(PAIRS, s, FT, BLK)
+        A = tl.load(PAIRS + 2 * t)
+        B = tl.load(PAIRS + 2 * t + 1)
         fi = tl.arange(0, FT)
         ce = et * BE + tl.arange(0, BE)
         Tp = NC * C
         k_ptr = K + bkv * Tp * DK
         v_ptr = V + bkv * Tp * E
         g_ptr = G + bkv * Tp
-        s_ptr = SB + bkv * NC * F * E + row0 * E
-        z_ptr = ZB + bkv * NC * F + row0
+        s_ptr = SB + bkv * NC * F * E + t * FT * E
+        z_ptr = ZB + bkv * NC * F + t * FT
         S = tl.zeros([FT, BE], dtype=tl.float32)
         z = tl.zeros([FT], dtype=tl.float32)
         for n in range(NC):
@@ -149,7 +159,7 @@ if triton is not None:
                 z = z * decay
             for s0 in range(0, C, BC):
                 rows = c0 + s0 + tl.arange(0, BC)
-                phit = tl.trans(_gather(k_ptr, rows, col_a, DK) * _gather(k_ptr, rows, col_b, DK))  # [FT, BC]
+                phit = _tile_t(k_ptr, rows, A, B, BC, DK, BLK)                               # [FT, BC]
                 vv = tl.load(v_ptr + rows[:, None] * E + ce[None, :]).to(tl.float32)
                 if HAS_GATE:
                     beta = tl.exp(g_end - tl.load(g_ptr + rows))
@@ -160,13 +170,14 @@ if triton is not None:
                 S += _mm(phit.to(OPDT), vv.to(OPDT), INTERP)
 
     @triton.jit
-    def _fwd_out(Q, K, V, G, PAIRS, SB, ZB, O, O32, DEN, NC, scale,
+    def _fwd_out(Q, K, V, G, SB, ZB, O, O32, DEN, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
-                 NS: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
+                 F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
+        FT: tl.constexpr = BLK * BLK
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -207,11 +218,16 @@ if triton is not None:
         z_ptr = ZB + (bkv * NC + n) * F
         acc = tl.zeros([BM, E], dtype=tl.float32)
         acc_den = tl.zeros([BM], dtype=tl.float32)
-        for s in range(NS):  # the state entering the chunk
-            col_a, col_b, wab, row0 = _subtile(PAIRS, s, FT, BLK)
-            phi = _gather(q_ptr, rows, col_a, DK) * _gather(q_ptr, rows, col_b, DK) * wab
-            acc += _mm(phi.to(OPDT), tl.load(s_ptr + (row0 + fi)[:, None] * E + ei[None, :]), INTERP)
-            acc_den += tl.sum(phi * tl.load(z_ptr + row0 + fi)[None, :], 1)
+        for A in tl.static_range(NB):  # the state entering the chunk, one tile of features at a time
+            for B in tl.static_range(A, NB):
+                t = A * NB - A * (A - 1) // 2 + B - A
+                qa, qb = _blocks(q_ptr, rows, A, B, DK, BLK)
+                phi = _tile(qa, qb, BM, BLK)
+                if A != B:
+                    phi = phi * 2.0
+                phi = phi.to(OPDT)
+                acc += _mm(phi, tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :]), INTERP)
+                acc_den += tl.sum(phi.to(tl.float32) * tl.load(z_ptr + t * FT + fi)[None, :], 1)
         num += acc * r[:, None]
         den += acc_den * r
         o = num / tl.where(den == 0.0, 1.0, den)[:, None]
@@ -223,22 +239,24 @@ if triton is not None:
     def _bwd_state(Q, G, PAIRS, DO, DEN, DELTA, DSB, DZB, NC, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                    BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr,
-                   FT: tl.constexpr, BLK: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr,
-                   OPDT: tl.constexpr):
+                   BLK: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_f = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
+        FT: tl.constexpr = BLK * BLK
         REP: tl.constexpr = HQ // HKV
         b = bkv // HKV
         kvh = bkv % HKV
-        s = pid_f // NE
+        t = pid_f // NE
         et = pid_f % NE
-        col_a, col_b, wab, row0 = _subtile(PAIRS, s, FT, BLK)
+        A = tl.load(PAIRS + 2 * t)
+        B = tl.load(PAIRS + 2 * t + 1)
+        wab = 2.0 - (A == B).to(tl.float32)
         fi = tl.arange(0, FT)
         ce = et * BE + tl.arange(0, BE)
         Tp = NC * C
         g_ptr = G + bkv * Tp
-        s_ptr = DSB + bkv * NC * F * E + row0 * E
-        z_ptr = DZB + bkv * NC * F + row0
+        s_ptr = DSB + bkv * NC * F * E + t * FT * E
+        z_ptr = DZB + bkv * NC * F + t * FT
         dS = tl.zeros([FT, BE], dtype=tl.float32)
         dz = tl.zeros([FT], dtype=tl.float32)
         for i in range(NC):
@@ -259,8 +277,7 @@ if triton is not None:
                     r = tl.full([BC], scale * scale, tl.float32) * wab
                 for rr in range(REP):
                     bh = b * HQ + kvh * REP + rr
-                    q_ptr = Q + bh * Tp * DK
-                    phit = tl.trans(_gather(q_ptr, rows, col_a, DK) * _gather(q_ptr, rows, col_b, DK)) * r[None, :]
+                    phit = _tile_t(Q + bh * Tp * DK, rows, A, B, BC, DK, BLK) * r[None, :]            # [FT, BC]
                     den = tl.load(DEN + bh * Tp + rows)
                     den = tl.where(den == 0.0, 1.0, den)
                     do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ce[None, :]).to(tl.float32)
@@ -268,13 +285,14 @@ if triton is not None:
                     dz += tl.sum(phit * (-tl.load(DELTA + bh * Tp + rows) / den)[None, :], 1)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, PAIRS, SB, ZB, DO, DEN, DELTA, DQ, DGQ, NC, scale,
+    def _bwd_dq(Q, K, V, G, SB, ZB, DO, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
-                NS: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
+                F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
+        FT: tl.constexpr = BLK * BLK
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -316,25 +334,30 @@ if triton is not None:
         z_ptr = ZB + (bkv * NC + n) * F
         dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
         dden = -delta / den
-        for s in range(NS):
-            col_a, col_b, wab, row0 = _subtile(PAIRS, s, FT, BLK)
-            st = tl.load(s_ptr + (row0 + fi)[:, None] * E + ei[None, :])
-            g = _mm(dnum, tl.trans(st), INTERP) + dden[:, None] * tl.load(z_ptr + row0 + fi)[None, :]
-            g = g * (r * wab)[:, None]
-            qa = _gather(q_ptr, rows, col_a, DK)
-            qb = _gather(q_ptr, rows, col_b, DK)
-            dg += tl.sum(g * qa * qb, 1)
-            dq += _scatter_cols(g * qb, col_a, DK, OPDT, INTERP) + _scatter_cols(g * qa, col_b, DK, OPDT, INTERP)
+        dq3 = tl.zeros([BM, NB, BLK], dtype=tl.float32)
+        for A in tl.static_range(NB):
+            for B in tl.static_range(A, NB):
+                t = A * NB - A * (A - 1) // 2 + B - A
+                st = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
+                g = _mm(dnum, tl.trans(st), INTERP) + dden[:, None] * tl.load(z_ptr + t * FT + fi)[None, :]
+                g = g * r[:, None]
+                if A != B:
+                    g = g * 2.0
+                qa, qb = _blocks(q_ptr, rows, A, B, DK, BLK)
+                dg += tl.sum(g * _tile(qa, qb, BM, BLK), 1)
+                dq3 += _fold_cols(g, qa, qb, A, B, BM, NB, BLK)
+        dq += tl.reshape(dq3, (BM, DK))
         tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq)
         tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
-    def _bwd_dkv(Q, K, V, G, PAIRS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
+    def _bwd_dkv(Q, K, V, G, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FT: tl.constexpr, BLK: tl.constexpr,
-                 NS: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
+                 F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
+        FT: tl.constexpr = BLK * BLK
         REP: tl.constexpr = HQ // HKV
         b = bkv // HKV
         kvh = bkv % HKV
@@ -381,23 +404,26 @@ if triton is not None:
         s_ptr = DSB + (bkv * NC + n) * F * E
         z_ptr = DZB + (bkv * NC + n) * F
         vb = vv.to(OPDT)
-        for s in range(NS):
-            col_a, col_b, _, row0 = _subtile(PAIRS, s, FT, BLK)
-            dst = tl.load(s_ptr + (row0 + fi)[:, None] * E + ei[None, :])
-            ka = _gather(k_ptr, cols, col_a, DK)
-            kb = _gather(k_ptr, cols, col_b, DK)
-            phi = ka * kb
-            dv += _mm(phi.to(OPDT), dst, INTERP) * beta[:, None]
-            gk = (_mm(vb, tl.trans(dst), INTERP) + tl.load(z_ptr + row0 + fi)[None, :]) * beta[:, None]
-            dg += tl.sum(gk * phi, 1)
-            dk += _scatter_cols(gk * kb, col_a, DK, OPDT, INTERP) + _scatter_cols(gk * ka, col_b, DK, OPDT, INTERP)
+        dk3 = tl.zeros([BM, NB, BLK], dtype=tl.float32)
+        for A in tl.static_range(NB):
+            for B in tl.static_range(A, NB):
+                t = A * NB - A * (A - 1) // 2 + B - A
+                dst = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
+                ka, kb = _blocks(k_ptr, cols, A, B, DK, BLK)
+                phi = _tile(ka, kb, BM, BLK)
+                dv += _mm(phi.to(OPDT), dst, INTERP) * beta[:, None]
+                gk = (_mm(vb, tl.trans(dst), INTERP) + tl.load(z_ptr + t * FT + fi)[None, :]) * beta[:, None]
+                dg += tl.sum(gk * phi, 1)
+                dk3 += _fold_cols(gk, ka, kb, A, B, BM, NB, BLK)
+        dk += tl.reshape(dk3, (BM, DK))
         tl.store(DKO + bkv * Tp * DK + cols[:, None] * DK + di[None, :], dk)
         tl.store(DVO + bkv * Tp * E + cols[:, None] * E + ei[None, :], dv)
         tl.store(DGK + bkv * Tp + cols, dg)
 
 
 def _pairs(nb: int, device) -> Tensor:
-    """Block pairs ``(A, B)``, ``A <= B``, as int32 ``[NP * 2]``: the tile order of the state."""
+    """Block pairs ``(A, B)``, ``A <= B``, as int32 ``[NP * 2]``: the tile order of the state (the chunk kernels
+    walk the same order statically)."""
     return torch.tensor([x for a in range(nb) for b in range(a, nb) for x in (a, b)], dtype=torch.int32,
                         device=device)
 
@@ -415,8 +441,6 @@ class _Geometry:
     NB: int
     NP: int
     BM: int
-    FT: int      # feature sub-tile of the chunk kernels
-    FTS: int     # feature sub-tile of the state kernels
     BC: int      # rows per step of the state kernels
     NE: int      # value splits of the state kernels
 
@@ -444,22 +468,20 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     NC = max(1, -(-T // C))
     NB = DK // BLK
     NP = NB * (NB + 1) // 2
-    for name, x, lo in (("block", cfg.block, 16), ("features", cfg.features, 16), ("state_rows", cfg.state_rows, 16)):
+    for name, x, lo in (("block", cfg.block, 16), ("state_rows", cfg.state_rows, 16)):
         if not _power_of_two(x) or x < lo:
             raise ValueError(f"KernelConfig.{name} must be a power of two >= {lo}, got {x}")
-    if cfg.features > BLK * BLK or (cfg.state_features is not None and (
-            not _power_of_two(cfg.state_features) or not 16 <= cfg.state_features <= BLK * BLK)):
-        raise ValueError(f"feature sub-tiles must be powers of two in 16..256, got {cfg.features}, "
-                         f"{cfg.state_features}")
-    # the state kernels walk the chunks in order: make enough programs (~264: two per SM of an H100) from
-    # smaller feature sub-tiles first, then from splits of the value dim
-    FTS, NE = cfg.state_features or BLK * BLK, 1
-    while cfg.state_features is None and FTS > 64 and NP * (BLK * BLK // FTS) * B * Hkv < 264:
-        FTS //= 2
-    while NP * (BLK * BLK // FTS) * B * Hkv * NE < 264 and E // (2 * NE) >= 16 and (E // (2 * NE)) % 16 == 0:
-        NE *= 2
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), cfg.features, FTS,
-                     min(cfg.state_rows, C), NE)
+    if cfg.value_split is not None:
+        NE = cfg.value_split
+        if not _power_of_two(NE) or E // NE < 16:
+            raise ValueError(f"KernelConfig.value_split must be a power of two leaving >= 16 values per split, "
+                             f"got {NE} for e={E}")
+    else:
+        # the state kernels walk the chunks in order: split the value dim until there are ~264 programs
+        NE = 1
+        while NP * B * Hkv * NE < 264 and E // (2 * NE) >= 16:
+            NE *= 2
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), NE)
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
@@ -484,16 +506,15 @@ class _PowerRetentionFn(torch.autograd.Function):
         common = dict(INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages)
         SB = torch.empty(g.B * g.Hkv, g.NC, g.F, g.E, device=q.device, dtype=cfg.state_dtype)
         ZB = torch.empty(g.B * g.Hkv, g.NC, g.F, device=q.device, dtype=torch.float32)
-        _launch("fwd_state", _fwd_state, (g.NP * (BLK * BLK // g.FTS) * g.NE, g.B * g.Hkv),
+        _launch("fwd_state", _fwd_state, (g.NP * g.NE, g.B * g.Hkv),
                 kp, vp, G, pairs, SB, ZB, g.NC, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE,
-                NE=g.NE, FT=g.FTS, BLK=BLK, F=g.F, num_warps=cfg.warps_state, **common)
+                NE=g.NE, BLK=BLK, F=g.F, num_warps=cfg.warps_state, **common)
         O = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=q.dtype)
         O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, pairs, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
-                C=g.C, BM=g.BM, DK=g.DK, E=g.E, FT=g.FT, BLK=BLK, NS=g.NP * (BLK * BLK // g.FT), F=g.F,
-                num_warps=cfg.warps_chunk, **common)
+                qp, kp, vp, G, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
+                C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, F=g.F, num_warps=cfg.warps_chunk, **common)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, pairs)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
@@ -509,24 +530,23 @@ class _PowerRetentionFn(torch.autograd.Function):
         # (do_i . v_j - delta_i) made dq, dk ~10x less accurate (seen: 2.4e-2 vs 1.7e-3, bf16, gated)
         delta = (dop.float() * O32).sum(-1).contiguous()                          # [B, Hq, Tp]
         DSB, DZB = torch.empty_like(SB), torch.empty_like(ZB)
-        _launch("bwd_state", _bwd_state, (g.NP * (BLK * BLK // g.FTS) * g.NE, g.B * g.Hkv),
+        _launch("bwd_state", _bwd_state, (g.NP * g.NE, g.B * g.Hkv),
                 qp, G, pairs, dop, DEN, delta, DSB, DZB, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
-                C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE, NE=g.NE, FT=g.FTS, BLK=BLK, F=g.F,
-                num_warps=cfg.warps_state, **common)
+                C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE, NE=g.NE, BLK=BLK, F=g.F, num_warps=cfg.warps_state,
+                **common)
         dev = qp.device
         dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=torch.float32)
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
-        NS = g.NP * (BLK * BLK // g.FT)
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, pairs, SB, ZB, dop, DEN, delta, dq, dgq, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
-                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FT=g.FT, BLK=BLK, NS=NS, F=g.F,
+                qp, kp, vp, G, SB, ZB, dop, DEN, delta, dq, dgq, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
+                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, F=g.F,
                 num_warps=cfg.warps_chunk, **common)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=torch.float32)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=torch.float32)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
         _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BM, g.B * g.Hkv),
-                qp, kp, vp, G, pairs, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
-                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FT=g.FT, BLK=BLK, NS=NS, F=g.F,
+                qp, kp, vp, G, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
+                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, F=g.F,
                 num_warps=cfg.warps_chunk, **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
@@ -542,13 +562,13 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
     """Deg-2 power retention through the Triton kernels, differentiable in ``q, k, v, log_g``.
 
     ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]`` fp16/bf16, ``log_g [B,Hkv,T]`` (float32 advised),
-    ``d, e`` multiples of 16 up to 128, ``chunk_size`` 16, 32 or a multiple of 64. Returns ``o [B,Hq,T,e]``.
+    ``d, e`` in 16, 32, 64, 128, ``chunk_size`` 16, 32 or a multiple of 64. Returns ``o [B,Hq,T,e]``.
     """
     from ..attention import check_qkv
     from ..mechanisms.power.naive import check_gate, default_scale
     if not kernel_applies(q, k, v, 2, chunk_size):
         raise ValueError(f"power_retention_triton needs triton, CUDA (or TRITON_INTERPRET=1), fp16/bf16 inputs, "
-                         f"head dims multiples of 16 up to 128 and chunk_size 16, 32 or a multiple of 64; "
+                         f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
     check_gate(log_g, k)

@@ -121,7 +121,7 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
     ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]``, ``log_g [B,Hkv,T]`` (optional gate, ``<= 0``),
     ``deg`` 1 or even, ``scale`` default ``d ** -0.5``. ``rotary_base``: apply rotary embeddings to ``q`` and
     ``k`` first, at ``positions [T]`` (default ``0 .. T-1``). ``use_kernel``: the Triton kernel (CUDA, deg 2,
-    fp16/bf16, ``d`` and ``e`` multiples of 16 up to 128, ``chunk_size`` 16, 32 or a multiple of 64); ``None``
+    fp16/bf16, ``d`` and ``e`` in 16, 32, 64, 128, ``chunk_size`` 16, 32 or a multiple of 64); ``None``
     uses it wherever it applies.
     """
     check_qkv(q, k, v)
@@ -134,7 +134,7 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
     fits = kernel_applies(q, k, v, deg, chunk_size)
     if use_kernel and not fits:
         raise ValueError("use_kernel=True: the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, "
-                         "fp16/bf16 q/k/v, head dims multiples of 16 up to 128 and chunk_size 16, 32 or a multiple "
+                         "fp16/bf16 q/k/v, head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple "
                          f"of 64; got deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}")
     if use_kernel or (use_kernel is None and fits and q.is_cuda):
         return power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale)

@@ -60,6 +60,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
+def test_atomic_write_makes_an_ordinary_file(tmp_path):
+    import os
+    mask = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(mask)
+    assert f.stat().st_mode & 0o777 == 0o644      # not mkstemp's private 0600
+
+
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert cli.main(["bench", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "data file not found" in capsys.readouterr().err

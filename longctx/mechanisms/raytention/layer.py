@@ -28,6 +28,9 @@ from ..base import Mechanism, lookup, register
 from .blocked import raytention_signals
 from .naive import signal_width
 
+#: Key block of the decoding step (one query row): see ``RayTentionLayer.step``.
+DECODE_KEY_BLOCK = 65536
+
 
 @dataclass
 class TokenHistory:
@@ -115,14 +118,14 @@ class RayTentionLayer(nn.Module):
         """Whether this layer's ``state_bytes`` counts the shared token history (the first layer only)."""
         return self.layer_index == 0
 
-    def _signals(self, x: Tensor, keys: Tensor, q_offset: int) -> Tensor:
+    def _signals(self, x: Tensor, keys: Tensor, q_offset: int, block_k: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.n_embd).transpose(1, 2)
         return raytention_signals(q, keys.to(q.dtype), self.log_tau.exp(), F.logsigmoid(self.gamma_logit),
-                                  q_offset, self.block_size, self.block_size)
+                                  q_offset, self.block_size, block_k)
 
     def forward(self, x: Tensor, ctx) -> Tensor:
-        return self.ffn(self._signals(x, ctx.embed(ctx.tokens), 0))
+        return self.ffn(self._signals(x, ctx.embed(ctx.tokens), 0, self.block_size))
 
     def init_state(self, batch: int, device, dtype) -> TokenHistory:
         return TokenHistory(torch.zeros(batch, 0, dtype=torch.int32, device=device))
@@ -134,19 +137,23 @@ class RayTentionLayer(nn.Module):
             raise ValueError(f"x {tuple(x.shape)}, ctx.tokens {tuple(ctx.tokens.shape)} and the state's ids "
                              f"{tuple(state.ids.shape)} must agree on batch (and new length)")
         ids = extend_history(state.ids, ctx.tokens)
-        return self.ffn(self._signals(x, ctx.embed(ids), state.ids.shape[1])), TokenHistory(ids)
+        # a decoding query is one row: key blocks as long as DECODE_KEY_BLOCK cost one small tile, and each block
+        # is several launches (H100: 2.4 ms a step at 16K with 65536-key blocks, 356 ms with 64)
+        block_k = max(self.block_size, DECODE_KEY_BLOCK)
+        return self.ffn(self._signals(x, ctx.embed(ids), state.ids.shape[1], block_k)), TokenHistory(ids)
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         """The shared int32 token ids (``dtype`` does not apply) in the first layer, 0 in the others."""
         return 4 * batch * context_len if self.holds_history else 0
 
 
-@register("raytention", heads=None, ffn_hidden=None, tau_init=None, gamma_init=0.7, block_size=64)
+@register("raytention", heads=None, ffn_hidden=None, tau_init=None, gamma_init=0.7, block_size=1024)
 class RayTention(Mechanism):
     """Registry entry: RayTention replaces the whole attention layer (it reads token ids and embeddings, not
     q/k/v), so it is built only through ``make_layer``. Options: ``heads`` (default ``config.n_head``),
     ``ffn_hidden`` (default ``n_embd``), ``tau_init`` (default ``sqrt(n_embd)``), ``gamma_init``,
-    ``block_size`` (query and key block of the blocked pass)."""
+    ``block_size`` (query and key block of the blocked pass; every block costs a few launches, so large blocks
+    are much faster on a GPU: 20 ms vs 4.3 s forward at 4K tokens on an H100 for 1024 vs 64)."""
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, **options):
         raise TypeError("raytention replaces the whole attention layer and has no q/k/v form; build it with "

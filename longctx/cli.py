@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Attention over long contexts.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    _add_kv(sub)
     return parser
+
+
+def _add_kv(sub) -> None:
+    """``calibrate`` and ``kv-eval`` (their parser needs only argparse; running them needs the ``kv`` extra)."""
+    from .kv.cli import add_commands
+    add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        print(f"longctx: error: {args.command} needs the package {e.name!r} (calibrate and kv-eval: pip install 'longctx[kv]')",
+              file=sys.stderr)
         return 2
     return 0
 

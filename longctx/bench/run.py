@@ -47,6 +47,11 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
     fit = train(model, lambda g: get_batch(train_data, s.batch_size, s.block_size, g), s.steps, s.lr, seed,
                 desc=f"{name}: text", progress=progress)
     val = eval_loss(model, val_data, s.block_size, s.eval_batches, s.batch_size, seed + 1)
+    longer = {}   # length generalisation: the same number of tokens per batch, m times the context
+    for m in s.eval_context_multiples:
+        ctx = m * s.block_size
+        longer[f"{m}x"] = None if ctx >= len(val_data) - 1 else bits_per_byte(
+            eval_loss(model, val_data, ctx, s.eval_batches, max(1, s.batch_size // m), seed + 1))
     decode = measure_decode(model, s.measure_context, s.decode_steps)
     state = {str(c): model.state_bytes(c, 1, DTYPES[s.dtype]) for c in s.contexts}
     params = model.num_params()
@@ -56,7 +61,8 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
     batches = recall_batches(s.block_size, s.recall_pairs, s.batch_size, s.recall_min_distance)
     train(recaller, batches, s.recall_steps, s.recall_lr, seed, desc=f"{name}: recall", progress=progress)
     recall = eval_recall(recaller, s.block_size, s.recall_pairs, s.recall_min_distance, 4, 64, seed + 12345)
-    return {"params": params, "val_loss": val, "val_bpb": bits_per_byte(val), "recall_acc": recall,
+    return {"params": params, "val_loss": val, "val_bpb": bits_per_byte(val), "val_bpb_longer": longer,
+            "recall_acc": recall,
             "train_tokens_per_s": fit["tokens_per_s"], "train_seconds": fit["seconds"], "curve": fit["curve"],
             "decode": decode, "state_bytes": state}
 

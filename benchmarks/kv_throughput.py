@@ -15,7 +15,6 @@ The caches prune again every 128 tokens while decoding, so the timing includes t
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,12 +22,12 @@ from pathlib import Path
 import torch
 
 from longctx.atomic import atomic_write_json
+from longctx.bench.measure import DTYPES, device_name, sync
 from longctx.data import load_text
 from longctx.kv import CompressedCache, calibrate, load_stats
-from longctx.kv.evaluate import bookkeeping_bytes, budget_tokens, forward_with, full_kv_bytes, kv_bytes
+from longctx.kv.evaluate import bookkeeping_bytes, budget_tokens, cache_extras, forward_with, full_kv_bytes, kv_bytes
 from longctx.kv.needle import corpus_region, take_tokens
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tiny_llama(device, dtype):
@@ -41,17 +40,11 @@ def tiny_llama(device, dtype):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def run_method(model, method: str, prompts: torch.Tensor, budget: int, stats, decode_steps: int) -> dict:
     device = model.device
-    cache = None if method == "full" else CompressedCache(
-        method, budget=budget, **({"stats": stats} if method == "triattention" else {}),
-        **({"model": model} if method in ("snapkv", "h2o") else {}))
+    cache = None if method == "full" else CompressedCache(method, budget=budget,
+                                                          **cache_extras(method, model, stats))
     if cache is None:
         from transformers import DynamicCache
         cache = DynamicCache()
@@ -149,8 +142,7 @@ def main(argv=None) -> int:
             r["speedup_vs_full"] = r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
             r["kv_ratio_vs_full"] = r["kv_bytes"] / full["kv_bytes"]
     result = {"meta": {"command": " ".join(sys.argv), "model": name, "dtype": str(dtype).removeprefix("torch."),
-                       "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+                       "device": device_name(device),
                        "torch": torch.__version__, "budget_fraction": args.budget, "budget_tokens": budget,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
               "rows": rows}

@@ -1,11 +1,14 @@
 import json
 
 import pytest
+import torch
 
 from longctx import cli
 from longctx.atomic import atomic_write_text
 from longctx.bench import run as bench_run
 from longctx.bench.presets import settings_for
+from longctx.bench.train import bits_per_byte, eval_loss, train
+from longctx.data import get_batch, load_corpus
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, n_kv_head=1, block_size=32, batch_size=4, steps=3, recall_steps=3,
             eval_batches=1, recall_pairs=2, recall_min_distance=8, measure_context=40, decode_steps=2,
@@ -48,17 +51,12 @@ def test_bench_writes_every_result_and_resumes(tmp_path, text, monkeypatch):
 def test_length_generalisation_is_the_loss_at_longer_contexts(tmp_path, text):
     """The 2x number is eval_loss at twice the context (same tokens per batch); a context longer than the
     validation text is recorded as missing, not an error."""
-    import torch
-    from longctx.bench.train import bits_per_byte, eval_loss
-    from longctx.data import load_corpus
     s = settings_for("cpu", **{**TINY, "eval_context_multiples": [2, 1000]})
-    r = bench_run.bench_mechanism("full", s, *load_corpus(str(text)), torch.device("cpu"), 0, progress=False)
+    train_data, val_data = load_corpus(str(text))
+    r = bench_run.bench_mechanism("full", s, train_data, val_data, torch.device("cpu"), 0, progress=False)
     assert r["val_bpb_longer"]["1000x"] is None
     # retrain the same model (same seed) and evaluate it directly at 64 tokens
     model = bench_run._model(s, "full", torch.device("cpu"), 0)
-    from longctx.bench.train import train
-    from longctx.data import get_batch
-    train_data, val_data = load_corpus(str(text))
     train(model, lambda g: get_batch(train_data, s.batch_size, s.block_size, g), s.steps, s.lr, 0, progress=False)
     direct = bits_per_byte(eval_loss(model, val_data, 2 * s.block_size, s.eval_batches, s.batch_size // 2, 1))
     assert abs(r["val_bpb_longer"]["2x"] - direct) < 1e-5

@@ -13,7 +13,7 @@ from longctx.cli import main
 from longctx.data import load_text
 from longctx.kv import CompressedCache, calibrate
 from longctx.kv.cache import PRUNE_SLACK
-from longctx.kv.evaluate import (METHODS, compressed_caches, continuation_nll, full_kv_bytes, kv_bytes,
+from longctx.kv.evaluate import (METHODS, cache_extras, compressed_caches, continuation_nll, full_kv_bytes, kv_bytes,
                                  parse_budgets, prefill)
 from longctx.kv.needle import answer_correct, corpus_region, make_needle_sample, take_tokens
 from longctx.kv.run_eval import run_kv_eval
@@ -113,10 +113,9 @@ def test_replay_equals_a_real_prefill(tiny, method):
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(3))
     pre = prefill(model, ids, capture_queries=True)
     budgets = [20, 50]
-    extra = {"stats": stats} if method == "triattention" else {"model": model} if method in ("snapkv", "h2o") else {}
     replayed = compressed_caches(pre, model, method, budgets, stats, slack=16)
     for b in budgets:
-        real = CompressedCache(method, budget=b, slack=16, **extra)
+        real = CompressedCache(method, budget=b, slack=16, **cache_extras(method, model, stats))
         with torch.no_grad():
             want = model(ids, past_key_values=real, use_cache=True).logits[:, -1]
         assert torch.allclose(pre.next_logits, want, atol=1e-5)

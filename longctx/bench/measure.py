@@ -1,6 +1,7 @@
 """Decode-time measurements: state bytes actually held, peak device memory, decode speed."""
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
@@ -8,10 +9,21 @@ import torch
 from ..mechanisms import tensor_bytes
 from ..model import GPT
 
+#: dtype names accepted by the bench and the KV evaluation.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def _sync(device: torch.device) -> None:
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings read a host clock)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the number of threads torch uses (recorded with every result)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 @torch.no_grad()
@@ -37,12 +49,12 @@ def measure_decode(model: GPT, context: int, decode_steps: int, batch: int = 1, 
     context += 2
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(decode_steps):
         logits, state = model.step(tok, state)
         tok = logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     out = {
         "context": context + decode_steps,

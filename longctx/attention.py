@@ -92,6 +92,20 @@ def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float)
     return None
 
 
+def _causal_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float, n_rep: int) -> tuple[Tensor, Tensor] | None:
+    """Bottom-right causal attention for ``Tq < Tk`` (a chunk of new tokens after a cache) without a
+    ``Tq x Tk`` mask: the older keys unmasked and the last ``Tq`` keys with the square causal mask, each
+    through a fused kernel, merged by their log-sum-exps. None where no fused kernel applies."""
+    split = k.shape[2] - q.shape[2]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    older = _fused_with_lse(q, k[:, :, :split], v[:, :, :split], False, scale)
+    recent = _fused_with_lse(q, k[:, :, split:], v[:, :, split:], True, scale)
+    if older is None or recent is None:
+        return None
+    out, lse = merge_attention(*older, *recent)
+    return out.to(q.dtype), lse
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
               return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Exact softmax attention. ``q [B,Hq,Tq,D]``, ``k [B,Hkv,Tk,D]``, ``v [B,Hkv,Tk,Dv]`` -> ``[B,Hq,Tq,Dv]``.
@@ -109,11 +123,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
     causal = causal and q.shape[2] > 1  # one query (decoding) sees every key: no mask needed
     # Fused kernels align a causal mask top-left; with Tq < Tk we need bottom-right, given as a mask.
     square = q.shape[2] == k.shape[2]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if causal and not square and not needs_grad:
+        split = _causal_prefill(q, k, v, scale, hq // hkv)
+        if split is not None:
+            return split if return_lse else split[0]
     if not return_lse:
         mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal and not square else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and square,
                                               scale=scale, enable_gqa=hq != hkv)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad or (causal and not square):
         return attention_reference(q, k, v, causal, scale)
     fused = _fused_with_lse(q, repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv), causal, scale)

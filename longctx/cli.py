@@ -7,12 +7,25 @@ import sys
 from .bench.presets import PRESETS, settings_for
 
 
+def numbers(text: str, option: str, kind=float) -> list:
+    """``"1,2,3"`` as a list of ``kind`` (int or float); a clear error naming ``option`` otherwise."""
+    try:
+        values = [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{option}: expected comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option}: no value given")
+    return values
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="train a small GPT per mechanism on one corpus and compare them",
                        description="Train one small GPT per attention mechanism on the same tokens and report "
                                    "quality, recall, decode memory and speed (results.json, report.md, PNGs).")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes and budgets (default: cpu)")
-    p.add_argument("--mechanisms", help="comma-separated names (default: every registered mechanism)")
+    p.add_argument("--mechanisms", help="comma-separated names (default: every registered mechanism; the gpu "
+                                        "preset leaves out ring, which is full attention on one GPU)")
     p.add_argument("--steps", type=int, help="text-model training steps")
     p.add_argument("--recall-steps", type=int, help="recall-model training steps")
     p.add_argument("--n-layer", type=int)
@@ -21,9 +34,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--n-kv-head", type=int)
     p.add_argument("--block-size", type=int, help="training context in tokens")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--measure-context", type=int, help="context at which decode state and speed are measured")
+    p.add_argument("--measure-contexts", help="comma-separated contexts at which decoding is measured")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds; each model is trained once per seed "
+                                               "(default: cpu 0, gpu 0,1)")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--data", help="a UTF-8 text file to train on instead of the built-in corpus")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -33,11 +47,13 @@ def _add_bench(sub) -> None:
 def _bench(args) -> None:
     from .bench.run import run_bench
 
+    lists = {k: numbers(v, f"--{k.replace('_', '-')}", int) for k, v in
+             (("measure_contexts", args.measure_contexts), ("seeds", args.seeds)) if v is not None}
     s = settings_for(args.preset, steps=args.steps, recall_steps=args.recall_steps, n_layer=args.n_layer,
                      n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
-                     block_size=args.block_size, batch_size=args.batch_size, measure_context=args.measure_context)
+                     block_size=args.block_size, batch_size=args.batch_size, **lists)
     mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()] if args.mechanisms else None
-    run_bench(s, mechs, args.device, args.seed, args.out, args.data, args.preset, not args.no_progress)
+    run_bench(s, mechs, args.device, args.out, args.data, args.preset, not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

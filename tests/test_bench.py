@@ -7,12 +7,14 @@ from longctx import cli
 from longctx.atomic import atomic_write_text
 from longctx.bench import run as bench_run
 from longctx.bench.presets import settings_for
-from longctx.bench.train import bits_per_byte, eval_loss, train
+from longctx.bench.measure import measure_decode
+from longctx.bench.report import findings
+from longctx.bench.train import bits_per_byte, eval_loss, recall_batches, train
 from longctx.data import get_batch, load_corpus
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, n_kv_head=1, block_size=32, batch_size=4, steps=3, recall_steps=3,
-            eval_batches=1, recall_pairs=2, recall_min_distance=8, measure_context=40, decode_steps=2,
-            contexts=[64, 1024])
+            eval_batches=1, recall_pairs=[1, 2], recall_min_distance=8, needle_distances=[8, 31, 64],
+            measure_contexts=[40, 80], decode_steps=2, prefill_chunk=16, contexts=[64, 1024])
 
 
 @pytest.fixture
@@ -24,28 +26,90 @@ def text(tmp_path):
 
 def test_bench_writes_every_result_and_resumes(tmp_path, text, monkeypatch):
     out = tmp_path / "out"
-    s = settings_for("cpu", **TINY)
-    res = bench_run.run_bench(s, ["full", "sliding_window"], "cpu", 0, out, str(text), progress=False)
-    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "loss.png", "memory.png"}
+    s = settings_for("cpu", **TINY, seeds=[0, 1])
+    res = bench_run.run_bench(s, ["full", "sliding_window"], "cpu", out, str(text), progress=False)
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "loss.png", "memory.png", "recall.png",
+                                               "speed.png", "checkpoints"}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        f"{m}_seed{k}.safetensors" for m in ("full", "sliding_window") for k in (0, 1)]
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["mechanisms"]) == ["full", "sliding_window"]
     for name, r in saved["mechanisms"].items():
-        d = r["decode"]
-        assert d["state_bytes_measured"] == d["state_bytes_formula"] > 0
-        assert 0 <= r["recall_acc"] <= 1 and r["val_bpb"] > 0 and r["params"] > 0
-        assert set(r["val_bpb_longer"]) == {"2x", "4x"} and r["val_bpb_longer"]["2x"] > 0
-        assert r["val_bpb_longer"]["4x"] is None       # 128 tokens: longer than this validation text
-    full, swa = saved["mechanisms"]["full"]["state_bytes"], saved["mechanisms"]["sliding_window"]["state_bytes"]
-    assert full["1024"] == 16 * full["64"] and swa["1024"] == swa["64"]
-    assert "| full |" in (out / "report.md").read_text()
+        assert r["params"] > 0 and list(r["runs"]) == ["0", "1"]
+        for run in r["runs"].values():
+            t, rec = run["text"], run["recall"]
+            assert t["val_bpb"] > 0 and set(t["val_bpb_longer"]) == {"2x", "4x"} and t["val_bpb_longer"]["2x"] > 0
+            assert t["val_bpb_longer"]["4x"] is None       # 128 tokens: longer than this validation text
+            assert set(rec["by_pairs"]) == {"1", "2"} and set(rec["needle"]) == {"8", "31", "64"}
+            assert all(0 <= a <= 1 for a in [*rec["by_pairs"].values(), *rec["needle"].values()])
+        rows = r["memory"]["rows"]
+        assert [m["context"] for m in rows] == [40, 80] and rows[1]["tokens_in_state"] > 80
+        assert all(m["state_bytes_measured"] == m["state_bytes_formula"] > 0 for m in rows)
+    full, swa = (saved["mechanisms"][m]["memory"]["rows"] for m in ("full", "sliding_window"))
+    assert full[1]["state_bytes_measured"] > full[0]["state_bytes_measured"]                 # the cache grows
+    assert swa[1]["state_bytes_measured"] == swa[0]["state_bytes_measured"]                  # the window does not
+    assert saved["mechanisms"]["full"]["state_bytes"]["1024"] == 16 * saved["mechanisms"]["full"]["state_bytes"]["64"]
+    report = (out / "report.md").read_text()
+    assert "| full |" in report and " ± " in report and "sliding_window** vs full attention" in report
     assert res["mechanisms"].keys() == saved["mechanisms"].keys()
 
-    # A rerun with the same settings trains nothing again.
+    # A rerun with the same settings trains and measures nothing again.
     def boom(*a, **k):
-        raise AssertionError("finished mechanism was recomputed")
-    monkeypatch.setattr(bench_run, "bench_mechanism", boom)
-    again = bench_run.run_bench(s, ["full", "sliding_window"], "cpu", 0, out, str(text), progress=False)
+        raise AssertionError("finished work was recomputed")
+    monkeypatch.setattr(bench_run, "train", boom)
+    monkeypatch.setattr(bench_run, "measure_decode", boom)
+    again = bench_run.run_bench(s, ["full", "sliding_window"], "cpu", out, str(text), progress=False)
     assert again["mechanisms"] == saved["mechanisms"]
+
+
+def test_an_interrupted_run_keeps_finished_units(tmp_path, text, monkeypatch):
+    """Stopped inside the second recall model: the rerun redoes that unit only."""
+    out, s = tmp_path / "out", settings_for("cpu", **TINY, seeds=[0, 1])
+    real, calls = bench_run.recall_unit, []
+
+    def recall_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(bench_run, "recall_unit", recall_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(s, ["full"], "cpu", out, str(text), progress=False)
+    runs = json.loads((out / "results.json").read_text())["mechanisms"]["full"]["runs"]
+    assert set(runs["0"]) == {"text", "recall"} and set(runs["1"]) == {"text"}
+
+    trained = []
+    monkeypatch.setattr(bench_run, "recall_unit", real)
+    monkeypatch.setattr(bench_run, "text_unit", lambda *a, **k: trained.append(1))
+    res = bench_run.run_bench(s, ["full"], "cpu", out, str(text), progress=False)
+    assert not trained and set(res["mechanisms"]["full"]["runs"]["1"]) == {"text", "recall"}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    s = settings_for("cpu", **TINY)
+    model = bench_run._model(s, "power", torch.device("cpu"), 3)
+    path = tmp_path / "m.safetensors"
+    bench_run.save_checkpoint(model, path)
+    other = bench_run._model(s, "power", torch.device("cpu"), 4)
+    bench_run.load_checkpoint(other, path)
+    x = torch.randint(0, 256, (2, 20))
+    assert torch.equal(model(x)[0], other(x)[0])
+    assert other.lm_head.weight is other.wte.weight        # still tied
+
+
+def test_parameter_matched_raytention():
+    for preset in ("cpu", "gpu"):
+        s = settings_for(preset)
+        n = {m: bench_run._model(s, m, torch.device("cpu"), 0).num_params() for m in ("full", "raytention")}
+        assert abs(n["raytention"] / n["full"] - 1) < 0.02, (preset, n)
+
+
+def test_slow_prefill_is_skipped_and_said():
+    s = settings_for("cpu", **TINY)
+    model = bench_run._model(s, "full", torch.device("cpu"), 0)
+    rows = measure_decode(model, [40, 80, 160], 2, prefill_chunk=16, prefill_seconds=0.0)
+    assert "skipped" not in rows[0] and rows[0]["state_bytes_measured"] == rows[0]["state_bytes_formula"]
+    assert all("projected" in r["skipped"] for r in rows[1:]) and [r["context"] for r in rows] == [40, 80, 160]
 
 
 def test_length_generalisation_is_the_loss_at_longer_contexts(tmp_path, text):
@@ -53,13 +117,37 @@ def test_length_generalisation_is_the_loss_at_longer_contexts(tmp_path, text):
     validation text is recorded as missing, not an error."""
     s = settings_for("cpu", **{**TINY, "eval_context_multiples": [2, 1000]})
     train_data, val_data = load_corpus(str(text))
-    r = bench_run.bench_mechanism("full", s, train_data, val_data, torch.device("cpu"), 0, progress=False)
+    r = bench_run.text_unit(bench_run._model(s, "full", torch.device("cpu"), 0), s, train_data, val_data, 0,
+                            progress=False)
     assert r["val_bpb_longer"]["1000x"] is None
     # retrain the same model (same seed) and evaluate it directly at 64 tokens
     model = bench_run._model(s, "full", torch.device("cpu"), 0)
     train(model, lambda g: get_batch(train_data, s.batch_size, s.block_size, g), s.steps, s.lr, 0, progress=False)
     direct = bits_per_byte(eval_loss(model, val_data, 2 * s.block_size, s.eval_batches, s.batch_size // 2, 1))
     assert abs(r["val_bpb_longer"]["2x"] - direct) < 1e-5
+
+
+def test_recall_batches_mix_the_pair_counts():
+    g = torch.Generator().manual_seed(0)
+    next_batch = recall_batches(32, [1, 4], 8, 8)
+    scored = {int((next_batch(g)[1] != -1).sum()) // 8 for _ in range(20)}
+    assert scored == {1, 4}
+
+
+def test_findings_hold_claims_against_the_numbers():
+    def mech(bpbs, state=None):
+        r = {"runs": {str(i): {"text": {"val_bpb": b}} for i, b in enumerate(bpbs)}}
+        if state:
+            r["memory"] = {"rows": [{"context": c, "state_bytes_measured": b} for c, b in state]}
+        return r
+    results = {"mechanisms": {"full": mech([1.80, 1.82]), "raytention": mech([1.96, 1.97]),
+                              "power": mech([1.82, 1.84], [(1024, 100), (1 << 20, 100)]),
+                              "tensor_cache": mech([1.9, 1.9], [(1024, 100), (2048, 101)])}}
+    text = "\n".join(findings(results))
+    assert "**raytention** vs full attention: 1.965 vs 1.810 bpb, gap +0.155" in text
+    assert "This run **does not agree**" in text
+    assert "**power** vs full attention: 1.830 vs 1.810 bpb, gap +0.020 (seed spread ±0.010, 2 seeds): worse" in text
+    assert "**power**: state flat as claimed" in text and "**tensor_cache**: state **not flat** as claimed" in text
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

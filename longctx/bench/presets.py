@@ -11,29 +11,49 @@ class BenchSettings:
     n_head: int = 4
     n_kv_head: int = 2
     block_size: int = 128             # training context (text and recall)
+    mechanism_options: dict = field(default_factory=lambda: {"raytention": {"heads": 2, "ffn_hidden": 8}})
+                                      # per mechanism; RayTention's AttnFFN width is chosen so that its
+                                      # parameter count matches full attention's (105,848 vs 106,816)
+    seeds: list = field(default_factory=lambda: [0])   # every model is trained once per seed
+    exclude: list = field(default_factory=list)        # registered mechanisms left out by default
     batch_size: int = 16
     steps: int = 120                  # text-model optimiser steps
     lr: float = 3e-3
     eval_batches: int = 8
     recall_steps: int = 250           # recall-model optimiser steps
     recall_lr: float = 1e-2
-    recall_pairs: int = 1             # on 2 CPU cores a tiny model learns 1 pair in 250 steps (full attention
-                                      # 0.79, sliding window 0.0); 4 pairs stay near chance even at 500 steps
+    recall_pairs: list = field(default_factory=lambda: [1])
+                                      # the recall model trains on these numbers of pairs (one drawn per step)
+                                      # and is scored on each; on 2 CPU cores a tiny model learns 1 pair in 250
+                                      # steps (full attention 0.79, sliding window 0.0), 4 pairs stay at chance
     recall_min_distance: int = 64     # pairs sit farther back than a 32-token window
+    needle_distances: list = field(default_factory=lambda: [64, 127, 256])
+                                      # one pair exactly this far back (the recall model; past block_size it
+                                      # is also a length-generalisation test)
     eval_context_multiples: list = field(default_factory=lambda: [2, 4])   # length generalisation: val loss
                                                                            # at these multiples of block_size
-    measure_context: int = 4096       # context at which decode state and speed are measured
+    measure_contexts: list = field(default_factory=lambda: [4096])   # decode state, peak memory and speed
     decode_steps: int = 16
-    contexts: list = field(default_factory=lambda: [1024, 16384, 131072, 1 << 20])
+    prefill_chunk: int = 1024         # tokens per step call while filling the state before a measurement
+    prefill_seconds: float = 120.0    # a context whose prefill would take longer (projected) is not measured
+    contexts: list = field(default_factory=lambda: [1024, 16384, 131072, 1 << 20])   # state_bytes formula
     dtype: str = "float32"
 
 
+GPU_CONTEXTS = [16384, 65536, 131072, 262144, 1 << 20]
+
 PRESETS: dict[str, BenchSettings] = {
     "cpu": BenchSettings(),
-    "gpu": BenchSettings(n_layer=4, n_embd=256, n_head=8, n_kv_head=4, block_size=512, batch_size=32,
-                         steps=2000, lr=1.5e-3, eval_batches=32, recall_steps=1500, recall_lr=3e-3,
-                         recall_pairs=16, recall_min_distance=256, measure_context=131072, decode_steps=32,
-                         contexts=[16384, 65536, 131072, 262144, 1 << 20], dtype="bfloat16"),
+    "gpu": BenchSettings(n_layer=4, n_embd=256, n_head=8, n_kv_head=4, block_size=512,
+                         mechanism_options={"raytention": {"heads": 2, "ffn_hidden": 32},    # 2.92M vs 2.95M
+                                            # with raw keys Tensor Cache's memory read swamps the layer at this
+                                            # width (H100 probe, 300 steps: loss 2.30 vs 1.55 nats normalised)
+                                            "tensor_cache": {"feature": "normalize"}},
+                         seeds=[0, 1], exclude=["ring"],   # on one GPU ring attention is full attention
+                         batch_size=32, steps=1000, lr=2e-3, eval_batches=32, recall_steps=600,
+                         recall_lr=3e-3, recall_pairs=[2, 8, 32], recall_min_distance=256,
+                         needle_distances=[256, 500, 1000, 2000], measure_contexts=GPU_CONTEXTS, decode_steps=32,
+                         prefill_chunk=4096, prefill_seconds=200.0, contexts=GPU_CONTEXTS, dtype="bfloat16"),
 }
 
 

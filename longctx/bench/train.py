@@ -47,6 +47,17 @@ def train(model: GPT, next_batch: Batch, steps: int, lr: float, seed: int, desc:
     return {"curve": curve, "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
+#: Evaluation runs at most this many tokens per forward (at least one row): long contexts stay within memory
+#: for every mechanism (power4's chunked form expands each token to C(d+3, 4) features). Rows have equal
+#: lengths and equal numbers of scored positions, so the mean over the pieces is the mean over the batch.
+EVAL_TOKENS = 2048
+
+
+def in_rows(x: Tensor, y: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    rows = max(1, EVAL_TOKENS // x.shape[1])
+    return x.split(rows), y.split(rows)
+
+
 @torch.no_grad()
 def eval_loss(model: GPT, data: Tensor, block_size: int, batches: int, batch_size: int, seed: int) -> float:
     """Mean cross-entropy (nats per token) over ``batches`` random windows of ``data``."""
@@ -56,7 +67,7 @@ def eval_loss(model: GPT, data: Tensor, block_size: int, batches: int, batch_siz
     losses = []
     for _ in range(batches):
         x, y = get_batch(data, batch_size, block_size, g, device)
-        losses.append(model(x, y)[1].item())
+        losses += [model(xs, ys)[1].item() for xs, ys in zip(*in_rows(x, y))]
     return sum(losses) / len(losses)
 
 
@@ -65,8 +76,14 @@ def bits_per_byte(loss_nats: float) -> float:
     return loss_nats / math.log(2)
 
 
-def recall_batches(seq_len: int, n_pairs: int, batch_size: int, min_distance: int) -> Batch:
-    return lambda g: recall_batch(batch_size, seq_len, n_pairs, g, min_distance)
+def recall_batches(seq_len: int, n_pairs: int | list[int], batch_size: int, min_distance: int) -> Batch:
+    """Recall batches with ``n_pairs`` pairs, or with a list: each batch draws its number of pairs from it."""
+    counts = [n_pairs] if isinstance(n_pairs, int) else list(n_pairs)
+
+    def next_batch(g: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = counts[int(torch.randint(len(counts), (), generator=g))] if len(counts) > 1 else counts[0]
+        return recall_batch(batch_size, seq_len, n, g, min_distance)
+    return next_batch
 
 
 @torch.no_grad()
@@ -79,5 +96,5 @@ def eval_recall(model: GPT, seq_len: int, n_pairs: int, min_distance: int, batch
     accs = []
     for _ in range(batches):
         x, y = recall_batch(batch_size, seq_len, n_pairs, g, min_distance)
-        accs.append(recall_accuracy(model(x.to(device))[0], y.to(device)))
+        accs += [recall_accuracy(model(xs.to(device))[0], ys.to(device)) for xs, ys in zip(*in_rows(x, y))]
     return sum(accs) / len(accs)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..cli import numbers
+
 
 def add_commands(subparsers) -> None:
     """Add the KV-compression commands to the ``longctx`` argument parser's subparsers."""
@@ -64,18 +66,6 @@ def _add_kv_eval(subparsers) -> None:
     p.set_defaults(func=_kv_eval)
 
 
-def _numbers(text: str, option: str, kind=float) -> list:
-    """``"1,2,3"`` as a list of ``kind`` (int or float); a clear error naming ``option`` otherwise."""
-    try:
-        values = [kind(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        what = "integers" if kind is int else "numbers"
-        raise ValueError(f"{option}: expected comma-separated {what}, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{option}: no value given")
-    return values
-
-
 def _kv_eval(args) -> None:
     from .evaluate import parse_budgets
     from .report import table
@@ -84,7 +74,7 @@ def _kv_eval(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_kv_eval(
         model_dir=args.model, stats_path=args.stats, methods=methods, budgets=parse_budgets(args.budgets),
-        lengths=_numbers(args.lengths, "--lengths", int), depths=_numbers(args.depths, "--depths"),
+        lengths=numbers(args.lengths, "--lengths", int), depths=numbers(args.depths, "--depths"),
         trials=args.trials, ppl_samples=args.ppl_samples, ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
         answer_tokens=args.answer_tokens, calib_tokens=args.calib_tokens, device=args.device, dtype=args.dtype,
         seed=args.seed, out_dir=args.out, kvpress=args.kvpress, protocol=args.protocol,

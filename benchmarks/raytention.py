@@ -585,7 +585,8 @@ def gpt_settings(tiny: bool):
     if tiny:
         return settings_for("cpu", n_layer=2, n_embd=32, n_head=2, n_kv_head=2, block_size=64, batch_size=8, steps=40,
                             eval_batches=4, contexts=[256, 1024], dtype="bfloat16")
-    return settings_for("gpu", n_layer=4, n_embd=128, n_head=4, n_kv_head=4, contexts=[16384, 65536, 131072, 262144])
+    return settings_for("gpu", n_layer=4, n_embd=128, n_head=4, n_kv_head=4, steps=2000, lr=1.5e-3,   # as recorded
+                        contexts=[16384, 65536, 131072, 262144])
 
 
 def gpt_configs(s) -> dict:

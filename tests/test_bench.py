@@ -148,6 +148,9 @@ def test_findings_hold_claims_against_the_numbers():
     assert "This run **does not agree**" in text
     assert "**power** vs full attention: 1.830 vs 1.810 bpb, gap +0.020 (seed spread ±0.010, 2 seeds): worse" in text
     assert "**power**: state flat as claimed" in text and "**tensor_cache**: state **not flat** as claimed" in text
+    one = {"mechanisms": {"full": mech([1.80]), "power": mech([1.70])}}
+    assert findings(one) == ["**power** vs full attention: 1.700 vs 1.800 bpb, gap -0.100 (one seed: no spread to "
+                             "judge the gap against)."]
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -115,14 +115,18 @@ def findings(results: dict) -> list[str]:
         if full is None or ms is None or name == "full":
             continue
         gap, spread = ms[0] - full[0], max(ms[1], full[1])
-        verdict = ("within the seed spread" if abs(gap) <= spread else "better" if gap < 0 else "worse")
-        n_seeds = len(r["runs"])
-        line = (f"**{name}** vs full attention: {ms[0]:.3f} vs {full[0]:.3f} bpb, gap {gap:+.3f} "
-                f"(seed spread ±{spread:.3f}, {n_seeds} seed{'s' * (n_seeds > 1)}): {verdict}.")
+        n_seeds = min(len(seed_values(r, "text", "val_bpb")), len(seed_values(mech["full"], "text", "val_bpb")))
+        if n_seeds < 2:
+            line = (f"**{name}** vs full attention: {ms[0]:.3f} vs {full[0]:.3f} bpb, gap {gap:+.3f} (one seed: "
+                    f"no spread to judge the gap against).")
+        else:
+            verdict = ("within the seed spread" if abs(gap) <= spread else "better" if gap < 0 else "worse")
+            line = (f"**{name}** vs full attention: {ms[0]:.3f} vs {full[0]:.3f} bpb, gap {gap:+.3f} "
+                    f"(seed spread ±{spread:.3f}, {n_seeds} seeds): {verdict}.")
         if name in CLAIMS:
             agrees = gap <= spread
             line += (f" Published claim: {CLAIMS[name]}. This run {'agrees' if agrees else '**does not agree**'}"
-                     f" ({ms[0]:.3f} vs {full[0]:.3f} bpb).")
+                     f" ({ms[0]:.3f} vs {full[0]:.3f} bpb{', one seed' if n_seeds < 2 else ''}).")
         out.append(line)
     for name, by_ctx in _memory_rows(results).items():
         held = [(c, m["state_bytes_measured"]) for c, m in sorted(by_ctx.items()) if "skipped" not in m]

@@ -7,7 +7,7 @@ from longctx import cli
 from longctx.atomic import atomic_write_text
 from longctx.bench import run as bench_run
 from longctx.bench.presets import settings_for
-from longctx.bench.measure import measure_decode
+from longctx.bench.measure import measure_decode, project_prefill
 from longctx.bench.report import findings
 from longctx.bench.train import bits_per_byte, eval_loss, recall_batches, train
 from longctx.data import get_batch, load_corpus
@@ -110,6 +110,17 @@ def test_slow_prefill_is_skipped_and_said():
     rows = measure_decode(model, [40, 80, 160], 2, prefill_chunk=16, prefill_seconds=0.0)
     assert "skipped" not in rows[0] and rows[0]["state_bytes_measured"] == rows[0]["state_bytes_formula"]
     assert all("projected" in r["skipped"] for r in rows[1:]) and [r["context"] for r in rows] == [40, 80, 160]
+
+
+def test_prefill_projection_follows_the_cost_growth():
+    """Constant cost per token projects linearly; cost per token growing with the context (attention) projects
+    quadratically; one segment assumes the quadratic case; nothing timed projects nothing."""
+    linear = [(0, 1000, 1.0), (1000, 3000, 2.0)]
+    assert project_prefill(linear, 3000, 7000) == pytest.approx(4.0)
+    quadratic = [(0, 1000, 1.0), (1000, 3000, 8.0)]          # per-token cost x4 from mid 500 to mid 2000
+    assert project_prefill(quadratic, 3000, 7000) == pytest.approx(4e-3 * (5000 / 2000) * 4000)
+    assert project_prefill([(0, 1000, 1.0)], 1000, 2000) == pytest.approx(1e-3 * 1.5 / 0.5 * 1000)
+    assert project_prefill([], 0, 10 ** 6) == 0.0
 
 
 def test_length_generalisation_is_the_loss_at_longer_contexts(tmp_path, text):

@@ -25,6 +25,10 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def per_token(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def context_label(n: int) -> str:
     return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K" if n % 1024 == 0 else str(n)
 
@@ -64,7 +68,8 @@ def table(results: dict) -> str:
                                  s["contexts"])
     head = (["mechanism", "params", "val bpb"] + [f"bpb @{m}× ctx" for m in mults]
             + [f"recall {n} pair{'s' * (n > 1)}" for n in pairs] + [f"needle @{d}" for d in dists]
-            + ["train tok/s"] + [f"state @{context_label(c)}" for c in ctxs])
+            + ["train tok/s"] + [f"state @{context_label(c)}" for c in ctxs]
+            + [f"state B/token @{context_label(ctxs[-1])}"])
     rows = []
     for name, r in results["mechanisms"].items():
         if not seed_values(r, "text", "val_bpb"):
@@ -74,7 +79,8 @@ def table(results: dict) -> str:
                     + [fmt(seed_values(r, "recall", "by_pairs", str(n)), 2) for n in pairs]
                     + [fmt(seed_values(r, "recall", "needle", str(d)), 2) for d in dists]
                     + [f"{mean_spread(seed_values(r, 'text', 'train_tokens_per_s'))[0]:,.0f}"]
-                    + [human_bytes(r["state_bytes"][str(c)]) for c in ctxs])
+                    + [human_bytes(r["state_bytes"][str(c)]) for c in ctxs]
+                    + [per_token(r["state_bytes"][str(ctxs[-1])] / ctxs[-1])])
     return _row_table(head, rows)
 
 
@@ -156,7 +162,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         "*recall n pairs*: multi-query associative recall on held-out sequences with n key-value pairs; "
         "*needle @d*: one pair exactly d tokens before its query (d past the training context tests length "
         "generalisation too). With several seeds: mean ± half the range. *state*: decoding state for batch 1 "
-        "in the bench dtype from each mechanism's `state_bytes` (formula).", "",
+        "in the bench dtype from each mechanism's `state_bytes` (formula); *state B/token*: "
+        "the same divided by the context.", "",
         "## Decoding, measured", "",
         memory_table(results), "",
         "Each context is reached by prefilling random tokens through the step form, then "

@@ -86,6 +86,33 @@ def test_stepwise_decoding_equals_naive(deg, gated, chunk, switch_over, gen):
     assert tensor_bytes(state) == m.state_bytes(T, batch=2, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("deg", [2, 4])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("chunk,switch_over,first", [(4, 8, 5), (4, 8, 0), (4, 4, 3), (3, 12, 11)])
+def test_long_step_equals_token_by_token(deg, gated, chunk, switch_over, first, gen):
+    """A prefill longer than switch_over (the chunked path) after ``first`` single tokens gives the outputs and
+    the state (recent tokens, S, z, gate levels) of feeding the same tokens one at a time; ``(4, 4)`` with 3
+    + 25 tokens leaves no recent token at all."""
+    T = first + 25
+    q, k, v, log_g = inputs(gen, T=T, gated=gated)
+
+    def run(cuts):
+        state, outs, start = init_power_state(2, 2, 8, 8, gated, dtype=torch.float64), [], 0
+        for stop in cuts:
+            sl = slice(start, stop)
+            o, state = power_retention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state,
+                                            None if log_g is None else log_g[:, :, sl], deg, None, chunk, switch_over)
+            outs.append(o)
+            start = stop
+        return torch.cat(outs, 2), state
+    o1, s1 = run(list(range(1, T + 1)))
+    o2, s2 = run(list(range(1, first + 1)) + [T])
+    assert rel_err(o2, o1) < 1e-12
+    assert s2.k.shape == s1.k.shape and s2.seen == s1.seen == T
+    for a, b in ((s1.k, s2.k), (s1.v, s2.v), (s1.S, s2.S), (s1.z, s2.z)) + (((s1.g, s2.g),) if gated else ()):
+        assert a.shape == b.shape and (a.numel() == 0 or rel_err(b, a) < 1e-12)
+
+
 def test_chunk_state_continues_the_sequence(gen):
     """Two calls with the state carried between them == one call over the whole sequence."""
     q, k, v, log_g = inputs(gen, T=45)

@@ -12,7 +12,8 @@ K/V, like attention, and a longer one costs ``S, z`` plus between ``switch_over 
 states) whatever the K/V dtype: sums over millions of tokens stay in range and keep their precision.
 
 A step of ``T_new`` tokens is processed in pieces that end at fold points; each piece's queries read the
-state and attend (with the power weights) to the recent tokens and the piece itself.
+state and attend (with the power weights) to the recent tokens and the piece itself. A step longer than
+``switch_over`` (a prefill) runs the chunked form instead and leaves the same recent tokens unfolded.
 """
 from __future__ import annotations
 
@@ -136,6 +137,8 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
     if log_g is not None and tuple(log_g.shape) != tuple(k.shape[:3]):
         raise ValueError(f"log_g must be [batch, kv_heads, T_new] = {tuple(k.shape[:3])}, got {tuple(log_g.shape)}")
     scale = default_scale(q.shape[-1], scale)
+    if q.shape[2] > switch_over:
+        return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)
     outs, start, T = [], 0, q.shape[2]
     while start < T:
         stop = min(T, start + switch_over - state.k.shape[2])     # the next fold point
@@ -147,3 +150,29 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
             state = _fold(state, chunk_size, deg)
         start = stop
     return torch.cat(outs, 2), state
+
+
+def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerState, deg: int, scale: float,
+               chunk_size: int, switch_over: int) -> tuple[Tensor, PowerState]:
+    """``T_new > switch_over`` tokens (a prefill) in a few large operations rather than one piece per fold:
+    fold the recent tokens, run the chunked form from that state over all but the last ``r`` new tokens, and
+    append those ``r`` as recent tokens, ``r`` being what the folding schedule leaves unfolded at the new
+    length. The same outputs and the same state layout as the piecewise path (its sums in another order)."""
+    from .chunk import power_retention_chunk
+
+    T = q.shape[2]
+    r = recent_count(state.seen + T, chunk_size, switch_over)
+    if state.k.shape[2]:
+        state = _fold(state, state.k.shape[2], deg)
+    bulk = T - r
+    gate = None if log_g is None else log_g[:, :, :bulk]
+    initial = None if state.S is None else (state.S, state.z)
+    out, (S, z) = power_retention_chunk(q[:, :, :bulk], k[:, :, :bulk], v[:, :, :bulk], gate, deg, chunk_size, scale,
+                                        initial_state=initial, return_state=True)
+    folded = PowerState(k[:, :, :0], v[:, :, :0], None if state.g is None else state.g[:, :, :0], S, z,
+                        state.seen + bulk)
+    if r == 0:
+        return out, folded
+    tail, state = _piece(q[:, :, bulk:], k[:, :, bulk:], v[:, :, bulk:], None if log_g is None else log_g[:, :, bulk:],
+                         folded, deg, scale)
+    return torch.cat([out, tail], 2), state

@@ -95,6 +95,8 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.randint(0, 256, (2, 20))
     assert torch.equal(model(x)[0], other(x)[0])
     assert other.lm_head.weight is other.wte.weight        # still tied
+    with pytest.raises(ValueError, match="does not fit this model"):
+        bench_run.load_checkpoint(bench_run._model(s, "raytention", torch.device("cpu"), 0), path)
 
 
 def test_parameter_matched_raytention():

@@ -75,7 +75,14 @@ def save_checkpoint(model: GPT, path: Path) -> None:
 
 
 def load_checkpoint(model: GPT, path: Path) -> None:
-    model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)), strict=False)
+    """Load weights saved by ``save_checkpoint``; a checkpoint of another model is a clear error."""
+    saved = load_file(path, device=str(next(model.parameters()).device))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    if have != want:
+        diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        raise ValueError(f"{path} does not fit this model: tensors {diff[:5]} differ in name or shape")
+    model.load_state_dict(saved, strict=False)
 
 
 def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: torch.device, out: Path,
@@ -103,6 +110,7 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
             r["memory"] = {"weights": f"trained (seed {seed})" if ckpt.is_file() else "initial (no checkpoint)",
                            "rows": measure_decode(model, s.measure_contexts, s.decode_steps,
                                                   prefill_chunk=s.prefill_chunk, prefill_seconds=s.prefill_seconds)}
+            del model
             save(r)
         if "recall" not in run:
             run["recall"] = recall_unit(_model(s, name, device, seed), s, seed, progress)

@@ -30,6 +30,7 @@ import torch
 
 from longctx.atomic import atomic_write_json
 from longctx.bench.measure import DTYPES, device_name, sync
+from longctx.cli import numbers
 from longctx.data import load_text
 from longctx.kv import CompressedCache, calibrate, load_stats
 from longctx.kv.evaluate import bookkeeping_bytes, budget_tokens, cache_extras, forward_with, full_kv_bytes, kv_bytes
@@ -49,10 +50,6 @@ def random_llama(config: dict, device, dtype):
     torch.manual_seed(0)
     config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}, attn_implementation="sdpa")
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def free_memory(device) -> None:
@@ -121,8 +118,8 @@ def main(argv=None) -> int:
     which.add_argument("--config", help="transformers Llama config JSON: random weights, random token prompts")
     p.add_argument("--stats", help="TriAttention stats file (default: calibrate on the calibration region)")
     p.add_argument("--methods", default="full,triattention,streamingllm")
-    p.add_argument("--batch", type=int_list, help="comma list, e.g. 16,64 (default 16; 4 with --tiny)")
-    p.add_argument("--context", type=int_list, help="comma list, e.g. 4096,8192 (default 4096; 512 with --tiny)")
+    p.add_argument("--batch", help="comma list, e.g. 16,64 (default 16; 4 with --tiny)")
+    p.add_argument("--context", help="comma list, e.g. 4096,8192 (default 4096; 512 with --tiny)")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the context kept (default 0.25)")
     p.add_argument("--decode-steps", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES))
@@ -136,8 +133,11 @@ def main(argv=None) -> int:
     if not 0 < args.budget <= 1:
         raise SystemExit(f"--budget must be a fraction in (0, 1], got {args.budget}")
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    batches = args.batch or [4 if args.tiny else 16]
-    contexts = args.context or [512 if args.tiny else 4096]
+    try:
+        batches = numbers(args.batch, "--batch", int) if args.batch else [4 if args.tiny else 16]
+        contexts = numbers(args.context, "--context", int) if args.context else [512 if args.tiny else 4096]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if min(batches + contexts) < 1:
         raise SystemExit("--batch and --context must be >= 1")
     steps = args.decode_steps or (160 if args.tiny else 512)

@@ -121,7 +121,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
                          f"> Tk={k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     causal = causal and q.shape[2] > 1  # one query (decoding) sees every key: no mask needed
-    # Fused kernels align a causal mask top-left; with Tq < Tk we need bottom-right, given as a mask.
+    # Fused kernels align a causal mask top-left; with Tq < Tk we need bottom-right: without gradients the
+    # split of _causal_prefill, otherwise (or where no fused kernel applies) an explicit mask.
     square = q.shape[2] == k.shape[2]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if causal and not square and not needs_grad:

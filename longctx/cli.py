@@ -37,7 +37,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--measure-contexts", help="comma-separated contexts at which decoding is measured")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--seeds", help="comma-separated seeds; each model is trained once per seed "
-                                               "(default: cpu 0, gpu 0,1)")
+                                   "(default: cpu 0, gpu 0,1)")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--data", help="a UTF-8 text file to train on instead of the built-in corpus")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -51,7 +51,9 @@ def project_prefill(segments: list[tuple[int, int, float]], seen: int, n: int) -
         return 0.0
     mid = [(a + b) / 2 for a, b, _ in segments[-2:]]
     rate = [t / max(b - a, 1) for a, b, t in segments[-2:]]
-    a = 1.0 if len(segments) < 2 or rate[0] <= 0 else min(1.0, max(0.0, math.log(rate[1] / rate[0]) / math.log(mid[1] / mid[0])))
+    a = 1.0
+    if len(segments) > 1 and rate[0] > 0:
+        a = min(1.0, max(0.0, math.log(rate[1] / rate[0]) / math.log(mid[1] / mid[0])))
     return rate[-1] * ((seen + n) / 2 / mid[-1]) ** a * (n - seen)
 
 
@@ -60,7 +62,7 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
                    prefill_seconds: float = float("inf"), seed: int = 0) -> list[dict]:
     """Fill the decoding state with random tokens through the step form (``prefill_chunk`` tokens a call) up to
     each of ``contexts`` in turn, and at each one decode ``2 + decode_steps`` tokens (the first two untimed); they
-stay in the state and the next context is filled on from there.
+    stay in the state and the next context is filled on from there.
 
     One row per context: the bytes the state really holds (``state_bytes_measured``) next to the mechanism's
     formula, decode tokens/s, and on CUDA the peak allocated bytes while decoding (weights + state +
@@ -72,7 +74,7 @@ stay in the state and the next context is filled on from there.
     p = next(model.parameters())
     device = p.device
     g = torch.Generator().manual_seed(seed)
-    state, seen, spent, rows, skip, segments = model.init_state(batch), 0, 0.0, [], None, []
+    state, seen, rows, skip, segments = model.init_state(batch), 0, [], None, []
     for n in sorted(contexts):
         projected = project_prefill(segments, seen, n)
         if skip is None and projected > prefill_seconds:
@@ -89,7 +91,6 @@ stay in the state and the next context is filled on from there.
             seen += chunk.shape[1]
         sync(device)
         segments.append((first, seen, time.perf_counter() - start))
-        spent += segments[-1][2]
         tok = logits[:, -1:].argmax(-1)
         _, logits, state = _decode(model, state, tok, 2)   # kernel selection for one-token shapes stays untimed
         tok = logits[:, -1:].argmax(-1)
@@ -99,7 +100,7 @@ stay in the state and the next context is filled on from there.
             torch.cuda.reset_peak_memory_stats(device)
         seconds, logits, state = _decode(model, state, tok, decode_steps)
         seen = state.seen
-        row = {"context": n, "batch": batch, "prefill_seconds_total": spent,
+        row = {"context": n, "batch": batch, "prefill_seconds_total": sum(t for *_, t in segments),
                "state_bytes_measured": tensor_bytes(state.layers),
                "state_bytes_formula": model.state_bytes(seen, batch, p.dtype), "tokens_in_state": seen,
                "decode_tokens_per_s": batch * decode_steps / seconds, "decode_ms_per_token": 1000 * seconds / decode_steps}

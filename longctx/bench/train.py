@@ -81,6 +81,7 @@ def recall_batches(seq_len: int, n_pairs: int | list[int], batch_size: int, min_
     counts = [n_pairs] if isinstance(n_pairs, int) else list(n_pairs)
 
     def next_batch(g: torch.Generator) -> tuple[Tensor, Tensor]:
+        # one count draws nothing extra, so a single-count run sees the same batches as before mixing existed
         n = counts[int(torch.randint(len(counts), (), generator=g))] if len(counts) > 1 else counts[0]
         return recall_batch(batch_size, seq_len, n, g, min_distance)
     return next_batch

@@ -13,6 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+#: SDPA backends on CUDA when the queries are fewer than the keys (decoding; a chunk after a cache). cuDNN is
+#: left out: it builds an execution plan for every new key length, 50-85 ms each on an H100 against
+#: 0.04-0.24 ms for a one-query flash call at 16K-1M keys (bf16; benchmarks/decode_attention.py).
+GROWING_KEYS_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
@@ -69,13 +75,27 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     return (p @ v).to(out_dtype), lse
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+         scale: float | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention`` with grouped-query heads, and on CUDA without cuDNN when
+    ``Tq != Tk`` (see ``GROWING_KEYS_BACKENDS``). Shapes as in ``attention``; masks as SDPA takes them."""
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cuda" and q.shape[2] != k.shape[2]:
+        with sdpa_kernel(GROWING_KEYS_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)
+
+
 def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor] | None:
     """PyTorch's fused kernels that also return the log-sum-exp; None where none applies."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse
     half = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
-    if q.device.type == "cuda" and half and q.shape[-1] <= 128:
+    square = q.shape[2] == k.shape[2]   # key lengths that change call after call cost cuDNN a plan each
+    if q.device.type == "cuda" and half and square and q.shape[-1] <= 128:
         try:  # cuDNN's kernel is the fastest on Hopper where it applies
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
                                                                           scale=scale)[:2]
@@ -131,8 +151,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
             return split if return_lse else split[0]
     if not return_lse:
         mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal and not square else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and square,
-                                              scale=scale, enable_gqa=hq != hkv)
+        return sdpa(q, k, v, attn_mask=mask, is_causal=causal and square, scale=scale)
     if needs_grad or (causal and not square):
         return attention_reference(q, k, v, causal, scale)
     fused = _fused_with_lse(q, repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv), causal, scale)

@@ -41,6 +41,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--data", help="a UTF-8 text file to train on instead of the built-in corpus")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stop-after", type=float, help="start no new unit (a model's training, recall or decode "
+                   "measurement) after this many seconds; exit 3; the same command again continues")
     p.set_defaults(func=_bench)
 
 
@@ -53,7 +55,11 @@ def _bench(args) -> None:
                      n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
                      block_size=args.block_size, batch_size=args.batch_size, **lists)
     mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()] if args.mechanisms else None
-    run_bench(s, mechs, args.device, args.out, args.data, args.preset, not args.no_progress)
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise ValueError(f"--stop-after must be > 0 seconds, got {args.stop_after}")
+    if run_bench(s, mechs, args.device, args.out, args.data, args.preset, not args.no_progress,
+                 args.stop_after) is None:
+        raise SystemExit(3)
 
 
 def build_parser() -> argparse.ArgumentParser:

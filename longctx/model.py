@@ -175,6 +175,17 @@ class GPT(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         return DecodeState([b.attn.init_state(batch, device, dtype) for b in self.blocks])
 
+    def state_from_ids(self, idx: Tensor) -> DecodeState | None:
+        """The decoding state after ``idx [B, T]``, built without running the model, where every layer's state
+        is a function of the token ids alone (a layer with a ``state_from_ids`` method: RayTention keeps only
+        the ids); None where any layer's state needs the forward pass."""
+        self._check_ids(idx)
+        makers = [getattr(b.attn, "state_from_ids", None) for b in self.blocks]
+        if any(make is None for make in makers):
+            return None
+        ids = idx.to(torch.int32)
+        return DecodeState([make(ids) for make in makers], idx.shape[1])
+
     @torch.no_grad()
     def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """Consume ``idx [B, T_new]`` after the ``state.seen`` tokens of ``state``: ``(logits [B, T_new, V], state)``."""

@@ -85,6 +85,25 @@ def test_an_interrupted_run_keeps_finished_units(tmp_path, text, monkeypatch):
     assert not trained and set(res["mechanisms"]["full"]["runs"]["1"]) == {"text", "recall"}
 
 
+def test_stop_after_pauses_between_units_and_the_rerun_continues(tmp_path, text, monkeypatch):
+    """With ``stop_after`` no unit starts late: here the clock jumps an hour after the first recall model."""
+    out, s = tmp_path / "out", settings_for("cpu", **TINY, seeds=[0, 1])
+    real, late, clock = bench_run.recall_unit, [0.0], bench_run.time.perf_counter
+
+    def recall_then_late(*a, **k):
+        r = real(*a, **k)
+        late[0] = 3600.0
+        return r
+    monkeypatch.setattr(bench_run, "recall_unit", recall_then_late)
+    monkeypatch.setattr(bench_run.time, "perf_counter", lambda: clock() + late[0])
+    assert bench_run.run_bench(s, ["full"], "cpu", out, str(text), progress=False, stop_after=600) is None
+    runs = json.loads((out / "results.json").read_text())["mechanisms"]["full"]["runs"]
+    assert set(runs) == {"0"} and set(runs["0"]) == {"text", "recall"}
+    assert not (out / "report.md").exists()
+    res = bench_run.run_bench(s, ["full"], "cpu", out, str(text), progress=False, stop_after=600)
+    assert set(res["mechanisms"]["full"]["runs"]["1"]) == {"text", "recall"} and (out / "report.md").is_file()
+
+
 def test_checkpoint_round_trip(tmp_path):
     s = settings_for("cpu", **TINY)
     model = bench_run._model(s, "power", torch.device("cpu"), 3)

@@ -75,6 +75,27 @@ def test_state_bytes_formula_matches_the_state_held(name, gen):
     assert tensor_bytes(state) == m.state_bytes(70, batch=2, dtype=torch.float32)
 
 
+def test_kv_cache_appends_in_place_and_branches_stay_exact(gen):
+    """Stepping writes into one buffer (no copy of the cache per token); continuing an older cache a second
+    time must not disturb the newer one, and both must equal float64 attention over their own tokens."""
+    m = make("full")
+    q, k, v = qkv(gen, T=12)
+    state = m.init_state(2, dtype=torch.float64)
+    _, state = m.step(q[:, :, :10], k[:, :, :10], v[:, :, :10], state)
+    out_a, a = m.step(q[:, :, 10:11], k[:, :, 10:11], v[:, :, 10:11], state)
+    assert a.k.data_ptr() == state.k.data_ptr()      # same buffer: the 11th token was written in place
+    q2, k2, v2 = qkv(gen, T=1)                       # a second continuation of ``state``
+    out_b, b = m.step(q2, k2, v2, state)
+    assert b.k.data_ptr() != a.k.data_ptr()
+    out_a2, _ = m.step(q[:, :, 11:12], k[:, :, 11:12], v[:, :, 11:12], a)
+    ref = naive_window(q, k, v)
+    assert rel_err(out_a, ref[:, :, 10:11]) < 1e-12 and rel_err(out_a2, ref[:, :, 11:12]) < 1e-12
+    kb, vb = torch.cat([k[:, :, :10], k2], 2), torch.cat([v[:, :, :10], v2], 2)
+    qb = torch.cat([q[:, :, :10], q2], 2)
+    assert rel_err(out_b, naive_window(qb, kb, vb)[:, :, 10:]) < 1e-12
+    assert tensor_bytes(a) == m.state_bytes(11, batch=2, dtype=torch.float64)
+
+
 def test_sliding_window_state_is_flat_and_full_cache_grows():
     full, swa = make("full"), make("sliding_window", window=64)
     assert swa.state_bytes(1024) == swa.state_bytes(1 << 20)

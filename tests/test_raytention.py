@@ -123,6 +123,21 @@ def test_gpt_forward_equals_stepwise_and_state_is_the_ids(split, gen):
     assert all(s.ids is state.layers[0].ids for s in state.layers) and torch.equal(state.layers[0].ids, idx.int())
 
 
+def test_state_from_ids_decodes_like_a_prefill(gen):
+    """The state built from the ids without running the model continues exactly as the prefilled one; a
+    model whose layers need the forward pass for their state has none."""
+    model = tiny_gpt().double()
+    with torch.no_grad():
+        model.wte.weight.normal_(0, 0.5, generator=gen)
+    idx = torch.randint(0, 17, (2, 21), generator=gen)
+    nxt = torch.randint(0, 17, (2, 1), generator=gen)
+    _, prefilled = model.step(idx, model.init_state(2))
+    direct = model.state_from_ids(idx)
+    assert direct.seen == 21 and tensor_bytes(direct) == tensor_bytes(prefilled)
+    assert rel_err(model.step(nxt, direct)[0], model.step(nxt, prefilled)[0]) < 1e-12
+    assert tiny_gpt(mechanism="full", mechanism_options={}).state_from_ids(idx) is None
+
+
 def test_trains_and_generates():
     model = tiny_gpt(n_embd=32, mechanism_options={})
     idx = torch.arange(48).remainder(7).repeat(4, 1)            # a periodic sequence: learnable from context

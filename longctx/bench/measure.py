@@ -62,7 +62,9 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
                    prefill_seconds: float = float("inf"), seed: int = 0) -> list[dict]:
     """Fill the decoding state with random tokens through the step form (``prefill_chunk`` tokens a call) up to
     each of ``contexts`` in turn, and at each one decode ``2 + decode_steps`` tokens (the first two untimed); they
-    stay in the state and the next context is filled on from there.
+    stay in the state and the next context is filled on from there. A model whose state is the token ids alone
+    (``GPT.state_from_ids``: RayTention) gets its state built from ``n`` random ids instead, running nothing
+    (``state_filled`` says which).
 
     One row per context: the bytes the state really holds (``state_bytes_measured``) next to the mechanism's
     formula, decode tokens/s, and on CUDA the peak allocated bytes while decoding (weights + state +
@@ -75,6 +77,7 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
     device = p.device
     g = torch.Generator().manual_seed(seed)
     state, seen, rows, skip, segments = model.init_state(batch), 0, [], None, []
+    direct = model.state_from_ids(torch.zeros(batch, 0, dtype=torch.long, device=device)) is not None
     for n in sorted(contexts):
         projected = project_prefill(segments, seen, n)
         if skip is None and projected > prefill_seconds:
@@ -85,13 +88,16 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
             continue
         sync(device)
         start, first = time.perf_counter(), seen
+        if direct:   # the state is the token ids alone: draw all n and run nothing
+            ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(device)
+            state, seen, tok = model.state_from_ids(ids), n, ids[:, -1:]
         while seen < n:
             chunk = torch.randint(0, model.config.vocab_size, (batch, min(prefill_chunk, n - seen)), generator=g)
             logits, state = model.step(chunk.to(device), state)
             seen += chunk.shape[1]
+            tok = logits[:, -1:].argmax(-1)
         sync(device)
         segments.append((first, seen, time.perf_counter() - start))
-        tok = logits[:, -1:].argmax(-1)
         _, logits, state = _decode(model, state, tok, 2)   # kernel selection for one-token shapes stays untimed
         tok = logits[:, -1:].argmax(-1)
         if device.type == "cuda":
@@ -100,7 +106,8 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
             torch.cuda.reset_peak_memory_stats(device)
         seconds, logits, state = _decode(model, state, tok, decode_steps)
         seen = state.seen
-        row = {"context": n, "batch": batch, "prefill_seconds_total": sum(t for *_, t in segments),
+        row = {"context": n, "batch": batch, "state_filled": "from ids" if direct else "prefill",
+               "prefill_seconds_total": sum(t for *_, t in segments),
                "state_bytes_measured": tensor_bytes(state.layers),
                "state_bytes_formula": model.state_bytes(seen, batch, p.dtype), "tokens_in_state": seen,
                "decode_tokens_per_s": batch * decode_steps / seconds, "decode_ms_per_token": 1000 * seconds / decode_steps}

@@ -166,7 +166,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         "the same divided by the context.", "",
         "## Decoding, measured", "",
         memory_table(results), "",
-        "Each context is reached by prefilling random tokens through the step form, then "
+        "Each context is reached by prefilling random tokens through the step form (RayTention, whose state is "
+        "the token ids, gets random ids put in place: its prefill computes nothing it keeps), then "
         f"{s['decode_steps']} tokens are decoded and timed (batch 1). *state*: bytes the step form really holds; "
         "*peak*: peak allocated device memory while decoding (weights, state and transients). A context whose "
         "prefill was projected to take too long is *not measured*.", "",

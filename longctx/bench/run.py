@@ -85,9 +85,19 @@ def load_checkpoint(model: GPT, path: Path) -> None:
     model.load_state_dict(saved, strict=False)
 
 
+class Paused(Exception):
+    """The time limit passed between two units; every finished unit is saved and a rerun continues."""
+
+
 def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: torch.device, out: Path,
-                    done: dict, save: Callable[[dict], None], progress: bool = True) -> dict:
-    """Run the units of ``name`` not yet in ``done`` (its saved result), calling ``save`` after each."""
+                    done: dict, save: Callable[[dict], None], progress: bool = True,
+                    deadline: float = float("inf")) -> dict:
+    """Run the units of ``name`` not yet in ``done`` (its saved result), calling ``save`` after each; raise
+    ``Paused`` instead of starting a unit after ``deadline`` (a ``time.perf_counter()`` value)."""
+    def may_start() -> None:
+        if time.perf_counter() > deadline:
+            raise Paused
+
     r = done
     if "params" not in r:
         probe = _model(s, name, device, 0)
@@ -97,12 +107,13 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
     for seed in s.seeds:
         run = r["runs"].setdefault(str(seed), {})
         if "text" not in run:
+            may_start()
             model = _model(s, name, device, seed)
             run["text"] = text_unit(model, s, train_data, val_data, seed, progress)
             save_checkpoint(model, _checkpoint(out, name, seed))
             del model   # its weights and gradients must not count in the next unit's peak memory
             save(r)
-        if seed == s.seeds[0] and "memory" not in r:
+        if seed == s.seeds[0] and "memory" not in r:   # no pause check: it reads the checkpoint just written
             model = _model(s, name, device, seed)
             ckpt = _checkpoint(out, name, seed)
             if ckpt.is_file():
@@ -113,6 +124,7 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
             del model
             save(r)
         if "recall" not in run:
+            may_start()
             run["recall"] = recall_unit(_model(s, name, device, seed), s, seed, progress)
             save(r)
         if device.type == "cuda":
@@ -134,8 +146,11 @@ def _resume_key(settings: dict) -> dict:
 
 def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str | None = None,
               out_dir: str | Path = "bench_out", data: str | None = None, preset: str = "cpu",
-              progress: bool = True) -> dict:
-    """Run the comparison and write ``results.json``, ``report.md`` and the PNG plots into ``out_dir``."""
+              progress: bool = True, stop_after: float | None = None) -> dict | None:
+    """Run the comparison and write ``results.json``, ``report.md`` and the PNG plots into ``out_dir``.
+
+    With ``stop_after`` (seconds) no unit starts once that much time has passed in this call: finished units
+    are saved, the report is not written, and None is returned; the same call again continues."""
     mechanisms = list(mechanisms or [m for m in registered() if m not in s.exclude])
     for m in mechanisms:
         if m not in registered():
@@ -182,9 +197,15 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
         clock[0] = now
         atomic_write_json(out / "results.json", results)
 
+    deadline = clock[0] + (float("inf") if stop_after is None else stop_after)
     for name in mechanisms:
-        r = bench_mechanism(name, s, train_data, val_data, dev, out, results["mechanisms"].get(name, {}),
-                            lambda r, name=name: save(name, r), progress)
+        try:
+            r = bench_mechanism(name, s, train_data, val_data, dev, out, results["mechanisms"].get(name, {}),
+                                lambda r, name=name: save(name, r), progress, deadline)
+        except Paused:
+            print(f"paused after {stop_after:.0f} s at {name}: finished units are in {out / 'results.json'}; "
+                  "run the same command again to continue", file=sys.stderr)
+            return None
         if progress:
             bpb = ", ".join(f"{x['text']['val_bpb']:.3f}" for x in r["runs"].values())
             print(f"{name}: val bpb {bpb} (seeds {', '.join(r['runs'])})", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Full softmax attention: the exact baseline. Its decoding state is the KV cache, growing with context."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -10,15 +10,47 @@ from ..attention import attention
 from .base import Mechanism, dtype_bytes, register
 
 
+class KVBuffer:
+    """Storage shared by the caches of one decoding run: ``k, v [B, Hkv, capacity, D]``, the first ``filled``
+    positions written. Not a dataclass, so ``tensor_bytes`` counts the cache's views (its tokens), not the
+    spare capacity; the spare shows in the measured peak."""
+
+    def __init__(self, k: Tensor, v: Tensor, filled: int):
+        self.k, self.v, self.filled = k, v, filled
+
+
 @dataclass
 class KVCache:
-    """Keys and values of every token so far: ``k, v [B, Hkv, T, D]``."""
+    """Keys and values of every token so far: ``k, v [B, Hkv, T, D]``, views of a ``KVBuffer``."""
     k: Tensor
     v: Tensor
+    buffer: KVBuffer | None = field(default=None, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> KVCache:
+        """This cache followed by ``k, v [B, Hkv, T_new, D]``.
+
+        The new tokens are written in place into the buffer's spare capacity when this cache is the newest
+        one of its buffer: a step then copies only the new tokens, not the whole cache (``torch.cat`` copies
+        it every token and holds two caches at once). Otherwise (first step, buffer full, or a second
+        continuation of one cache) the tokens go to a new buffer with 1/16 spare (at least 256 tokens).
+        Earlier caches stay valid: each views only its own tokens. While gradients are recorded the cache
+        is concatenated instead, so that no tensor autograd saved is overwritten.
+        """
+        n, t = self.length, k.shape[2]
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (self.k, self.v, k, v)):
+            return KVCache(torch.cat([self.k, k], 2), torch.cat([self.v, v], 2))
+        buf = self.buffer
+        if buf is None or buf.filled != n or n + t > buf.k.shape[2]:
+            shape = (*k.shape[:2], n + t + max(256, (n + t) // 16), k.shape[3])
+            buf = KVBuffer(k.new_empty(shape), v.new_empty(shape[:3] + v.shape[3:]), n)
+            buf.k[:, :, :n], buf.v[:, :, :n] = self.k, self.v
+        buf.k[:, :, n:n + t], buf.v[:, :, n:n + t] = k, v
+        buf.filled = n + t
+        return KVCache(buf.k[:, :, :n + t], buf.v[:, :, :n + t], buf)
 
 
 @register("full")
@@ -35,7 +67,7 @@ class FullAttention(Mechanism):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         self.check(q, k, v, context_len=state.length + q.shape[2])
-        state = KVCache(torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2))
+        state = state.append(k, v)
         return attention(q, state.k, state.v, causal=True), state
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:

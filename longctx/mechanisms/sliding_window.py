@@ -7,10 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import check_qkv
+from ..attention import check_qkv, sdpa
 from .base import Mechanism, dtype_bytes, register
 
 
@@ -26,9 +25,9 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale
 
     Uses SDPA with a banded mask (fused on GPU; the mask is ``Tq x Tk`` booleans, not a float score matrix).
     """
-    hq, hkv = check_qkv(q, k, v)
+    check_qkv(q, k, v)
     mask = window_mask(q.shape[2], k.shape[2], window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    return sdpa(q, k, v, attn_mask=mask, scale=scale)
 
 
 @dataclass
@@ -73,8 +72,7 @@ class SlidingWindowAttention(Mechanism):
             kb, vb = state.k.clone(), state.v.clone()
             kb[:, :, state.seen % w], vb[:, :, state.seen % w] = k[:, :, 0], v[:, :, 0]
             filled = min(state.seen + 1, w)
-            out = F.scaled_dot_product_attention(q, kb[:, :, :filled], vb[:, :, :filled],
-                                                 enable_gqa=self.n_head != self.n_kv_head)
+            out = sdpa(q, kb[:, :, :filled], vb[:, :, :filled])
             return out, WindowCache(kb, vb, state.seen + 1)
         old_k, old_v = state.ordered()
         keys, vals = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)

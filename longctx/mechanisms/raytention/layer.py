@@ -142,6 +142,11 @@ class RayTentionLayer(nn.Module):
         block_k = max(self.block_size, DECODE_KEY_BLOCK)
         return self.ffn(self._signals(x, ctx.embed(ids), state.ids.shape[1], block_k)), TokenHistory(ids)
 
+    def state_from_ids(self, ids: Tensor) -> TokenHistory:
+        """The state after ``ids [B, T]`` int32: the ids themselves (what ``step`` would have kept); every layer
+        gets the same tensor."""
+        return TokenHistory(ids)
+
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         """The shared int32 token ids (``dtype`` does not apply) in the first layer, 0 in the others."""
         return 4 * batch * context_len if self.holds_history else 0

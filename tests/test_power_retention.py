@@ -88,11 +88,11 @@ def test_stepwise_decoding_equals_naive(deg, gated, chunk, switch_over, gen):
 
 @pytest.mark.parametrize("deg", [2, 4])
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("chunk,switch_over,first", [(4, 8, 5), (4, 8, 0), (4, 4, 3), (3, 12, 11)])
+@pytest.mark.parametrize("chunk,switch_over,first", [(4, 8, 5), (4, 8, 0), (4, 4, 3), (3, 12, 11), (5, 25, 2)])
 def test_long_step_equals_token_by_token(deg, gated, chunk, switch_over, first, gen):
-    """A prefill longer than switch_over (the chunked path) after ``first`` single tokens gives the outputs and
-    the state (recent tokens, S, z, gate levels) of feeding the same tokens one at a time; ``(4, 4)`` with 3
-    + 25 tokens leaves no recent token at all."""
+    """A prefill of at least switch_over tokens (the chunked path) after ``first`` single tokens gives the
+    outputs and the state (recent tokens, S, z, gate levels) of feeding the same tokens one at a time; ``(4, 4)``
+    with 3 + 25 tokens leaves no recent token at all; ``(5, 25)`` is a step of exactly switch_over tokens."""
     T = first + 25
     q, k, v, log_g = inputs(gen, T=T, gated=gated)
 

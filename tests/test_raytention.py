@@ -5,6 +5,7 @@ import torch
 
 from longctx.mechanisms import build_mechanism, tensor_bytes
 from longctx.mechanisms.raytention import raytention_signals, raytention_signals_naive, signal_width
+from longctx.mechanisms.raytention.blocked import raytention_signals_lookup
 from longctx.model import GPT, GPTConfig
 from conftest import rel_err
 
@@ -153,3 +154,18 @@ def test_trains_and_generates():
     assert all(p.grad is not None for n, p in model.named_parameters() if ".attn." in n)
     out = model.generate(idx[:1, :8], 6, temperature=0)
     assert out.shape == (1, 14)
+
+
+@pytest.mark.parametrize("q_offset,Tq", [(0, 5), (9, 1), (30, 4)])
+def test_lookup_signals_equal_the_blocked_signals(q_offset, Tq, gen):
+    """Keys looked up block by block from ids (decoding) == the signals over the embedded keys, ties included
+    (the small vocabulary repeats tokens)."""
+    table = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 7, (2, q_offset + Tq), generator=gen)
+    q = torch.randn(2, 3, Tq, 6, generator=gen, dtype=torch.float64)
+    tau, lg = torch.tensor([0.7, 1.0, 2.0], dtype=torch.float64), torch.tensor([-0.1, -0.5, -2.0], dtype=torch.float64)
+    ref = raytention_signals(q, table[ids], tau, lg, q_offset, 4, 8)
+    got = raytention_signals_lookup(q, ids, table, tau, lg, q_offset, 4, 8)
+    assert rel_err(got, ref) < 1e-12
+    with pytest.raises(ValueError, match="ids must be"):
+        raytention_signals_lookup(q, ids[:, 1:], table, tau, lg, q_offset, 4, 8)

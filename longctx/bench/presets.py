@@ -48,7 +48,11 @@ PRESETS: dict[str, BenchSettings] = {
                          mechanism_options={"raytention": {"heads": 2, "ffn_hidden": 32},    # 2.92M vs 2.95M
                                             # with raw keys Tensor Cache's memory read swamps the layer at this
                                             # width (H100 probe, 300 steps: loss 2.30 vs 1.55 nats normalised)
-                                            "tensor_cache": {"feature": "normalize"}},
+                                            "tensor_cache": {"feature": "normalize"},
+                                            # evaluation at 2x / 4x the context and the 2000-token needle
+                                            # ran deg 4's chunked form (52,360 features a token); up to 4096
+                                            # tokens the quadratic form computes the same, much faster
+                                            "power4": {"switch_over": 4096}},
                          seeds=[0, 1], exclude=["ring"],   # on one GPU ring attention is full attention
                          batch_size=32, steps=1000, lr=2e-3, eval_batches=32, recall_steps=600,
                          recall_lr=3e-3, recall_pairs=[2, 8, 32], recall_min_distance=256,

@@ -94,9 +94,11 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
                     deadline: float = float("inf")) -> dict:
     """Run the units of ``name`` not yet in ``done`` (its saved result), calling ``save`` after each; raise
     ``Paused`` instead of starting a unit after ``deadline`` (a ``time.perf_counter()`` value)."""
-    def may_start() -> None:
-        if time.perf_counter() > deadline:
+    def may_start() -> float:
+        now = time.perf_counter()
+        if now > deadline:
             raise Paused
+        return now
 
     r = done
     if "params" not in r:
@@ -107,13 +109,15 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
     for seed in s.seeds:
         run = r["runs"].setdefault(str(seed), {})
         if "text" not in run:
-            may_start()
+            start = may_start()
             model = _model(s, name, device, seed)
             run["text"] = text_unit(model, s, train_data, val_data, seed, progress)
             save_checkpoint(model, _checkpoint(out, name, seed))
             del model   # its weights and gradients must not count in the next unit's peak memory
+            run["text"]["unit_seconds"] = time.perf_counter() - start
             save(r)
         if seed == s.seeds[0] and "memory" not in r:   # no pause check: it reads the checkpoint just written
+            start = time.perf_counter()
             model = _model(s, name, device, seed)
             ckpt = _checkpoint(out, name, seed)
             if ckpt.is_file():
@@ -122,10 +126,12 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
                            "rows": measure_decode(model, s.measure_contexts, s.decode_steps,
                                                   prefill_chunk=s.prefill_chunk, prefill_seconds=s.prefill_seconds)}
             del model
+            r["memory"]["unit_seconds"] = time.perf_counter() - start
             save(r)
         if "recall" not in run:
-            may_start()
+            start = may_start()
             run["recall"] = recall_unit(_model(s, name, device, seed), s, seed, progress)
+            run["recall"]["unit_seconds"] = time.perf_counter() - start
             save(r)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -137,7 +137,7 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
     if log_g is not None and tuple(log_g.shape) != tuple(k.shape[:3]):
         raise ValueError(f"log_g must be [batch, kv_heads, T_new] = {tuple(k.shape[:3])}, got {tuple(log_g.shape)}")
     scale = default_scale(q.shape[-1], scale)
-    if q.shape[2] > switch_over:
+    if q.shape[2] >= switch_over:   # pieces would be at most chunk_size tokens each, every one over all recent keys
         return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)
     outs, start, T = [], 0, q.shape[2]
     while start < T:
@@ -154,7 +154,7 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
 
 def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerState, deg: int, scale: float,
                chunk_size: int, switch_over: int) -> tuple[Tensor, PowerState]:
-    """``T_new > switch_over`` tokens (a prefill) in a few large operations rather than one piece per fold:
+    """``T_new >= switch_over`` tokens (a prefill) in a few large operations rather than one piece per fold:
     fold the recent tokens, run the chunked form from that state over all but the last ``r`` new tokens, and
     append those ``r`` as recent tokens, ``r`` being what the folding schedule leaves unfolded at the new
     length. The same outputs and the same state layout as the piecewise path (its sums in another order)."""

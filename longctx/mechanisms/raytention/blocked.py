@@ -257,3 +257,29 @@ def raytention_signals(q: Tensor, e: Tensor, tau, log_gamma, q_offset: int = 0, 
     out = torch.cat([c.to(dt), t.to(dt), predecessor_keys(e, pos, H), gather_keys(e, top_i[..., 0]),
                      gather_keys(e, top_i[..., 1]), s[..., None].to(dt), en[..., None].to(dt)], -1)
     return (out, top_i) if return_indices else out
+
+
+@torch.no_grad()
+def raytention_signals_lookup(q: Tensor, ids: Tensor, table: Tensor, tau, log_gamma, q_offset: int = 0,
+                              block_q: int = 256, block_k: int = 256) -> Tensor:
+    """``raytention_signals(q, table[ids], ...)`` without gradients and without the ``[B, T, D]`` key tensor:
+    ``ids [B, q_offset + Tq]`` token ids, ``table [V, D]`` the embedding table; each key block is looked up
+    when it is scored, and the predecessor / top-1 / top-2 keys by their ids. For decoding over a long
+    history, where ``table[ids]`` would be the largest tensor alive (1M tokens x 256 bf16 = 512 MiB)."""
+    if ids.dim() != 2 or ids.shape[0] != q.shape[0] or ids.shape[1] != q_offset + q.shape[2]:
+        raise ValueError(f"ids must be [{q.shape[0]}, q_offset + queries = {q_offset + q.shape[2]}], "
+                         f"got {tuple(ids.shape)}")
+    if q.dim() != 4 or table.dim() != 2 or table.shape[1] != q.shape[3] or table.dtype != q.dtype:
+        raise ValueError(f"q must be [batch, heads, queries, D] and table [vocab, D] of q's dtype, got q "
+                         f"{tuple(q.shape)} {q.dtype} and table {tuple(table.shape)} {table.dtype}")
+    H, Tq = q.shape[1], q.shape[2]
+    tau_h = per_head(tau, H, q, "tau").reshape(-1).expand(H)
+    lg_h = per_head(log_gamma, H, q, "log_gamma").reshape(-1).expand(H)
+    st = blocked_stats(q, lambda s, t: table[ids[:, s:t]], tau_h, lg_h, q_offset, block_q, block_k)
+    pos = q_offset + torch.arange(Tq, device=q.device)
+    prev = table[ids[:, (pos - 1).clamp_min(0)]] * (pos > 0).to(q.dtype)[:, None]        # [B, Tq, D]
+    top = [table[ids.gather(1, st.top_i[..., r].reshape(ids.shape[0], -1))].view(*st.top_i.shape[:3], -1)
+           for r in (0, 1)]
+    dt = q.dtype
+    return torch.cat([st.centroid.to(dt), st.temporal.to(dt), prev[:, None].expand(-1, H, -1, -1), *top,
+                      st.spread[..., None].to(dt), st.entropy[..., None].to(dt)], -1)

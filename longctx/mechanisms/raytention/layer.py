@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Mechanism, lookup, register
-from .blocked import raytention_signals
+from .blocked import raytention_signals, raytention_signals_lookup
 from .naive import signal_width
 
 #: Key block of the decoding step (one query row): see ``RayTentionLayer.step``.
@@ -118,9 +118,13 @@ class RayTentionLayer(nn.Module):
         """Whether this layer's ``state_bytes`` counts the shared token history (the first layer only)."""
         return self.layer_index == 0
 
-    def _signals(self, x: Tensor, keys: Tensor, q_offset: int, block_k: int) -> Tensor:
+    def _query(self, x: Tensor) -> Tensor:
+        """``x [B, T, C]`` -> per-head queries ``[B, H, T, C]``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.n_embd).transpose(1, 2)
+        return self.q_proj(x).view(B, T, self.n_head, self.n_embd).transpose(1, 2)
+
+    def _signals(self, x: Tensor, keys: Tensor, q_offset: int, block_k: int) -> Tensor:
+        q = self._query(x)
         return raytention_signals(q, keys.to(q.dtype), self.log_tau.exp(), F.logsigmoid(self.gamma_logit),
                                   q_offset, self.block_size, block_k)
 
@@ -140,7 +144,14 @@ class RayTentionLayer(nn.Module):
         # a decoding query is one row: key blocks as long as DECODE_KEY_BLOCK cost one small tile, and each block
         # is several launches (H100: 2.4 ms a step at 16K with 65536-key blocks, 356 ms with 64)
         block_k = max(self.block_size, DECODE_KEY_BLOCK)
-        return self.ffn(self._signals(x, ctx.embed(ids), state.ids.shape[1], block_k)), TokenHistory(ids)
+        if torch.is_grad_enabled() and (x.requires_grad or ctx.embed.weight.requires_grad):
+            return self.ffn(self._signals(x, ctx.embed(ids), state.ids.shape[1], block_k)), TokenHistory(ids)
+        # without gradients the keys are looked up block by block: the history's embeddings are never all alive
+        q = self._query(x)
+        signals = raytention_signals_lookup(q, ids, ctx.embed.weight.to(q.dtype), self.log_tau.exp(),
+                                            F.logsigmoid(self.gamma_logit), state.ids.shape[1], self.block_size,
+                                            block_k)
+        return self.ffn(signals), TokenHistory(ids)
 
     def state_from_ids(self, ids: Tensor) -> TokenHistory:
         """The state after ``ids [B, T]`` int32: the ids themselves (what ``step`` would have kept); every layer

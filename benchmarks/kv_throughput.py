@@ -64,7 +64,7 @@ def free_memory(device) -> None:
 def run_method(model, method: str, prompts: torch.Tensor, budget: int, stats, decode_steps: int) -> dict:
     """One timed prefill + decode with a fresh cache; a compressed cache's hooks are removed even on failure.
     Every method runs on the same SDPA backends, without cuDNN: a full cache grows by a token each step and cuDNN
-    builds a plan for every new key length (50-85 ms each on an H100), which made the full cache look 2-4x
+    builds a plan for every new key length (47-68 ms each on an H100), which made the full cache look 2-4x
     slower than the fixed-size compressed caches in this benchmark's first GPU run."""
     with sdpa_kernel(GROWING_KEYS_BACKENDS):
         return _run_method(model, method, prompts, budget, stats, decode_steps)

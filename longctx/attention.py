@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 #: SDPA backends on CUDA when the queries are fewer than the keys (decoding; a chunk after a cache). cuDNN is
-#: left out: it builds an execution plan for every new key length, 50-85 ms each on an H100 against
-#: 0.04-0.24 ms for a one-query flash call at 16K-1M keys (bf16; benchmarks/decode_attention.py).
+#: left out: it builds an execution plan for every new key length, 47-68 ms each on an H100 against
+#: 0.07-0.25 ms for a one-query flash call at 16K-1M keys (bf16; benchmarks/decode_attention.py).
 GROWING_KEYS_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -266,12 +266,12 @@ def raytention_signals_lookup(q: Tensor, ids: Tensor, table: Tensor, tau, log_ga
     ``ids [B, q_offset + Tq]`` token ids, ``table [V, D]`` the embedding table; each key block is looked up
     when it is scored, and the predecessor / top-1 / top-2 keys by their ids. For decoding over a long
     history, where ``table[ids]`` would be the largest tensor alive (1M tokens x 256 bf16 = 512 MiB)."""
-    if ids.dim() != 2 or ids.shape[0] != q.shape[0] or ids.shape[1] != q_offset + q.shape[2]:
-        raise ValueError(f"ids must be [{q.shape[0]}, q_offset + queries = {q_offset + q.shape[2]}], "
-                         f"got {tuple(ids.shape)}")
     if q.dim() != 4 or table.dim() != 2 or table.shape[1] != q.shape[3] or table.dtype != q.dtype:
         raise ValueError(f"q must be [batch, heads, queries, D] and table [vocab, D] of q's dtype, got q "
                          f"{tuple(q.shape)} {q.dtype} and table {tuple(table.shape)} {table.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != q.shape[0] or ids.shape[1] != q_offset + q.shape[2]:
+        raise ValueError(f"ids must be [{q.shape[0]}, q_offset + queries = {q_offset + q.shape[2]}], "
+                         f"got {tuple(ids.shape)}")
     H, Tq = q.shape[1], q.shape[2]
     tau_h = per_head(tau, H, q, "tau").reshape(-1).expand(H)
     lg_h = per_head(log_gamma, H, q, "log_gamma").reshape(-1).expand(H)

@@ -41,6 +41,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--data", help="a UTF-8 text file to train on instead of the built-in corpus")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms for the whole run: on a GPU full attention and "
+                        "RayTention then train bit for bit the same run to run (RayTention ~1.6x slower)")
     p.add_argument("--stop-after", type=float, help="start no new unit (a model's training, recall or decode "
                    "measurement) after this many seconds; exit 3; the same command again continues")
     p.set_defaults(func=_bench)
@@ -53,7 +56,8 @@ def _bench(args) -> None:
              (("measure_contexts", args.measure_contexts), ("seeds", args.seeds)) if v is not None}
     s = settings_for(args.preset, steps=args.steps, recall_steps=args.recall_steps, n_layer=args.n_layer,
                      n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
-                     block_size=args.block_size, batch_size=args.batch_size, **lists)
+                     block_size=args.block_size, batch_size=args.batch_size, deterministic=args.deterministic,
+                     **lists)
     mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()] if args.mechanisms else None
     if args.stop_after is not None and args.stop_after <= 0:
         raise ValueError(f"--stop-after must be > 0 seconds, got {args.stop_after}")

@@ -104,6 +104,20 @@ def test_stop_after_pauses_between_units_and_the_rerun_continues(tmp_path, text,
     assert set(res["mechanisms"]["full"]["runs"]["1"]) == {"text", "recall"} and (out / "report.md").is_file()
 
 
+def test_deterministic_run_repeats_and_restores_the_setting(tmp_path, text):
+    """Every mechanism runs under ``torch.use_deterministic_algorithms(True)`` (no op without a deterministic
+    variant on these paths), twice with the same numbers, and the global setting is restored after."""
+    s = settings_for("cpu", **TINY, deterministic=True)
+    names = ["full", "sliding_window", "raytention", "tensor_cache", "power", "power4"]
+    a = bench_run.run_bench(s, names, "cpu", tmp_path / "a", str(text), progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    b = bench_run.run_bench(s, names, "cpu", tmp_path / "b", str(text), progress=False)
+    for name in names:
+        ra, rb = a["mechanisms"][name]["runs"]["0"], b["mechanisms"][name]["runs"]["0"]
+        assert ra["text"]["val_loss"] == rb["text"]["val_loss"] and ra["recall"]["by_pairs"] == rb["recall"]["by_pairs"]
+    assert a["settings"]["deterministic"] is True
+
+
 def test_checkpoint_round_trip(tmp_path):
     s = settings_for("cpu", **TINY)
     model = bench_run._model(s, "power", torch.device("cpu"), 3)

@@ -38,6 +38,7 @@ class BenchSettings:
     prefill_seconds: float = 120.0    # a context whose prefill would take longer (projected) is not measured
     contexts: list = field(default_factory=lambda: [1024, 16384, 131072, 1 << 20])   # state_bytes formula
     dtype: str = "float32"
+    deterministic: bool = False       # torch.use_deterministic_algorithms for the run (bench.run)
 
 
 GPU_CONTEXTS = [16384, 65536, 131072, 262144, 1 << 20]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -138,6 +140,23 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
     return r
 
 
+@contextmanager
+def deterministic_algorithms(on: bool):
+    """``torch.use_deterministic_algorithms(True)`` inside the block when ``on``, the previous setting after.
+
+    On an H100 full attention (cuDNN's attention backward) and RayTention train differently run to run
+    without it, and bit for bit the same with it (200-step trainings, benchmarks/determinism.py); RayTention
+    then trains ~1.6x slower. cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first use for that."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def _check_finite(name: str, r: dict) -> None:
     for seed, run in r["runs"].items():
         if "text" in run and not math.isfinite(run["text"]["val_loss"]):
@@ -204,17 +223,18 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
         atomic_write_json(out / "results.json", results)
 
     deadline = clock[0] + (float("inf") if stop_after is None else stop_after)
-    for name in mechanisms:
-        try:
-            r = bench_mechanism(name, s, train_data, val_data, dev, out, results["mechanisms"].get(name, {}),
-                                lambda r, name=name: save(name, r), progress, deadline)
-        except Paused:
-            print(f"paused after {stop_after:.0f} s at {name}: finished units are in {out / 'results.json'}; "
-                  "run the same command again to continue", file=sys.stderr)
-            return None
-        if progress:
-            bpb = ", ".join(f"{x['text']['val_bpb']:.3f}" for x in r["runs"].values())
-            print(f"{name}: val bpb {bpb} (seeds {', '.join(r['runs'])})", file=sys.stderr)
+    with deterministic_algorithms(s.deterministic):
+        for name in mechanisms:
+            try:
+                r = bench_mechanism(name, s, train_data, val_data, dev, out, results["mechanisms"].get(name, {}),
+                                    lambda r, name=name: save(name, r), progress, deadline)
+            except Paused:
+                print(f"paused after {stop_after:.0f} s at {name}: finished units are in {out / 'results.json'}; "
+                      "run the same command again to continue", file=sys.stderr)
+                return None
+            if progress:
+                bpb = ", ".join(f"{x['text']['val_bpb']:.3f}" for x in r["runs"].values())
+                print(f"{name}: val bpb {bpb} (seeds {', '.join(r['runs'])})", file=sys.stderr)
     write_report(results, out)
     print(table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and the plots", file=sys.stderr)

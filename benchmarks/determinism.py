@@ -25,7 +25,8 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS is deterministic only with this set
+# cuBLAS is deterministic only with this set before its first use, which the "default" mode's runs may make
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -33,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from longctx.atomic import atomic_write_json  # noqa: E402
 from longctx.bench.measure import device_name  # noqa: E402
 from longctx.bench.presets import settings_for  # noqa: E402
-from longctx.bench.run import _model  # noqa: E402
+from longctx.bench.run import _model, deterministic_algorithms  # noqa: E402
 from longctx.bench.train import train  # noqa: E402
 from longctx.data import get_batch, load_corpus  # noqa: E402
 
@@ -50,13 +51,12 @@ def weights(name: str, mode: str, steps: int, data) -> tuple[list[torch.Tensor],
     """Final weights of one training run, and the non-determinism warnings it raised."""
     deterministic, backends = MODES[mode]
     s = settings_for("gpu")
-    torch.use_deterministic_algorithms(deterministic is not None, warn_only=deterministic == "warn")
-    with warnings.catch_warnings(record=True) as caught:
+    with (deterministic_algorithms(deterministic is not None, warn_only=deterministic == "warn"),
+          warnings.catch_warnings(record=True) as caught):
         warnings.simplefilter("always")
         model = _model(s, name, torch.device("cuda"), 0)
         with sdpa_kernel(backends) if backends else nullcontext():
             train(model, lambda g: get_batch(data, s.batch_size, s.block_size, g), steps, s.lr, 0, progress=False)
-    torch.use_deterministic_algorithms(False)
     said = sorted({str(w.message).split("\n")[0][:200] for w in caught if "determin" in str(w.message)})
     return [p.detach().clone() for p in model.parameters()], said
 

@@ -10,6 +10,8 @@ position ``Tk - Tq + i`` and sees keys ``0 .. Tk - Tq + i``. With ``Tq == Tk`` t
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,13 +81,10 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_ca
          scale: float | None = None) -> Tensor:
     """``F.scaled_dot_product_attention`` with grouped-query heads, and on CUDA without cuDNN when
     ``Tq != Tk`` (see ``GROWING_KEYS_BACKENDS``). Shapes as in ``attention``; masks as SDPA takes them."""
-    gqa = q.shape[1] != k.shape[1]
-    if q.device.type == "cuda" and q.shape[2] != k.shape[2]:
-        with sdpa_kernel(GROWING_KEYS_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                                  enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=gqa)
+    growing = q.device.type == "cuda" and q.shape[2] != k.shape[2]
+    with sdpa_kernel(GROWING_KEYS_BACKENDS) if growing else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor] | None:

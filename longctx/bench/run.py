@@ -141,20 +141,21 @@ def bench_mechanism(name: str, s: BenchSettings, train_data, val_data, device: t
 
 
 @contextmanager
-def deterministic_algorithms(on: bool):
-    """``torch.use_deterministic_algorithms(True)`` inside the block when ``on``, the previous setting after.
+def deterministic_algorithms(on: bool, warn_only: bool = False):
+    """``torch.use_deterministic_algorithms(True, warn_only=warn_only)`` inside the block when ``on``, the
+    previous setting after (also when the block raises).
 
     On an H100 full attention (cuDNN's attention backward) and RayTention train differently run to run
     without it, and bit for bit the same with it (200-step trainings, benchmarks/determinism.py); RayTention
     then trains ~1.6x slower. cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first use for that."""
-    before = torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _check_finite(name: str, r: dict) -> None:

@@ -2,15 +2,16 @@
 package's kernel (PyPI ``retention==1.0.7``), forward and forward+backward, plus decode step time and state
 memory from 1K to 1M tokens of context.
 
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/retention-1.0.7-py3-none-any.whl
     PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site python3 benchmarks/power_retention.py --out benchmarks/results
 
 CPU dry run of every code path at toy sizes (Triton interpreter, wall-clock timer, no ``retention``):
 
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/power_retention.py --device cpu --tokens 256 --seqs 64,128 \
-        --heads 2 --head-dim 16 --chunk 32 --chunks 32,64 --variants b32w4 --decode-contexts 1024,2048 --no-retention --out /tmp/prb
+        --heads 2 --head-dim 16 --chunk 32 --chunks 32,64 --variants default --decode-contexts 1024,2048 --no-retention --out /tmp/prb
 
 Shapes: tokens per step fixed (``--tokens``, 128K), batch = tokens / T, 8 heads (query = KV), d = e = 64, deg 2,
-chunk 128, gated (``log_g = logsigmoid(randn)``, float32, with gradient), bf16. Times: median of
+chunk 128 for ``retention`` and the checks, ours at the fastest of ``--chunks`` (the same function), gated (``log_g = logsigmoid(randn)``, float32, with gradient), bf16. Times: median of
 ``triton.testing.do_bench``; forward+backward = one forward and ``torch.autograd.grad`` of all inputs.
 
 Flops (useful work, each power kernel at its own chunk c): forward ``B H T (4 D e + c (d + e))`` with
@@ -40,12 +41,11 @@ from longctx.mechanisms import build_mechanism, tensor_bytes
 from longctx.mechanisms.power import expanded_dim, power_retention_chunk
 from longctx.mechanisms.power.recurrent import PowerState, recent_count
 
-VARIANTS = {  # rows per program (block) / warps of the chunk kernels / rows per step of the state kernels
-    "b64w8": KernelConfig(block=64, warps_chunk=8),
-    "b64w4": KernelConfig(block=64, warps_chunk=4),
-    "b32w4": KernelConfig(block=32, warps_chunk=4),
-    "b32w8": KernelConfig(block=32, warps_chunk=8),
-    "b64w8r64": KernelConfig(block=64, warps_chunk=8, state_rows=64),
+VARIANTS = {  # the defaults and one change each (the kernel's history of variants: power_retention_notes.md)
+    "default": KernelConfig(),
+    "r64": KernelConfig(state_rows=64),
+    "st2": KernelConfig(stages_state=2),
+    "f16": KernelConfig(feature_rows=16),
 }
 T0 = time.time()
 
@@ -63,9 +63,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=128, help="chunk of the retention kernel and the checks")
-    ap.add_argument("--chunks", default="128,256", help="chunk sizes of our kernel compared with the variants "
+    ap.add_argument("--chunks", default="512,1024", help="chunk sizes of our kernel compared with the variants "
                     "(the result is the same function; the chunk trades in-chunk work for state snapshots)")
-    ap.add_argument("--variants", default="b64w8,b64w4,b32w4,b64w8r64", help="kernel configurations to compare")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="kernel configurations to compare")
     ap.add_argument("--profile-seqs", default="4096,131072", help="T at which per-kernel times are recorded")
     ap.add_argument("--variant-seqs", default="4096,131072", help="T at which the variants are compared")
     ap.add_argument("--check-seq", type=int, default=4096, help="length of the correctness checks")

@@ -19,7 +19,7 @@ g = torch.Generator().manual_seed(int(sys.argv[1]))
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False):
+def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False, **config):
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
     if tiny_first_weight:  # q_0 almost orthogonal to k_0: row 0 is v_0 with a weight ~1e-6, its dq exactly 0
@@ -29,7 +29,7 @@ def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=F
     v = torch.randn(B, hkv, T, e, generator=g).to(dtype).requires_grad_()
     log_g = (-0.2 * torch.rand(B, hkv, T, generator=g)).requires_grad_() if gated else None
     leaves = [q, k, v] + ([log_g] if gated else [])
-    out = power_retention_triton(q, k, v, log_g, chunk_size=chunk, config=KernelConfig(block=16, operands=operands))
+    out = power_retention_triton(q, k, v, log_g, chunk_size=chunk, config=KernelConfig(block=16, operands=operands, **config))
     assert out.dtype == dtype and out.shape == (B, hq, T, e) and torch.isfinite(out).all()
     do = torch.randn(out.shape, generator=g)
     grads = torch.autograd.grad(out, leaves, do.to(dtype))
@@ -43,6 +43,12 @@ res = {
     # fp32 operands and snapshots: every term checked tightly (fp16 inputs; the output is rounded to fp16)
     "exact_gated_gqa": case(1, 4, 2, 37, 32, 16, 16, True, torch.float16, "fp32"),
     "exact_ungated": case(2, 2, 2, 45, 32, 16, 32, False, torch.float16, "fp32"),
+    # d = 64 (ten tiles), whole-tile feature steps, several scan programs per state, state rows < chunk
+    "exact_d64_whole_tiles": case(1, 2, 1, 50, 64, 32, 32, True, torch.float16, "fp32", feature_rows=16,
+                                  scan_block=256, state_rows=16),
+    # e = 128 caps the feature step at 2 values of a (a delta program's accumulator stays 256 x 64 floats)
+    # (and six chunks: the scan folds them four at a time)
+    "exact_e128": case(1, 1, 1, 90, 16, 128, 16, True, torch.float16, "fp32"),
     # the fast path: bf16 operands, as on the GPU
     "bf16_gated_gqa": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16"),
     "bf16_tiny_first_weight": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16", tiny_first_weight=True),
@@ -67,7 +73,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     errors = report["errors"]
-    for name in ("exact_gated_gqa", "exact_ungated"):       # o, dq, dk, dv (, dlog_g)
+    for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_e128"):  # o, dq, dk, dv, dlog_g
         assert max(errors[name]) < 1e-3, (name, errors[name])
     for name in ("bf16_gated_gqa", "bf16_tiny_first_weight"):  # bf16 operands: ~5e-3 typical
         assert max(errors[name]) < 3e-2, (name, errors[name])

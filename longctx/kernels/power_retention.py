@@ -5,26 +5,33 @@ Features. ``(q . k)^2 = sum_{a,b} q_a q_b k_a k_b``. The ``d`` coordinates are c
 for every pair of blocks ``A <= B`` one tile of 16 x 16 = 256 features ``k_a k_b`` (``a in A, b in B``, row
 ``a * 16 + b`` of the tile) is kept, the query side carrying weight 1 on diagonal tiles and 2 off them.
 ``NP = NB (NB + 1) / 2`` tiles: 2560 features for ``d = 64`` (the symmetric power has 2080; the 23% extra buys
-whole 16-wide tensor-core tiles). A tile's features are built in registers from two 16-column blocks of the
-input, ``x_A[:, :, None] * x_B[:, None, :]`` reshaped to ``[rows, 256]``; the chain rule back through a tile
-is two reductions of the ``[rows, 16, 16]`` feature gradient (no gathers, no scatters).
+whole 16-wide tensor-core tiles). The kernels walk the features in *steps* of ``FA`` values of ``a`` (``FA * 16``
+features, contiguous in the state); a step's features are built in registers from two column blocks of the
+input, ``x_a[:, :, None] * x_b[:, None, :]`` (in bf16 when the inputs are bf16: the product of two bf16 numbers
+rounded once is what a float32 product cast to bf16 gives), and the chain rule back through a step is two
+reductions of the ``[rows, FA, 16]`` feature gradient. The normaliser's state is kept apart as the dense
+``Z = sum_j k_j k_j^T`` (``[d, d]`` float32), so ``phi(q) . z = q^T Z q``.
 
 Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float32):
 
-1. ``_fwd_state``  grid (tiles x value splits, B*Hkv): walks the chunks in order, keeps its slice of
-   ``S`` (fp32, registers) and writes the state entering every chunk (bf16) and ``z`` (fp32).
-2. ``_fwd_out``    grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
-   state part ``scale^2 exp(G_i - G_start) phi(q_i) . S_n``; writes ``o`` (and fp32 ``o``, the normaliser).
-3. ``_bwd_state``  grid as 1, reverse walk: the gradient of every chunk's outgoing state.
-4. ``_bwd_dq``     grid as 2.
-5. ``_bwd_dkv``    grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
+1. ``_state_deltas`` grid (steps + 1, chunks, B*Hkv), every chunk at once: the chunk's own contribution to the
+   state, ``phi(K_n)^T (beta V_n)`` for one feature step per program and ``Z`` in the last program; in the
+   backward the same for the state gradients (``phi(Q_n)^T (r dO_n / den)``, summed over a KV head's queries).
+2. ``_scan``         grid (state slices, B*Hkv): in place, turns the per-chunk contributions into the state
+   entering every chunk (forward) or the gradient of the state leaving it (backward, reverse order):
+   ``X <- decay_n X + delta_n``. Memory-bound; the only sequential walk, and it moves no features.
+3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
+   state part ``scale^2 exp(G_i - G_start) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
+   normaliser).
+4. ``_bwd_dq``       grid as 3.
+5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
 
 Gate gradient. Every weight is ``w_ij = (scale q_i . k_j)^2 exp(G_i - G_j)``, so
 ``dL/dG_t = sum_j dL/dw_tj w_tj - sum_i dL/dw_it w_it``: kernels 4 and 5 accumulate the two sums in fp32 (for
 the state parts they are ``phi(q_i) . g_i`` and ``phi(k_j) . g_j`` with ``g`` the feature gradients), and
 ``d log_g`` is the reverse cumulative sum. Matmul operands are bf16 (fp16 inputs too: the states and the power
-weights need bf16's range), accumulation fp32. Plain ``@triton.jit`` without autotuning, so the same code runs
-under ``TRITON_INTERPRET=1`` on CPU.
+weights need bf16's range), accumulation fp32; products with ``Z`` run in fp32 (three-pass tf32 on a GPU). Plain
+``@triton.jit`` without autotuning, so the same code runs under ``TRITON_INTERPRET=1`` on CPU.
 """
 from __future__ import annotations
 
@@ -60,17 +67,23 @@ def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shapes. ``block``: query/key rows per program of the chunk kernels (capped at the chunk);
-    ``state_rows``: rows per step of the state kernels; ``value_split``: the state kernels cut the value dim
-    into this many programs (``None``: enough to make ~264 programs, two per SM of an H100); ``operands``: matmul
-    operand type, ``"bf16"`` (fast path) or ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32
-    under the interpreter: the tests use it to check every term tightly)."""
-    block: int = 32          # fastest on an H100 (benchmarks/README.md); 64 spills registers in _fwd_out
-    state_rows: int = 32
-    value_split: int | None = None
-    warps_state: int = 8
-    warps_chunk: int = 8
-    stages: int = 2
+    """Launch shapes (defaults: the fastest measured on an H100, ``benchmarks/power_retention_notes.md``).
+    ``block``: query/key rows per program of the chunk kernels (capped at the chunk);
+    ``state_rows``: rows per step of the state-delta kernel; ``feature_rows``: values of ``a`` per feature step
+    (8: steps of 128 features, 16: whole 256-feature tiles; capped so a delta program's fp32 accumulator stays
+    at 256 x 64); ``scan_block``: state elements per program of the scan, ``scan_unroll``: chunks it loads at once; ``warps_*``, ``stages_*``: warps and
+    software-pipelining depth of the state-delta and the chunk kernels; ``operands``: matmul operand type,
+    ``"bf16"`` (fast path) or ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the
+    interpreter: the tests use it to check every term tightly)."""
+    block: int = 64
+    state_rows: int = 128
+    feature_rows: int = 8
+    scan_block: int = 1024
+    scan_unroll: int = 4
+    warps_state: int = 4
+    warps_chunk: int = 4
+    stages_state: int = 3
+    stages_chunk: int = 3
     operands: str = "bf16"
 
     def operand_type(self):
@@ -94,90 +107,162 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _blocks(x_ptr, rows, A, B, DK: tl.constexpr, BLK: tl.constexpr):
-        """Column blocks ``x[rows, A*BLK:(A+1)*BLK]`` and ``x[rows, B*BLK:...]``, ``[R, BLK]`` float32 each."""
-        c = tl.arange(0, BLK)
-        xa = tl.load(x_ptr + rows[:, None] * DK + (A * BLK + c)[None, :]).to(tl.float32)
-        xb = tl.load(x_ptr + rows[:, None] * DK + (B * BLK + c)[None, :]).to(tl.float32)
-        return xa, xb
+    def _mm32(a, b):
+        """Float32 product (three-pass tf32 on a GPU: ~fp32 accuracy), for the normaliser state ``Z``."""
+        return tl.dot(a, b, input_precision="tf32x3")
 
     @triton.jit
-    def _tile(xa, xb, R: tl.constexpr, BLK: tl.constexpr):
-        """Features of one tile, ``[R, BLK*BLK]``: column ``a*BLK + b`` is ``xa[:, a] * xb[:, b]``."""
-        return tl.reshape(xa[:, :, None] * xb[:, None, :], (R, BLK * BLK))
+    def _step(STEPS, s, BLK: tl.constexpr):
+        """Feature step ``s``: first column of its ``a`` values, first column of its ``b`` block, and the query
+        weight (1 on diagonal tiles, 2 off them)."""
+        ca = tl.load(STEPS + 3 * s)
+        cb = tl.load(STEPS + 3 * s + 1)
+        w = tl.load(STEPS + 3 * s + 2).to(tl.float32)
+        return ca, cb, w
 
     @triton.jit
-    def _tile_t(x_ptr, rows, A, B, R: tl.constexpr, DK: tl.constexpr, BLK: tl.constexpr):
-        """The transposed tile ``[BLK*BLK, R]`` (row ``a*BLK + b``), loaded column-major: no transpose needed."""
-        c = tl.arange(0, BLK)
-        xa = tl.load(x_ptr + rows[None, :] * DK + (A * BLK + c)[:, None]).to(tl.float32)      # [BLK, R]
-        xb = tl.load(x_ptr + rows[None, :] * DK + (B * BLK + c)[:, None]).to(tl.float32)
-        return tl.reshape(xa[:, None, :] * xb[None, :, :], (BLK * BLK, R))
+    def _cols(x_ptr, rows, c0, W: tl.constexpr, DK: tl.constexpr):
+        """``x[rows, c0:c0+W]`` as float32 ``[R, W]``."""
+        return tl.load(x_ptr + rows[:, None] * DK + (c0 + tl.arange(0, W))[None, :]).to(tl.float32)
 
     @triton.jit
-    def _fold_cols(g, xa, xb, A: tl.constexpr, B: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
-                   BLK: tl.constexpr):
-        """Chain rule through one tile: ``g [R, BLK*BLK]`` (gradient of the features) -> the gradient of ``x``
-        as ``[R, NB, BLK]`` (non-zero in column blocks A and B): ``dx_a = sum_b g_ab x_b``, ``dx_b = sum_a g_ab x_a``."""
-        g3 = tl.reshape(g, (R, BLK, BLK))
-        da = tl.sum(g3 * xb[:, None, :], 2)
-        db = tl.sum(g3 * xa[:, :, None], 1)
-        nb = tl.arange(0, NB)
-        return (da[:, None, :] * (nb == A).to(tl.float32)[None, :, None]
-                + db[:, None, :] * (nb == B).to(tl.float32)[None, :, None])
+    def _features(xa, xb, R: tl.constexpr, FA: tl.constexpr, BLK: tl.constexpr, PDT: tl.constexpr,
+                  OPDT: tl.constexpr):
+        """One step's features ``[R, FA*BLK]`` (column ``a*BLK + b`` is ``xa[:, a] * xb[:, b]``), multiplied in
+        ``PDT`` and returned as matmul operands."""
+        f = xa.to(PDT)[:, :, None] * xb.to(PDT)[:, None, :]
+        return tl.reshape(f, (R, FA * BLK)).to(OPDT)
 
     @triton.jit
-    def _fwd_state(K, V, G, PAIRS, SB, ZB, NC,
-                   HAS_GATE: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr,
-                   E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr, BLK: tl.constexpr, F: tl.constexpr,
-                   INTERP: tl.constexpr, OPDT: tl.constexpr):
-        pid_f = tl.program_id(0)
-        bkv = tl.program_id(1).to(tl.int64)
-        FT: tl.constexpr = BLK * BLK
-        t = pid_f // NE
-        et = pid_f % NE
-        A = tl.load(PAIRS + 2 * t)
-        B = tl.load(PAIRS + 2 * t + 1)
-        fi = tl.arange(0, FT)
-        ce = et * BE + tl.arange(0, BE)
-        Tp = NC * C
-        k_ptr = K + bkv * Tp * DK
-        v_ptr = V + bkv * Tp * E
-        g_ptr = G + bkv * Tp
-        s_ptr = SB + bkv * NC * F * E + t * FT * E
-        z_ptr = ZB + bkv * NC * F + t * FT
-        S = tl.zeros([FT, BE], dtype=tl.float32)
-        z = tl.zeros([FT], dtype=tl.float32)
-        for n in range(NC):
-            tl.store(s_ptr + n * F * E + fi[:, None] * E + ce[None, :], S.to(SB.dtype.element_ty))
-            tl.store(z_ptr + n * F + fi, z, mask=(fi < FT) & (et == 0))
-            c0 = n * C
+    def _fold(g, xa, xb, R: tl.constexpr, FA: tl.constexpr, BLK: tl.constexpr):
+        """Chain rule through one step: ``g [R, FA*BLK]`` (gradient of the features) -> ``dx_a [R, FA]``
+        (``sum_b g_ab x_b``) and ``dx_b [R, BLK]`` (``sum_a g_ab x_a``)."""
+        g3 = tl.reshape(g, (R, FA, BLK))
+        return tl.sum(g3 * xb[:, None, :], 2), tl.sum(g3 * xa[:, :, None], 1)
+
+    @triton.jit
+    def _scatter_cols(acc, dx, c0, W: tl.constexpr, DK: tl.constexpr):
+        """``acc [R, DK/W, W]`` plus ``dx [R, W]`` in columns ``c0 .. c0+W-1`` (``c0`` a multiple of ``W``)."""
+        hit = (tl.arange(0, DK // W) == c0 // W).to(tl.float32)
+        return acc + dx[:, None, :] * hit[None, :, None]
+
+    @triton.jit
+    def _row_weights(G, DEN, DELTA, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
+                     HAS_GATE: tl.constexpr, FOR_Z: tl.constexpr, BC: tl.constexpr):
+        """Per-row weights of the state contributions (see ``_state_deltas``), ``[BC]`` float32."""
+        if BACKWARD:
+            den = tl.load(DEN + xh * Tp + rows)
+            w = 1.0 / tl.where(den == 0.0, 1.0, den)
             if HAS_GATE:
-                g_end = tl.load(g_ptr + c0 + C - 1)
-                decay = tl.exp(g_end - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
-                S = S * decay
-                z = z * decay
-            for s0 in range(0, C, BC):
-                rows = c0 + s0 + tl.arange(0, BC)
-                phit = _tile_t(k_ptr, rows, A, B, BC, DK, BLK)                               # [FT, BC]
-                vv = tl.load(v_ptr + rows[:, None] * E + ce[None, :]).to(tl.float32)
-                if HAS_GATE:
-                    beta = tl.exp(g_end - tl.load(g_ptr + rows))
-                    vv = vv * beta[:, None]
-                    z += tl.sum(phit * beta[None, :], 1)
-                else:
-                    z += tl.sum(phit, 1)
-                S += _mm(phit.to(OPDT), vv.to(OPDT), INTERP)
+                w = w * tl.exp(tl.load(g_ptr + rows) - g_start)
+            if FOR_Z:
+                w = -w * tl.load(DELTA + xh * Tp + rows)
+        elif HAS_GATE:
+            w = tl.exp(g_end - tl.load(g_ptr + rows))
+        else:
+            w = tl.full([BC], 1.0, tl.float32)
+        return w
 
     @triton.jit
-    def _fwd_out(Q, K, V, G, SB, ZB, O, O32, DEN, NC, scale,
+    def _state_deltas(X, Y, G, STEPS, SB, ZB, DEN, DELTA, NC, scale,
+                      HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
+                      C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr,
+                      FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
+                      OPDT: tl.constexpr, PDT: tl.constexpr):
+        """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
+        ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
+        query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
+        ``r_i = scale^2 exp(G_i - G_start)`` and ``phi~`` the weighted query features. Programs ``0 .. NS-1``
+        write one feature step of ``S`` each, program ``NS`` writes ``Z``."""
+        s = tl.program_id(0)
+        n = tl.program_id(1)
+        bkv = tl.program_id(2).to(tl.int64)
+        FT: tl.constexpr = FA * BLK
+        REP: tl.constexpr = HQ // HKV
+        NREP: tl.constexpr = REP if BACKWARD else 1
+        Tp = NC * C
+        c0 = n * C
+        g_ptr = G + bkv * Tp
+        g_start = 0.0
+        g_end = 0.0
+        if HAS_GATE:
+            g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
+            g_end = tl.load(g_ptr + c0 + C - 1)
+        post = scale * scale if BACKWARD else 1.0
+        if s < NS:
+            ca, cb, wab = _step(STEPS, s, BLK)
+            acc = tl.zeros([FT, E], dtype=tl.float32)
+            for rr in range(NREP):
+                xh = (bkv // HKV) * HQ + (bkv % HKV) * REP + rr if BACKWARD else bkv
+                x_ptr = X + xh * Tp * DK
+                for s0 in range(0, C, BC):
+                    rows = c0 + s0 + tl.arange(0, BC)
+                    w = _row_weights(G, DEN, DELTA, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE,
+                                     False, BC)
+                    phi = _features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, BLK, DK),
+                                    BC, FA, BLK, PDT, OPDT)                                      # [BC, FT]
+                    y = tl.load(Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]).to(tl.float32)
+                    acc += _mm(tl.trans(phi), (y * w[:, None]).to(OPDT), INTERP)
+            if BACKWARD:
+                acc = acc * (post * wab)
+            fi = tl.arange(0, FT)
+            tl.store(SB + ((bkv * NC + n) * F + s * FT + fi[:, None]) * E + tl.arange(0, E)[None, :],
+                     acc.to(SB.dtype.element_ty))
+        else:
+            accz = tl.zeros([DK, DK], dtype=tl.float32)
+            for rr in range(NREP):
+                xh = (bkv // HKV) * HQ + (bkv % HKV) * REP + rr if BACKWARD else bkv
+                x_ptr = X + xh * Tp * DK
+                for s0 in range(0, C, BC):
+                    rows = c0 + s0 + tl.arange(0, BC)
+                    w = _row_weights(G, DEN, DELTA, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE,
+                                     True, BC)
+                    x = _cols(x_ptr, rows, 0, DK, DK)
+                    accz += _mm32(tl.trans(x * w[:, None]), x)
+            di = tl.arange(0, DK)
+            tl.store(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :], accz * post)
+
+    @triton.jit
+    def _scan(BUF, G, NC, L, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+              BLOCK: tl.constexpr, U: tl.constexpr):
+        """In place over ``BUF [B*Hkv, NC, L]``: slot ``n`` holds chunk ``n``'s contribution on entry and the sum
+        of the earlier (``REVERSE``: later) chunks' contributions, decayed to chunk ``n``'s boundary, on exit.
+        ``U`` chunks are loaded at once (independent loads in flight), then folded in order in registers."""
+        pid = tl.program_id(0)
+        bkv = tl.program_id(1).to(tl.int64)
+        off = pid * BLOCK + tl.arange(0, BLOCK)
+        base = BUF + bkv * NC * L
+        g_ptr = G + bkv * NC * C
+        u = tl.arange(0, U)
+        x = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, NC, U):
+            n = NC - 1 - (i0 + u) if REVERSE else i0 + u
+            valid = (i0 + u) < NC
+            ptrs = base + n.to(tl.int64)[:, None] * L + off[None, :]
+            m = valid[:, None] & (off < L)[None, :]
+            delta = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)                       # [U, BLOCK]
+            if HAS_GATE:
+                g_start = tl.load(g_ptr + n * C - 1, mask=valid & (n > 0), other=0.0)
+                decay = tl.exp(tl.load(g_ptr + n * C + C - 1, mask=valid, other=0.0) - g_start)
+            else:
+                decay = tl.full([U], 1.0, tl.float32)
+            out = tl.zeros([U, BLOCK], dtype=tl.float32)
+            for j in tl.static_range(U):
+                pick = u == j
+                out += tl.where(pick[:, None], x[None, :], 0.0)
+                x = x * tl.sum(tl.where(pick, decay, 0.0), 0) + tl.sum(tl.where(pick[:, None], delta, 0.0), 0)
+            tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
-                 F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
+                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 PDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
-        FT: tl.constexpr = BLK * BLK
+        FT: tl.constexpr = FA * BLK
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -215,84 +300,30 @@ if triton is not None:
             num += _mm(w, vv.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * NC + n) * F * E
-        z_ptr = ZB + (bkv * NC + n) * F
         acc = tl.zeros([BM, E], dtype=tl.float32)
-        acc_den = tl.zeros([BM], dtype=tl.float32)
-        for A in tl.static_range(NB):  # the state entering the chunk, one tile of features at a time
-            for B in tl.static_range(A, NB):
-                t = A * NB - A * (A - 1) // 2 + B - A
-                qa, qb = _blocks(q_ptr, rows, A, B, DK, BLK)
-                phi = _tile(qa, qb, BM, BLK)
-                if A != B:
-                    phi = phi * 2.0
-                phi = phi.to(OPDT)
-                acc += _mm(phi, tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :]), INTERP)
-                acc_den += tl.sum(phi.to(tl.float32) * tl.load(z_ptr + t * FT + fi)[None, :], 1)
+        for s in range(NS):  # the state entering the chunk, one feature step at a time
+            ca, cb, wab = _step(STEPS, s, BLK)
+            phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, BLK, DK),
+                            BM, FA, BLK, PDT, OPDT)
+            acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
+        q32 = q.to(tl.float32)
+        z = tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :])
         num += acc * r[:, None]
-        den += acc_den * r
+        den += tl.sum(_mm32(q32, z) * q32, 1) * r
         o = num / tl.where(den == 0.0, 1.0, den)[:, None]
         tl.store(O + bh * Tp * E + rows[:, None] * E + ei[None, :], o.to(O.dtype.element_ty))
         tl.store(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :], o)
         tl.store(DEN + bh * Tp + rows, den)
 
     @triton.jit
-    def _bwd_state(Q, G, PAIRS, DO, DEN, DELTA, DSB, DZB, NC, scale,
-                   HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                   BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, NE: tl.constexpr,
-                   BLK: tl.constexpr, F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
-        pid_f = tl.program_id(0)
-        bkv = tl.program_id(1).to(tl.int64)
-        FT: tl.constexpr = BLK * BLK
-        REP: tl.constexpr = HQ // HKV
-        b = bkv // HKV
-        kvh = bkv % HKV
-        t = pid_f // NE
-        et = pid_f % NE
-        A = tl.load(PAIRS + 2 * t)
-        B = tl.load(PAIRS + 2 * t + 1)
-        wab = 2.0 - (A == B).to(tl.float32)
-        fi = tl.arange(0, FT)
-        ce = et * BE + tl.arange(0, BE)
-        Tp = NC * C
-        g_ptr = G + bkv * Tp
-        s_ptr = DSB + bkv * NC * F * E + t * FT * E
-        z_ptr = DZB + bkv * NC * F + t * FT
-        dS = tl.zeros([FT, BE], dtype=tl.float32)
-        dz = tl.zeros([FT], dtype=tl.float32)
-        for i in range(NC):
-            n = NC - 1 - i
-            tl.store(s_ptr + n * F * E + fi[:, None] * E + ce[None, :], dS.to(DSB.dtype.element_ty))
-            tl.store(z_ptr + n * F + fi, dz, mask=(fi < FT) & (et == 0))
-            c0 = n * C
-            if HAS_GATE:
-                g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
-                decay = tl.exp(tl.load(g_ptr + c0 + C - 1) - g_start)
-                dS = dS * decay
-                dz = dz * decay
-            for s0 in range(0, C, BC):
-                rows = c0 + s0 + tl.arange(0, BC)
-                if HAS_GATE:
-                    r = scale * scale * wab * tl.exp(tl.load(g_ptr + rows) - g_start)
-                else:
-                    r = tl.full([BC], scale * scale, tl.float32) * wab
-                for rr in range(REP):
-                    bh = b * HQ + kvh * REP + rr
-                    phit = _tile_t(Q + bh * Tp * DK, rows, A, B, BC, DK, BLK) * r[None, :]            # [FT, BC]
-                    den = tl.load(DEN + bh * Tp + rows)
-                    den = tl.where(den == 0.0, 1.0, den)
-                    do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ce[None, :]).to(tl.float32)
-                    dS += _mm(phit.to(OPDT), (do / den[:, None]).to(OPDT), INTERP)
-                    dz += tl.sum(phit * (-tl.load(DELTA + bh * Tp + rows) / den)[None, :], 1)
-
-    @triton.jit
-    def _bwd_dq(Q, K, V, G, SB, ZB, DO, DEN, DELTA, DQ, DGQ, NC, scale,
+    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
-                F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
+                F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
-        FT: tl.constexpr = BLK * BLK
+        FT: tl.constexpr = FA * BLK
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -331,33 +362,36 @@ if triton is not None:
             dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * NC + n) * F * E
-        z_ptr = ZB + (bkv * NC + n) * F
         dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
         dden = -delta / den
-        dq3 = tl.zeros([BM, NB, BLK], dtype=tl.float32)
-        for A in tl.static_range(NB):
-            for B in tl.static_range(A, NB):
-                t = A * NB - A * (A - 1) // 2 + B - A
-                st = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
-                g = _mm(dnum, tl.trans(st), INTERP) + dden[:, None] * tl.load(z_ptr + t * FT + fi)[None, :]
-                g = g * r[:, None]
-                if A != B:
-                    g = g * 2.0
-                qa, qb = _blocks(q_ptr, rows, A, B, DK, BLK)
-                dg += tl.sum(g * _tile(qa, qb, BM, BLK), 1)
-                dq3 += _fold_cols(g, qa, qb, A, B, BM, NB, BLK)
-        dq += tl.reshape(dq3, (BM, DK))
-        tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq)
+        dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+        dqb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
+        for s in range(NS):
+            ca, cb, wab = _step(STEPS, s, BLK)
+            st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+            g = _mm(dnum, tl.trans(st), INTERP) * (r * wab)[:, None]                    # [BM, FT]
+            qa = _cols(q_ptr, rows, ca, FA, DK)
+            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, BLK, DK), BM, FA, BLK)
+            dg += tl.sum(da * qa, 1)
+            dqa = _scatter_cols(dqa, da, ca, FA, DK)
+            dqb = _scatter_cols(dqb, db, cb, BLK, DK)
+        q32 = q.to(tl.float32)
+        qz = _mm32(q32, tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
+        rz = r * dden
+        dg += tl.sum(qz * q32, 1) * rz
+        dq += tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
+        tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
-    def _bwd_dkv(Q, K, V, G, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
+    def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, NB: tl.constexpr,
-                 F: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
+                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 PDT: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
-        FT: tl.constexpr = BLK * BLK
+        FT: tl.constexpr = FA * BLK
         REP: tl.constexpr = HQ // HKV
         b = bkv // HKV
         kvh = bkv % HKV
@@ -402,30 +436,38 @@ if triton is not None:
                 dk += _mm((dwt * (2.0 * scale) * xt * ex).to(OPDT), q.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = DSB + (bkv * NC + n) * F * E
-        z_ptr = DZB + (bkv * NC + n) * F
         vb = vv.to(OPDT)
-        dk3 = tl.zeros([BM, NB, BLK], dtype=tl.float32)
-        for A in tl.static_range(NB):
-            for B in tl.static_range(A, NB):
-                t = A * NB - A * (A - 1) // 2 + B - A
-                dst = tl.load(s_ptr + (t * FT + fi)[:, None] * E + ei[None, :])
-                ka, kb = _blocks(k_ptr, cols, A, B, DK, BLK)
-                phi = _tile(ka, kb, BM, BLK)
-                dv += _mm(phi.to(OPDT), dst, INTERP) * beta[:, None]
-                gk = (_mm(vb, tl.trans(dst), INTERP) + tl.load(z_ptr + t * FT + fi)[None, :]) * beta[:, None]
-                dg += tl.sum(gk * phi, 1)
-                dk3 += _fold_cols(gk, ka, kb, A, B, BM, NB, BLK)
-        dk += tl.reshape(dk3, (BM, DK))
-        tl.store(DKO + bkv * Tp * DK + cols[:, None] * DK + di[None, :], dk)
-        tl.store(DVO + bkv * Tp * E + cols[:, None] * E + ei[None, :], dv)
+        dv_state = tl.zeros([BM, E], dtype=tl.float32)
+        gsum = tl.zeros([BM], dtype=tl.float32)
+        dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+        dkb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
+        for s in range(NS):
+            ca, cb, wab = _step(STEPS, s, BLK)
+            dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+            ka = _cols(k_ptr, cols, ca, FA, DK)
+            kb = _cols(k_ptr, cols, cb, BLK, DK)
+            dv_state += _mm(_features(ka, kb, BM, FA, BLK, PDT, OPDT), dst, INTERP)
+            da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, BLK)
+            gsum += tl.sum(da * ka, 1)
+            dka = _scatter_cols(dka, da, ca, FA, DK)
+            dkb = _scatter_cols(dkb, db, cb, BLK, DK)
+        k32 = kk.to(tl.float32)
+        kz = _mm32(k32, tl.load(DZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
+        gsum += tl.sum(kz * k32, 1)
+        dk += (tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK)) + 2.0 * kz) * beta[:, None]
+        dv += dv_state * beta[:, None]
+        dg += gsum * beta
+        tl.store(DKO + bkv * Tp * DK + cols[:, None] * DK + di[None, :], dk.to(DKO.dtype.element_ty))
+        tl.store(DVO + bkv * Tp * E + cols[:, None] * E + ei[None, :], dv.to(DVO.dtype.element_ty))
         tl.store(DGK + bkv * Tp + cols, dg)
 
 
-def _pairs(nb: int, device) -> Tensor:
-    """Block pairs ``(A, B)``, ``A <= B``, as int32 ``[NP * 2]``: the tile order of the state (the chunk kernels
-    walk the same order statically)."""
-    return torch.tensor([x for a in range(nb) for b in range(a, nb) for x in (a, b)], dtype=torch.int32,
-                        device=device)
+def _steps(nb: int, fa: int, device) -> Tensor:
+    """Feature steps as int32 ``[NS * 3]``: (first ``a`` column, first ``b`` column, query weight) for every
+    block pair ``A <= B`` and every run of ``fa`` values of ``a`` in it: the order of the state's rows."""
+    rows = [(a * BLK + a0, b * BLK, 1 if a == b else 2)
+            for a in range(nb) for b in range(a, nb) for a0 in range(0, BLK, fa)]
+    return torch.tensor([x for r in rows for x in r], dtype=torch.int32, device=device)
 
 
 @dataclass
@@ -441,8 +483,8 @@ class _Geometry:
     NB: int
     NP: int
     BM: int
-    BC: int      # rows per step of the state kernels
-    NE: int      # value splits of the state kernels
+    BC: int      # rows per step of the state-delta kernel
+    FA: int      # values of ``a`` per feature step
 
     @property
     def Tp(self) -> int:
@@ -453,8 +495,8 @@ class _Geometry:
         return self.NP * BLK * BLK
 
     @property
-    def BE(self) -> int:
-        return self.E // self.NE
+    def NS(self) -> int:
+        return self.NP * (BLK // self.FA)
 
 
 def _power_of_two(x: int) -> bool:
@@ -468,28 +510,49 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     NC = max(1, -(-T // C))
     NB = DK // BLK
     NP = NB * (NB + 1) // 2
-    for name, x, lo in (("block", cfg.block, 16), ("state_rows", cfg.state_rows, 16)):
-        if not _power_of_two(x) or x < lo:
-            raise ValueError(f"KernelConfig.{name} must be a power of two >= {lo}, got {x}")
-    if cfg.value_split is not None:
-        NE = cfg.value_split
-        if not _power_of_two(NE) or E // NE < 16:
-            raise ValueError(f"KernelConfig.value_split must be a power of two leaving >= 16 values per split, "
-                             f"got {NE} for e={E}")
-    else:
-        # the state kernels walk the chunks in order: split the value dim until there are ~264 programs
-        NE = 1
-        while NP * B * Hkv * NE < 264 and E // (2 * NE) >= 16:
-            NE *= 2
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), NE)
+    for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
+                            ("feature_rows", cfg.feature_rows, 1, BLK), ("scan_block", cfg.scan_block, 16, 1 << 16),
+                            ("scan_unroll", cfg.scan_unroll, 1, 16)):
+        if not _power_of_two(x) or not lo <= x <= hi:
+            raise ValueError(f"KernelConfig.{name} must be a power of two in [{lo}, {hi}], got {x}")
+    if NC > 65535:
+        raise ValueError(f"{NC} chunks exceed the kernel's grid (65535): use a larger chunk_size than {C} for T={T}")
+    FA = min(cfg.feature_rows, max(1, 256 // E))  # a delta program's accumulator: FA*16 x E <= 256 x 64 floats
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), FA)
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
-    return F.pad(x, (0, 0, 0, g.Tp - g.T)).contiguous()
+    return (x if g.Tp == g.T else F.pad(x, (0, 0, 0, g.Tp - g.T))).contiguous()
 
 
 def _launch(name: str, kernel, grid, *args, **kwargs) -> None:
     LAUNCHES[name] = kernel[grid](*args, **kwargs)
+
+
+def _product_type(x: Tensor, cfg: KernelConfig):
+    """Where features are multiplied: in bf16 for bf16 inputs on the bf16 path (the same rounding as a float32
+    product cast to bf16), in float32 otherwise (fp16 inputs: bf16 factors would round twice; the interpreter:
+    its bf16 arithmetic is wrong in triton 3.8, like its bf16 dot)."""
+    fast = x.dtype == torch.bfloat16 and cfg.operands == "bf16" and not _interpreting()
+    return tl.bfloat16 if fast else tl.float32
+
+
+def _states(X, Y, G, steps, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, has_gate: bool,
+            backward: bool) -> tuple[Tensor, Tensor]:
+    """Kernels 1 and 2: per-chunk states ``[B*Hkv, NC, F, E]`` (cfg's state dtype) and ``Z [B*Hkv, NC, d, d]``
+    (fp32): entering every chunk (forward), or the gradients of those leaving it (``backward``)."""
+    SB = torch.empty(g.B * g.Hkv, g.NC, g.F, g.E, device=X.device, dtype=cfg.state_dtype)
+    ZB = torch.empty(g.B * g.Hkv, g.NC, g.DK, g.DK, device=X.device, dtype=torch.float32)
+    interp, opdt = _interpreting(), cfg.operand_type()
+    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (g.NS + 1, g.NC, g.B * g.Hkv),
+            X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, BACKWARD=backward,
+            HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, BLK=BLK, FA=g.FA, F=g.F, NS=g.NS, INTERP=interp,
+            OPDT=opdt, PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+    for buf, L in ((SB, g.F * g.E), (ZB, g.DK * g.DK)):
+        block = min(cfg.scan_block, triton.next_power_of_2(L))
+        _launch("scan", _scan, (triton.cdiv(L, block), g.B * g.Hkv), buf, G, g.NC, L, HAS_GATE=has_gate,
+                REVERSE=backward, C=g.C, BLOCK=block, U=cfg.scan_unroll, num_warps=4)
+    return SB, ZB
 
 
 class _PowerRetentionFn(torch.autograd.Function):
@@ -502,59 +565,50 @@ class _PowerRetentionFn(torch.autograd.Function):
             G = torch.cumsum(F.pad(log_g.float(), (0, g.Tp - g.T)), -1).contiguous()
         else:
             G = torch.zeros(1, device=q.device, dtype=torch.float32)
-        pairs = _pairs(g.NB, q.device)
-        common = dict(INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages)
-        SB = torch.empty(g.B * g.Hkv, g.NC, g.F, g.E, device=q.device, dtype=cfg.state_dtype)
-        ZB = torch.empty(g.B * g.Hkv, g.NC, g.F, device=q.device, dtype=torch.float32)
-        _launch("fwd_state", _fwd_state, (g.NP * g.NE, g.B * g.Hkv),
-                kp, vp, G, pairs, SB, ZB, g.NC, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE,
-                NE=g.NE, BLK=BLK, F=g.F, num_warps=cfg.warps_state, **common)
+        steps = _steps(g.NB, g.FA, q.device)
+        SB, ZB = _states(kp, vp, G, steps, None, None, g, cfg, scale, has_gate, backward=False)
         O = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=q.dtype)
         O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
-                C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, F=g.F, num_warps=cfg.warps_chunk, **common)
-        ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, pairs)
+                qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
+                C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, FA=g.FA, F=g.F, NS=g.NS, INTERP=_interpreting(),
+                OPDT=cfg.operand_type(), PDT=_product_type(q, cfg), num_warps=cfg.warps_chunk,
+                num_stages=cfg.stages_chunk)
+        ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, steps)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
         return O if g.T == g.Tp else O[:, :, :g.T].contiguous()
 
     @staticmethod
     def backward(ctx, do):
-        qp, kp, vp, G, O32, DEN, SB, ZB, pairs = ctx.saved_tensors
+        qp, kp, vp, G, O32, DEN, SB, ZB, steps = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
-        common = dict(INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages)
+        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, FA=g.FA,
+                      F=g.F, NS=g.NS, INTERP=_interpreting(), OPDT=cfg.operand_type(),
+                      num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
         # delta_i = do_i . o_i from the fp32 output: with the rounded one, the cancellation in
         # (do_i . v_j - delta_i) made dq, dk ~10x less accurate (seen: 2.4e-2 vs 1.7e-3, bf16, gated)
         delta = (dop.float() * O32).sum(-1).contiguous()                          # [B, Hq, Tp]
-        DSB, DZB = torch.empty_like(SB), torch.empty_like(ZB)
-        _launch("bwd_state", _bwd_state, (g.NP * g.NE, g.B * g.Hkv),
-                qp, G, pairs, dop, DEN, delta, DSB, DZB, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
-                C=g.C, BC=g.BC, DK=g.DK, E=g.E, BE=g.BE, NE=g.NE, BLK=BLK, F=g.F, num_warps=cfg.warps_state,
-                **common)
+        DSB, DZB = _states(qp, dop, G, steps, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dev = qp.device
-        dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=torch.float32)
+        dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=qp.dtype)
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, SB, ZB, dop, DEN, delta, dq, dgq, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
-                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, F=g.F,
-                num_warps=cfg.warps_chunk, **common)
-        dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=torch.float32)
-        dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=torch.float32)
+                qp, kp, vp, G, steps, SB, ZB, dop, DEN, delta, dq, dgq, g.NC, scale, **common)
+        dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
+        dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
         _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BM, g.B * g.Hkv),
-                qp, kp, vp, G, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale, HQ=g.Hq, HKV=g.Hkv,
-                HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, NB=g.NB, F=g.F,
-                num_warps=cfg.warps_chunk, **common)
+                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale,
+                PDT=_product_type(kp, cfg), **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
             dG = dgq.view(g.B, g.Hkv, g.Hq // g.Hkv, g.Tp).sum(2).double() - dgk.double()   # [B, Hkv, Tp]
             dlog_g = dG.flip(-1).cumsum(-1).flip(-1)[..., :g.T].to(ctx.log_g_dtype)
         T = g.T
-        return (dq[:, :, :T].to(qp.dtype), dk[:, :, :T].to(kp.dtype), dv[:, :, :T].to(vp.dtype), dlog_g,
-                None, None, None)
+        return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dlog_g, None, None, None
 
 
 def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None, chunk_size: int = 128,

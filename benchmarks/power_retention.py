@@ -45,7 +45,7 @@ VARIANTS = {  # the defaults and one change each (the kernel's history of varian
     "default": KernelConfig(),
     "r64": KernelConfig(state_rows=64),
     "st2": KernelConfig(stages_state=2),
-    "f16": KernelConfig(feature_rows=16),
+    "f16s8": KernelConfig(feature_rows=16, warps_state=8),
 }
 T0 = time.time()
 

@@ -23,7 +23,8 @@ Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float3
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i - G_start) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser).
-4. ``_bwd_dq``       grid as 3.
+4. ``_bwd_dq``       grid as 3; also writes ``delta_i = do_i . o_i``. The backward runs 4, then 1 and 2 for the
+   state gradients, then 5.
 5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
 
 Gate gradient. Every weight is ``w_ij = (scale q_i . k_j)^2 exp(G_i - G_j)``, so
@@ -147,16 +148,15 @@ if triton is not None:
         return acc + dx[:, None, :] * hit[None, :, None]
 
     @triton.jit
-    def _row_weights(G, DEN, DELTA, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
-                     HAS_GATE: tl.constexpr, FOR_Z: tl.constexpr, BC: tl.constexpr):
-        """Per-row weights of the state contributions (see ``_state_deltas``), ``[BC]`` float32."""
+    def _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
+                     HAS_GATE: tl.constexpr, BC: tl.constexpr):
+        """Per-row weights of the state contributions (see ``_state_deltas``; without the ``-delta`` of ``dZ``),
+        ``[BC]`` float32."""
         if BACKWARD:
             den = tl.load(DEN + xh * Tp + rows)
             w = 1.0 / tl.where(den == 0.0, 1.0, den)
             if HAS_GATE:
                 w = w * tl.exp(tl.load(g_ptr + rows) - g_start)
-            if FOR_Z:
-                w = -w * tl.load(DELTA + xh * Tp + rows)
         elif HAS_GATE:
             w = tl.exp(g_end - tl.load(g_ptr + rows))
         else:
@@ -172,8 +172,8 @@ if triton is not None:
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
-        ``r_i = scale^2 exp(G_i - G_start)`` and ``phi~`` the weighted query features. Programs ``0 .. NS-1``
-        write one feature step of ``S`` each, program ``NS`` writes ``Z``."""
+        ``r_i = scale^2 exp(G_i - G_start)``, ``phi~`` the weighted query features and ``delta_i = do_i . o_i``.
+        Programs ``0 .. NS-1`` write one feature step of ``S`` each, program ``NS`` writes ``Z``."""
         s = tl.program_id(0)
         n = tl.program_id(1)
         bkv = tl.program_id(2).to(tl.int64)
@@ -197,12 +197,11 @@ if triton is not None:
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
-                    w = _row_weights(G, DEN, DELTA, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE,
-                                     False, BC)
-                    phi = _features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, BLK, DK),
-                                    BC, FA, BLK, PDT, OPDT)                                      # [BC, FT]
+                    w = _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, BLK, DK),
+                                              BC, FA, BLK, PDT, OPDT))                          # [FT, BC]
                     y = tl.load(Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]).to(tl.float32)
-                    acc += _mm(tl.trans(phi), (y * w[:, None]).to(OPDT), INTERP)
+                    acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
             if BACKWARD:
                 acc = acc * (post * wab)
             fi = tl.arange(0, FT)
@@ -215,8 +214,9 @@ if triton is not None:
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
-                    w = _row_weights(G, DEN, DELTA, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE,
-                                     True, BC)
+                    w = _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    if BACKWARD:
+                        w = -w * tl.load(DELTA + xh * Tp + rows)
                     x = _cols(x_ptr, rows, 0, DK, DK)
                     accz += _mm32(tl.trans(x * w[:, None]), x)
             di = tl.arange(0, DK)
@@ -316,7 +316,7 @@ if triton is not None:
         tl.store(DEN + bh * Tp + rows, den)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, DEN, DELTA, DQ, DGQ, NC, scale,
+    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
@@ -339,31 +339,20 @@ if triton is not None:
         do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
         den = tl.load(DEN + bh * Tp + rows)
         den = tl.where(den == 0.0, 1.0, den)
-        delta = tl.load(DELTA + bh * Tp + rows)
+        # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward
+        delta = tl.sum(do.to(tl.float32) * tl.load(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :]), 1)
+        tl.store(DELTA + bh * Tp + rows, delta)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
             r = scale * scale * tl.exp(gi - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        dq = tl.zeros([BM, DK], dtype=tl.float32)
-        dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
-        for j0 in range(c0, m0 + BM, BM):
-            cols = j0 + tl.arange(0, BM)
-            kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
-            vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
-            x = _mm(q, tl.trans(kk), INTERP) * scale
-            vis = rows[:, None] >= cols[None, :]
-            if HAS_GATE:
-                ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
-            else:
-                ex = tl.where(vis, 1.0, 0.0)
-            dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
-            dg += tl.sum(dw * x * x * ex, 1)
-            dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * NC + n) * F * E
         dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
         dden = -delta / den
+        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
+        dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
         dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dqb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
         for s in range(NS):
@@ -379,7 +368,20 @@ if triton is not None:
         qz = _mm32(q32, tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
         rz = r * dden
         dg += tl.sum(qz * q32, 1) * rz
-        dq += tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
+        dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
+        for j0 in range(c0, m0 + BM, BM):
+            cols = j0 + tl.arange(0, BM)
+            kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
+            vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
+            x = _mm(q, tl.trans(kk), INTERP) * scale
+            vis = rows[:, None] >= cols[None, :]
+            if HAS_GATE:
+                ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
+            else:
+                ex = tl.where(vis, 1.0, 0.0)
+            dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
+            dg += tl.sum(dw * x * x * ex, 1)
+            dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
         tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(DGQ + bh * Tp + rows, dg)
 
@@ -411,9 +413,29 @@ if triton is not None:
             beta = tl.exp(tl.load(g_ptr + c0 + C - 1) - gj)
         else:
             beta = tl.full([BM], 1.0, tl.float32)
-        dk = tl.zeros([BM, DK], dtype=tl.float32)
+        fi = tl.arange(0, FT)
+        s_ptr = DSB + (bkv * NC + n) * F * E
+        vb = vv.to(OPDT)
+        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
         dv = tl.zeros([BM, E], dtype=tl.float32)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
+        dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+        dkb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
+        for s in range(NS):
+            ca, cb, wab = _step(STEPS, s, BLK)
+            dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+            ka = _cols(k_ptr, cols, ca, FA, DK)
+            kb = _cols(k_ptr, cols, cb, BLK, DK)
+            dv += _mm(_features(ka, kb, BM, FA, BLK, PDT, OPDT), dst, INTERP)
+            da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, BLK)
+            dg += tl.sum(da * ka, 1)
+            dka = _scatter_cols(dka, da, ca, FA, DK)
+            dkb = _scatter_cols(dkb, db, cb, BLK, DK)
+        k32 = kk.to(tl.float32)
+        kz = _mm32(k32, tl.load(DZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
+        dg = (dg + tl.sum(kz * k32, 1)) * beta
+        dk = (tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK)) + 2.0 * kz) * beta[:, None]
+        dv = dv * beta[:, None]
         for rr in range(REP):
             bh = b * HQ + kvh * REP + rr
             for i0 in range(j0, c0 + C, BM):
@@ -434,29 +456,6 @@ if triton is not None:
                 dwt = (_mm(vv, tl.trans(do), INTERP) - delta[None, :]) / den[None, :]
                 dg += tl.sum(dwt * wt, 1)
                 dk += _mm((dwt * (2.0 * scale) * xt * ex).to(OPDT), q.to(OPDT), INTERP)
-        fi = tl.arange(0, FT)
-        s_ptr = DSB + (bkv * NC + n) * F * E
-        vb = vv.to(OPDT)
-        dv_state = tl.zeros([BM, E], dtype=tl.float32)
-        gsum = tl.zeros([BM], dtype=tl.float32)
-        dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-        dkb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
-        for s in range(NS):
-            ca, cb, wab = _step(STEPS, s, BLK)
-            dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
-            ka = _cols(k_ptr, cols, ca, FA, DK)
-            kb = _cols(k_ptr, cols, cb, BLK, DK)
-            dv_state += _mm(_features(ka, kb, BM, FA, BLK, PDT, OPDT), dst, INTERP)
-            da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, BLK)
-            gsum += tl.sum(da * ka, 1)
-            dka = _scatter_cols(dka, da, ca, FA, DK)
-            dkb = _scatter_cols(dkb, db, cb, BLK, DK)
-        k32 = kk.to(tl.float32)
-        kz = _mm32(k32, tl.load(DZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
-        gsum += tl.sum(kz * k32, 1)
-        dk += (tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK)) + 2.0 * kz) * beta[:, None]
-        dv += dv_state * beta[:, None]
-        dg += gsum * beta
         tl.store(DKO + bkv * Tp * DK + cols[:, None] * DK + di[None, :], dk.to(DKO.dtype.element_ty))
         tl.store(DVO + bkv * Tp * E + cols[:, None] * E + ei[None, :], dv.to(DVO.dtype.element_ty))
         tl.store(DGK + bkv * Tp + cols, dg)
@@ -588,15 +587,15 @@ class _PowerRetentionFn(torch.autograd.Function):
                       F=g.F, NS=g.NS, INTERP=_interpreting(), OPDT=cfg.operand_type(),
                       num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
-        # delta_i = do_i . o_i from the fp32 output: with the rounded one, the cancellation in
-        # (do_i . v_j - delta_i) made dq, dk ~10x less accurate (seen: 2.4e-2 vs 1.7e-3, bf16, gated)
-        delta = (dop.float() * O32).sum(-1).contiguous()                          # [B, Hq, Tp]
-        DSB, DZB = _states(qp, dop, G, steps, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dev = qp.device
+        # delta_i = do_i . o_i, written by kernel 4 from the fp32 output: with the rounded one, the cancellation
+        # in (do_i . v_j - delta_i) made dq, dk ~10x less accurate (seen: 2.4e-2 vs 1.7e-3, bf16, gated)
+        delta = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=qp.dtype)
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, steps, SB, ZB, dop, DEN, delta, dq, dgq, g.NC, scale, **common)
+                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, g.NC, scale, **common)
+        DSB, DZB = _states(qp, dop, G, steps, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)

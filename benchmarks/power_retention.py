@@ -43,9 +43,10 @@ from longctx.mechanisms.power.recurrent import PowerState, recent_count
 
 VARIANTS = {  # the defaults and one change each (the kernel's history of variants: power_retention_notes.md)
     "default": KernelConfig(),
+    "f4": KernelConfig(feature_rows=4),
+    "fb8": KernelConfig(feature_block=8, feature_rows=8),
     "r64": KernelConfig(state_rows=64),
     "st2": KernelConfig(stages_state=2),
-    "f16s8": KernelConfig(feature_rows=16, warps_state=8),
 }
 T0 = time.time()
 

@@ -46,7 +46,10 @@ res = {
     # d = 64 (ten tiles), whole-tile feature steps, several scan programs per state, state rows < chunk
     "exact_d64_whole_tiles": case(1, 2, 1, 50, 64, 32, 32, True, torch.float16, "fp32", feature_rows=16,
                                   scan_block=256, state_rows=16),
-    # e = 128 caps the feature step at 2 values of a (a delta program's accumulator stays 256 x 64 floats)
+    # 8-wide column blocks (the symmetric power at granularity 8), two values of a per step
+    "exact_d32_blocks_of_8": case(1, 2, 2, 41, 32, 16, 16, True, torch.float16, "fp32", feature_block=8,
+                                  feature_rows=2),
+    # e = 128 caps the feature step at 8 values of a (a delta program's accumulator stays 256 x 64 floats)
     # (and six chunks: the scan folds them four at a time)
     "exact_e128": case(1, 1, 1, 90, 16, 128, 16, True, torch.float16, "fp32"),
     # the fast path: bf16 operands, as on the GPU
@@ -73,7 +76,8 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     errors = report["errors"]
-    for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_e128"):  # o, dq, dk, dv, dlog_g
+    for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_d32_blocks_of_8",
+                 "exact_e128"):  # o, dq, dk, dv (, dlog_g)
         assert max(errors[name]) < 1e-3, (name, errors[name])
     for name in ("bf16_gated_gqa", "bf16_tiny_first_weight"):  # bf16 operands: ~5e-3 typical
         assert max(errors[name]) < 3e-2, (name, errors[name])

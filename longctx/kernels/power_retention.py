@@ -1,16 +1,16 @@
 """Triton kernels for chunked power retention, deg 2, forward and backward (reference:
 ``longctx.mechanisms.power.chunk.power_retention_chunk``; oracle: ``...power.naive``).
 
-Features. ``(q . k)^2 = sum_{a,b} q_a q_b k_a k_b``. The ``d`` coordinates are cut into ``NB = d / 16`` blocks;
-for every pair of blocks ``A <= B`` one tile of 16 x 16 = 256 features ``k_a k_b`` (``a in A, b in B``, row
-``a * 16 + b`` of the tile) is kept, the query side carrying weight 1 on diagonal tiles and 2 off them.
-``NP = NB (NB + 1) / 2`` tiles: 2560 features for ``d = 64`` (the symmetric power has 2080; the 23% extra buys
-whole 16-wide tensor-core tiles). The kernels walk the features in *steps* of ``FA`` values of ``a`` (``FA * 16``
-features, contiguous in the state); a step's features are built in registers from two column blocks of the
-input, ``x_a[:, :, None] * x_b[:, None, :]`` (in bf16 when the inputs are bf16: the product of two bf16 numbers
-rounded once is what a float32 product cast to bf16 gives), and the chain rule back through a step is two
-reductions of the ``[rows, FA, 16]`` feature gradient. The normaliser's state is kept apart as the dense
-``Z = sum_j k_j k_j^T`` (``[d, d]`` float32), so ``phi(q) . z = q^T Z q``.
+Features. ``(q . k)^2 = sum_{a,b} q_a q_b k_a k_b``. The ``d`` coordinates are cut into ``NB = d / FB`` blocks
+(``FB`` = 16 or 8, ``KernelConfig.feature_block``); for every pair of blocks ``A <= B`` the ``FB x FB`` features
+``k_a k_b`` (``a in A, b in B``) are kept, the query side carrying weight 1 on diagonal pairs and 2 off them:
+``NB (NB + 1) / 2`` pairs, 2560 features for ``d = 64`` at ``FB = 16`` and 2304 at ``FB = 8`` (the symmetric
+power has 2080; the extra buys whole tensor-core tiles). The kernels walk the features in *steps* of ``FA``
+values of ``a`` (``FA * FB`` features, contiguous in the state); a step's features are built in registers from
+two column slices of the input, ``x_a[:, :, None] * x_b[:, None, :]`` (in bf16 when the inputs are bf16: the
+product of two bf16 numbers rounded once is what a float32 product cast to bf16 gives), and the chain rule back
+through a step is two reductions of the ``[rows, FA, FB]`` feature gradient. The normaliser's state is kept
+apart as the dense ``Z = sum_j k_j k_j^T`` (``[d, d]`` float32), so ``phi(q) . z = q^T Z q``.
 
 Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float32):
 
@@ -49,7 +49,6 @@ try:
 except ImportError:  # the PyTorch paths work without triton
     triton = None
 
-BLK = 16  # feature block edge: one pair tile = BLK x BLK features
 HEAD_DIMS = (16, 32, 64, 128)  # d and e: powers of two (block counts and ranges in the kernels)
 LAUNCHES: dict = {}  # name -> the last compiled kernel launched (the benchmark reads registers and spills)
 
@@ -69,15 +68,18 @@ def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch shapes (defaults: the fastest measured on an H100, ``benchmarks/power_retention_notes.md``).
-    ``block``: query/key rows per program of the chunk kernels (capped at the chunk);
-    ``state_rows``: rows per step of the state-delta kernel; ``feature_rows``: values of ``a`` per feature step
-    (8: steps of 128 features, 16: whole 256-feature tiles; capped so a delta program's fp32 accumulator stays
-    at 256 x 64); ``scan_block``: state elements per program of the scan, ``scan_unroll``: chunks it loads at once; ``warps_*``, ``stages_*``: warps and
-    software-pipelining depth of the state-delta and the chunk kernels; ``operands``: matmul operand type,
-    ``"bf16"`` (fast path) or ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the
-    interpreter: the tests use it to check every term tightly)."""
+    ``block``: query/key rows per program of the chunk kernels (capped at the chunk); ``state_rows``: rows per
+    step of the state-delta kernel; ``feature_block``: width ``FB`` of the column blocks whose pairs hold the
+    features (16: 2560 features for d = 64; 8: 2304, closer to the symmetric power's 2080, in smaller steps);
+    ``feature_rows``: values of ``a`` per feature step (a step holds ``feature_rows x FB`` features; capped so a
+    delta program's fp32 accumulator stays at 256 x 64); ``scan_block``: state elements per program of the scan,
+    ``scan_unroll``: chunks it loads at once; ``warps_*``, ``stages_*``: warps and software-pipelining depth of
+    the state-delta and the chunk kernels; ``operands``: matmul operand type, ``"bf16"`` (fast path) or
+    ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
+    check every term tightly)."""
     block: int = 64
     state_rows: int = 128
+    feature_block: int = 16
     feature_rows: int = 8
     scan_block: int = 1024
     scan_unroll: int = 4
@@ -113,7 +115,7 @@ if triton is not None:
         return tl.dot(a, b, input_precision="tf32x3")
 
     @triton.jit
-    def _step(STEPS, s, BLK: tl.constexpr):
+    def _step(STEPS, s):
         """Feature step ``s``: first column of its ``a`` values, first column of its ``b`` block, and the query
         weight (1 on diagonal tiles, 2 off them)."""
         ca = tl.load(STEPS + 3 * s)
@@ -127,18 +129,18 @@ if triton is not None:
         return tl.load(x_ptr + rows[:, None] * DK + (c0 + tl.arange(0, W))[None, :]).to(tl.float32)
 
     @triton.jit
-    def _features(xa, xb, R: tl.constexpr, FA: tl.constexpr, BLK: tl.constexpr, PDT: tl.constexpr,
+    def _features(xa, xb, R: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr, PDT: tl.constexpr,
                   OPDT: tl.constexpr):
-        """One step's features ``[R, FA*BLK]`` (column ``a*BLK + b`` is ``xa[:, a] * xb[:, b]``), multiplied in
+        """One step's features ``[R, FA*FB]`` (column ``a*FB + b`` is ``xa[:, a] * xb[:, b]``), multiplied in
         ``PDT`` and returned as matmul operands."""
         f = xa.to(PDT)[:, :, None] * xb.to(PDT)[:, None, :]
-        return tl.reshape(f, (R, FA * BLK)).to(OPDT)
+        return tl.reshape(f, (R, FA * FB)).to(OPDT)
 
     @triton.jit
-    def _fold(g, xa, xb, R: tl.constexpr, FA: tl.constexpr, BLK: tl.constexpr):
-        """Chain rule through one step: ``g [R, FA*BLK]`` (gradient of the features) -> ``dx_a [R, FA]``
-        (``sum_b g_ab x_b``) and ``dx_b [R, BLK]`` (``sum_a g_ab x_a``)."""
-        g3 = tl.reshape(g, (R, FA, BLK))
+    def _fold(g, xa, xb, R: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr):
+        """Chain rule through one step: ``g [R, FA*FB]`` (gradient of the features) -> ``dx_a [R, FA]``
+        (``sum_b g_ab x_b``) and ``dx_b [R, FB]`` (``sum_a g_ab x_a``)."""
+        g3 = tl.reshape(g, (R, FA, FB))
         return tl.sum(g3 * xb[:, None, :], 2), tl.sum(g3 * xa[:, :, None], 1)
 
     @triton.jit
@@ -166,7 +168,7 @@ if triton is not None:
     @triton.jit
     def _state_deltas(X, Y, G, STEPS, SB, ZB, DEN, DELTA, NC, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
-                      C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr,
+                      C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
                       FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
                       OPDT: tl.constexpr, PDT: tl.constexpr):
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
@@ -177,7 +179,7 @@ if triton is not None:
         s = tl.program_id(0)
         n = tl.program_id(1)
         bkv = tl.program_id(2).to(tl.int64)
-        FT: tl.constexpr = FA * BLK
+        FT: tl.constexpr = FA * FB
         REP: tl.constexpr = HQ // HKV
         NREP: tl.constexpr = REP if BACKWARD else 1
         Tp = NC * C
@@ -190,7 +192,7 @@ if triton is not None:
             g_end = tl.load(g_ptr + c0 + C - 1)
         post = scale * scale if BACKWARD else 1.0
         if s < NS:
-            ca, cb, wab = _step(STEPS, s, BLK)
+            ca, cb, wab = _step(STEPS, s)
             acc = tl.zeros([FT, E], dtype=tl.float32)
             for rr in range(NREP):
                 xh = (bkv // HKV) * HQ + (bkv % HKV) * REP + rr if BACKWARD else bkv
@@ -198,8 +200,8 @@ if triton is not None:
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
                     w = _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
-                    phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, BLK, DK),
-                                              BC, FA, BLK, PDT, OPDT))                          # [FT, BC]
+                    phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
+                                              BC, FA, FB, PDT, OPDT))                          # [FT, BC]
                     y = tl.load(Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]).to(tl.float32)
                     acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
             if BACKWARD:
@@ -256,13 +258,13 @@ if triton is not None:
     @triton.jit
     def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                  F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
                  PDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
-        FT: tl.constexpr = FA * BLK
+        FT: tl.constexpr = FA * FB
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -302,9 +304,9 @@ if triton is not None:
         s_ptr = SB + (bkv * NC + n) * F * E
         acc = tl.zeros([BM, E], dtype=tl.float32)
         for s in range(NS):  # the state entering the chunk, one feature step at a time
-            ca, cb, wab = _step(STEPS, s, BLK)
-            phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, BLK, DK),
-                            BM, FA, BLK, PDT, OPDT)
+            ca, cb, wab = _step(STEPS, s)
+            phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
+                            BM, FA, FB, PDT, OPDT)
             acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
         q32 = q.to(tl.float32)
         z = tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :])
@@ -318,12 +320,12 @@ if triton is not None:
     @triton.jit
     def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
+                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
-        FT: tl.constexpr = FA * BLK
+        FT: tl.constexpr = FA * FB
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -354,16 +356,16 @@ if triton is not None:
         # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
         dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-        dqb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
+        dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
         for s in range(NS):
-            ca, cb, wab = _step(STEPS, s, BLK)
+            ca, cb, wab = _step(STEPS, s)
             st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             g = _mm(dnum, tl.trans(st), INTERP) * (r * wab)[:, None]                    # [BM, FT]
             qa = _cols(q_ptr, rows, ca, FA, DK)
-            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, BLK, DK), BM, FA, BLK)
+            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
             dg += tl.sum(da * qa, 1)
             dqa = _scatter_cols(dqa, da, ca, FA, DK)
-            dqb = _scatter_cols(dqb, db, cb, BLK, DK)
+            dqb = _scatter_cols(dqb, db, cb, FB, DK)
         q32 = q.to(tl.float32)
         qz = _mm32(q32, tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
         rz = r * dden
@@ -388,12 +390,12 @@ if triton is not None:
     @triton.jit
     def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, BLK: tl.constexpr, FA: tl.constexpr,
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                  F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
                  PDT: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
-        FT: tl.constexpr = FA * BLK
+        FT: tl.constexpr = FA * FB
         REP: tl.constexpr = HQ // HKV
         b = bkv // HKV
         kvh = bkv % HKV
@@ -420,17 +422,17 @@ if triton is not None:
         dv = tl.zeros([BM, E], dtype=tl.float32)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
         dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-        dkb = tl.zeros([BM, DK // BLK, BLK], dtype=tl.float32)
+        dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
         for s in range(NS):
-            ca, cb, wab = _step(STEPS, s, BLK)
+            ca, cb, wab = _step(STEPS, s)
             dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             ka = _cols(k_ptr, cols, ca, FA, DK)
-            kb = _cols(k_ptr, cols, cb, BLK, DK)
-            dv += _mm(_features(ka, kb, BM, FA, BLK, PDT, OPDT), dst, INTERP)
-            da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, BLK)
+            kb = _cols(k_ptr, cols, cb, FB, DK)
+            dv += _mm(_features(ka, kb, BM, FA, FB, PDT, OPDT), dst, INTERP)
+            da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, FB)
             dg += tl.sum(da * ka, 1)
             dka = _scatter_cols(dka, da, ca, FA, DK)
-            dkb = _scatter_cols(dkb, db, cb, BLK, DK)
+            dkb = _scatter_cols(dkb, db, cb, FB, DK)
         k32 = kk.to(tl.float32)
         kz = _mm32(k32, tl.load(DZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
         dg = (dg + tl.sum(kz * k32, 1)) * beta
@@ -461,11 +463,12 @@ if triton is not None:
         tl.store(DGK + bkv * Tp + cols, dg)
 
 
-def _steps(nb: int, fa: int, device) -> Tensor:
+def _steps(nb: int, fb: int, fa: int, device) -> Tensor:
     """Feature steps as int32 ``[NS * 3]``: (first ``a`` column, first ``b`` column, query weight) for every
-    block pair ``A <= B`` and every run of ``fa`` values of ``a`` in it: the order of the state's rows."""
-    rows = [(a * BLK + a0, b * BLK, 1 if a == b else 2)
-            for a in range(nb) for b in range(a, nb) for a0 in range(0, BLK, fa)]
+    pair of ``fb``-wide column blocks ``A <= B`` and every run of ``fa`` values of ``a`` in ``A``: the order of
+    the state's rows."""
+    rows = [(a * fb + a0, b * fb, 1 if a == b else 2)
+            for a in range(nb) for b in range(a, nb) for a0 in range(0, fb, fa)]
     return torch.tensor([x for r in rows for x in r], dtype=torch.int32, device=device)
 
 
@@ -483,6 +486,7 @@ class _Geometry:
     NP: int
     BM: int
     BC: int      # rows per step of the state-delta kernel
+    FB: int      # width of a column block: a block pair holds FB x FB features
     FA: int      # values of ``a`` per feature step
 
     @property
@@ -491,11 +495,11 @@ class _Geometry:
 
     @property
     def F(self) -> int:
-        return self.NP * BLK * BLK
+        return self.NP * self.FB * self.FB
 
     @property
     def NS(self) -> int:
-        return self.NP * (BLK // self.FA)
+        return self.NP * (self.FB // self.FA)
 
 
 def _power_of_two(x: int) -> bool:
@@ -507,21 +511,30 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     Hkv, E = k.shape[1], v.shape[-1]
     C = chunk_size
     NC = max(1, -(-T // C))
-    NB = DK // BLK
-    NP = NB * (NB + 1) // 2
     for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
-                            ("feature_rows", cfg.feature_rows, 1, BLK), ("scan_block", cfg.scan_block, 16, 1 << 16),
-                            ("scan_unroll", cfg.scan_unroll, 1, 16)):
+                            ("feature_block", cfg.feature_block, 8, 16), ("scan_block", cfg.scan_block, 16, 1 << 16),
+                            ("feature_rows", cfg.feature_rows, 2, cfg.feature_block), ("scan_unroll", cfg.scan_unroll, 1, 16)):
         if not _power_of_two(x) or not lo <= x <= hi:
             raise ValueError(f"KernelConfig.{name} must be a power of two in [{lo}, {hi}], got {x}")
+    FB = min(cfg.feature_block, DK)
+    NB = DK // FB
+    NP = NB * (NB + 1) // 2
     if NC > 65535:
         raise ValueError(f"{NC} chunks exceed the kernel's grid (65535): use a larger chunk_size than {C} for T={T}")
-    FA = min(cfg.feature_rows, max(1, 256 // E))  # a delta program's accumulator: FA*16 x E <= 256 x 64 floats
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), FA)
+    FA = min(cfg.feature_rows, FB, max(2, 16384 // (FB * E)))  # a delta program's accumulator: <= 256 x 64 floats
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), FB, FA)
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
     return (x if g.Tp == g.T else F.pad(x, (0, 0, 0, g.Tp - g.T))).contiguous()
+
+
+def _cumsum(x: Tensor, c: int) -> Tensor:
+    """Inclusive cumulative sum over the last dim (a multiple of ``c``) in two levels, inside chunks of ``c`` and
+    then over the chunk totals: PyTorch's scan of a few long rows is slow (0.2 ms for 8 rows of 128K)."""
+    inner = x.unflatten(-1, (-1, c)).cumsum(-1)
+    totals = inner[..., -1]
+    return (inner + (totals.cumsum(-1) - totals)[..., None]).flatten(-2)
 
 
 def _launch(name: str, kernel, grid, *args, **kwargs) -> None:
@@ -545,7 +558,7 @@ def _states(X, Y, G, steps, den, delta, g: _Geometry, cfg: KernelConfig, scale: 
     interp, opdt = _interpreting(), cfg.operand_type()
     _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (g.NS + 1, g.NC, g.B * g.Hkv),
             X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, BACKWARD=backward,
-            HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, BLK=BLK, FA=g.FA, F=g.F, NS=g.NS, INTERP=interp,
+            HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA, F=g.F, NS=g.NS, INTERP=interp,
             OPDT=opdt, PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     for buf, L in ((SB, g.F * g.E), (ZB, g.DK * g.DK)):
         block = min(cfg.scan_block, triton.next_power_of_2(L))
@@ -561,17 +574,17 @@ class _PowerRetentionFn(torch.autograd.Function):
         qp, kp, vp = _pad(q, g), _pad(k, g), _pad(v, g)
         has_gate = log_g is not None
         if has_gate:
-            G = torch.cumsum(F.pad(log_g.float(), (0, g.Tp - g.T)), -1).contiguous()
+            G = _cumsum(F.pad(log_g.float(), (0, g.Tp - g.T)), g.C).contiguous()
         else:
             G = torch.zeros(1, device=q.device, dtype=torch.float32)
-        steps = _steps(g.NB, g.FA, q.device)
+        steps = _steps(g.NB, g.FB, g.FA, q.device)
         SB, ZB = _states(kp, vp, G, steps, None, None, g, cfg, scale, has_gate, backward=False)
         O = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=q.dtype)
         O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
                 qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
-                C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, FA=g.FA, F=g.F, NS=g.NS, INTERP=_interpreting(),
+                C=g.C, BM=g.BM, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA, F=g.F, NS=g.NS, INTERP=_interpreting(),
                 OPDT=cfg.operand_type(), PDT=_product_type(q, cfg), num_warps=cfg.warps_chunk,
                 num_stages=cfg.stages_chunk)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, steps)
@@ -583,7 +596,7 @@ class _PowerRetentionFn(torch.autograd.Function):
     def backward(ctx, do):
         qp, kp, vp, G, O32, DEN, SB, ZB, steps = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
-        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, BLK=BLK, FA=g.FA,
+        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA,
                       F=g.F, NS=g.NS, INTERP=_interpreting(), OPDT=cfg.operand_type(),
                       num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
@@ -605,7 +618,7 @@ class _PowerRetentionFn(torch.autograd.Function):
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
             dG = dgq.view(g.B, g.Hkv, g.Hq // g.Hkv, g.Tp).sum(2).double() - dgk.double()   # [B, Hkv, Tp]
-            dlog_g = dG.flip(-1).cumsum(-1).flip(-1)[..., :g.T].to(ctx.log_g_dtype)
+            dlog_g = (dG + dG.sum(-1, keepdim=True) - _cumsum(dG, g.C))[..., :g.T].to(ctx.log_g_dtype)  # from the end
         T = g.T
         return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dlog_g, None, None, None
 

@@ -36,6 +36,7 @@ weights need bf16's range), accumulation fp32; products with ``Z`` run in fp32 (
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -463,10 +464,11 @@ if triton is not None:
         tl.store(DGK + bkv * Tp + cols, dg)
 
 
-def _steps(nb: int, fb: int, fa: int, device) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _steps(nb: int, fb: int, fa: int, device: torch.device) -> Tensor:
     """Feature steps as int32 ``[NS * 3]``: (first ``a`` column, first ``b`` column, query weight) for every
     pair of ``fb``-wide column blocks ``A <= B`` and every run of ``fa`` values of ``a`` in ``A``: the order of
-    the state's rows."""
+    the state's rows. Cached: a host-to-device copy per call would wait for the queued work."""
     rows = [(a * fb + a0, b * fb, 1 if a == b else 2)
             for a in range(nb) for b in range(a, nb) for a0 in range(0, fb, fa)]
     return torch.tensor([x for r in rows for x in r], dtype=torch.int32, device=device)

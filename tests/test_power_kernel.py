@@ -49,8 +49,8 @@ res = {
     # 8-wide column blocks (the symmetric power at granularity 8), two values of a per step
     "exact_d32_blocks_of_8": case(1, 2, 2, 41, 32, 16, 16, True, torch.float16, "fp32", feature_block=8,
                                   feature_rows=2),
-    # e = 128 caps the feature step at 8 values of a (a delta program's accumulator stays 256 x 64 floats)
-    # (and six chunks: the scan folds them four at a time)
+    # e = 128, the widest values (a delta program's accumulator is 128 features x 128), and six chunks (the
+    # scan folds them four at a time)
     "exact_e128": case(1, 1, 1, 90, 16, 128, 16, True, torch.float16, "fp32"),
     # the fast path: bf16 operands, as on the GPU
     "bf16_gated_gqa": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16"),

@@ -118,7 +118,7 @@ if triton is not None:
     @triton.jit
     def _step(STEPS, s):
         """Feature step ``s``: first column of its ``a`` values, first column of its ``b`` block, and the query
-        weight (1 on diagonal tiles, 2 off them)."""
+        weight (1 on diagonal block pairs, 2 off them)."""
         ca = tl.load(STEPS + 3 * s)
         cb = tl.load(STEPS + 3 * s + 1)
         w = tl.load(STEPS + 3 * s + 2).to(tl.float32)

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import json, sys, torch
-from longctx.kernels.power_retention import KernelConfig, power_retention_triton
+from longctx.kernels.power_retention import KernelConfig, kernel_applies, power_retention_triton
 from longctx.mechanisms.power import power_retention, power_retention_chunk
 g = torch.Generator().manual_seed(int(sys.argv[1]))
 
@@ -59,12 +59,14 @@ res = {
 errors = {}
 q = torch.randn(1, 2, 8, 24).half()
 for label, call in [("d=24", lambda: power_retention_triton(q, q, q)),
-                    ("chunk=48", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=48))]:
+                    ("chunk=48", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=48)),
+                    ("grid", lambda: power_retention_triton(*[torch.zeros(65536, 1, 2, 16).half()] * 3, chunk_size=16))]:
     try:
         call()
     except ValueError as err:
         errors[label] = str(err)
-print(json.dumps({"errors": res, "refused": errors}))
+big = torch.zeros(65536, 1, 2, 16).half()
+print(json.dumps({"errors": res, "refused": errors, "applies_to_big_batch": kernel_applies(big, big, big, 2, 16)}))
 """
 
 
@@ -83,6 +85,8 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen):
         assert max(errors[name]) < 3e-2, (name, errors[name])
     assert "head dims d, e in (16, 32, 64, 128)" in report["refused"]["d=24"]
     assert "chunk_size=48" in report["refused"]["chunk=48"]
+    assert "65536 exceeds the kernel's grid" in report["refused"]["grid"]
+    assert report["applies_to_big_batch"] is False  # power_retention falls back to the PyTorch chunked form
 
 
 def torch_seed(gen) -> int:

@@ -58,12 +58,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -> bool:
-    """Whether ``power_retention_triton`` can run these inputs (device: CUDA, or CPU under the interpreter)."""
+GRID_MAX = 65535  # launch grid limit of the 2nd / 3rd dimension: chunks, batch x heads
+
+
+def _supported(q: Tensor, v: Tensor, deg: int, chunk_size: int) -> bool:
     d, e = q.shape[-1], v.shape[-1]
     chunk_ok = chunk_size in (16, 32) or (chunk_size > 0 and chunk_size % 64 == 0)
     return (triton is not None and (q.is_cuda or _interpreting()) and deg == 2
             and q.dtype in (torch.float16, torch.bfloat16) and d in HEAD_DIMS and e in HEAD_DIMS and chunk_ok)
+
+
+def kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int) -> bool:
+    """Whether ``power_retention_triton`` can run these inputs (device: CUDA, or CPU under the interpreter; the
+    chunks and batch x heads within the launch grid)."""
+    return (_supported(q, v, deg, chunk_size) and -(-q.shape[2] // chunk_size) <= GRID_MAX
+            and q.shape[0] * q.shape[1] <= GRID_MAX)
 
 
 @dataclass(frozen=True)
@@ -521,8 +530,12 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     FB = min(cfg.feature_block, DK)
     NB = DK // FB
     NP = NB * (NB + 1) // 2
-    if NC > 65535:
-        raise ValueError(f"{NC} chunks exceed the kernel's grid (65535): use a larger chunk_size than {C} for T={T}")
+    if NC > GRID_MAX:
+        raise ValueError(f"{NC} chunks exceed the kernel's grid ({GRID_MAX}): use a larger chunk_size than {C} "
+                         f"for T={T}")
+    if B * Hq > GRID_MAX:
+        raise ValueError(f"batch x query heads = {B} x {Hq} = {B * Hq} exceeds the kernel's grid ({GRID_MAX}): "
+                         f"split the batch")
     FA = min(cfg.feature_rows, FB, max(2, 16384 // (FB * E)))  # a delta program's accumulator: <= 256 x 64 floats
     return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), FB, FA)
 
@@ -634,7 +647,7 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
     """
     from ..attention import check_qkv
     from ..mechanisms.power.naive import check_gate, default_scale
-    if not kernel_applies(q, k, v, 2, chunk_size):
+    if not _supported(q, v, 2, chunk_size):
         raise ValueError(f"power_retention_triton needs triton, CUDA (or TRITON_INTERPRET=1), fp16/bf16 inputs, "
                          f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")

@@ -134,8 +134,9 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
     fits = kernel_applies(q, k, v, deg, chunk_size)
     if use_kernel and not fits:
         raise ValueError("use_kernel=True: the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, "
-                         "fp16/bf16 q/k/v, head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple "
-                         f"of 64; got deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}")
+                         "fp16/bf16 q/k/v, head dims d, e in (16, 32, 64, 128), chunk_size 16, 32 or a multiple "
+                         "of 64, and at most 65535 chunks and 65535 batch x heads; got "
+                         f"deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}, shape {tuple(q.shape)}")
     if use_kernel or (use_kernel is None and fits and q.is_cuda):
         return power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale)
     return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)

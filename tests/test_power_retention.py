@@ -9,6 +9,7 @@ from conftest import rel_err
 from longctx.mechanisms import build_mechanism, registered, tensor_bytes
 from longctx.mechanisms.power import (expanded_dim, init_power_state, power_retention, power_retention_chunk,
                                       power_retention_naive, power_retention_step, sympow)
+from longctx.mechanisms.power import mechanism as power_mechanism
 from longctx.mechanisms.power.recurrent import recent_count
 from longctx.model import GPT, GPTConfig
 from longctx.rope import apply_rope
@@ -172,8 +173,9 @@ def test_rotary_option_equals_rotating_first(gen):
 
 
 @pytest.mark.parametrize("name", ["power", "power4"])
-def test_mechanism_long_input_uses_the_chunked_form(name, gen):
+def test_mechanism_long_input_uses_the_chunked_form(name, gen, monkeypatch):
     """Longer than switch_over: chunked (with the learned per-head decay) == naive with the same gate."""
+    monkeypatch.setattr(power_mechanism, "QUADRATIC_MAX_TOKENS", 0)  # the chunked form past switch_over
     m = build_mechanism(name, 4, 2, 16, switch_over=32, chunk_size=16).double()
     q, k, v, _ = inputs(gen, T=50, d=16, e=16)
     log_g = m._log_g(q, 50)
@@ -181,6 +183,25 @@ def test_mechanism_long_input_uses_the_chunked_form(name, gen):
     assert rel_err(m(q, k, v), power_retention_naive(q, k, v, log_g, m.deg)) < 1e-12
     (m(q, k, v) ** 2).sum().backward()
     assert m.decay_logit.grad is not None and m.decay_logit.grad.abs().sum() > 0
+
+
+def test_forward_takes_the_quadratic_form_while_it_is_cheaper(gen, monkeypatch):
+    """Past switch_over (and without the kernel) the quadratic form runs while ``T (d + e)`` is at most
+    ``4 D e + c (d + e)`` (d = e = 16, deg 2: D = 136, T <= 304) and T <= QUADRATIC_MAX_TOKENS."""
+    assert power_mechanism.prefers_quadratic(304, 16, 16, 2, 32)
+    assert not power_mechanism.prefers_quadratic(305, 16, 16, 2, 32)
+    assert power_mechanism.prefers_quadratic(4096, 16, 16, 4, 64)          # deg 4: D = 3876
+    assert not power_mechanism.prefers_quadratic(4097, 16, 16, 4, 64)      # past the memory cap
+    m = build_mechanism("power", 4, 2, 16).double()                        # switch_over 64, chunk 32
+    chunked = []
+    real = power_mechanism.power_retention
+    monkeypatch.setattr(power_mechanism, "power_retention",
+                        lambda q, *a, **kw: chunked.append(q.shape[2]) or real(q, *a, **kw))
+    for T, expect in [(128, []), (320, [320])]:
+        q, k, v, _ = inputs(gen, T=T, d=16, e=16)
+        assert rel_err(m(q, k, v), power_retention_naive(q, k, v, m._log_g(q, T), 2)) < 1e-12
+        assert chunked == expect
+        chunked.clear()
 
 
 def test_registered_with_documented_defaults():

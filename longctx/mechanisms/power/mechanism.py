@@ -8,8 +8,10 @@ standalone functions (``power_retention``, ``power_retention_step``) take any pe
 Rotary. The GPT applies RoPE before calling the mechanism, so ``rotary`` is off by default; ``rotary=True``
 rotates ``q, k`` here (positions ``0..T-1`` in ``forward``, ``seen..`` in ``step``) for standalone use.
 
-Parallel form. Sequences of at most ``switch_over`` tokens use the quadratic form (cheaper there, and the
-same function); longer ones the chunked form, through the Triton kernel on CUDA for deg 2 in fp16/bf16.
+Parallel form. The Triton kernel wherever it applies (CUDA, deg 2, fp16/bf16) for sequences longer than
+``switch_over``; otherwise the quadratic form (the same function) while it costs fewer flops than the chunked one
+(``T (d + e) <= 4 D e + c (d + e)`` a query, ``D`` the expanded dim) and at most ``QUADRATIC_MAX_TOKENS`` (its
+``T x T`` weights), and the chunked form beyond (``prefers_quadratic``).
 Defaults suit the CPU bench's tiny GPT (head_dim 16, block 128): ``power`` folds after 64 tokens in chunks
 of 32 (its state, 136 x 17 floats per KV head, equals about 72 tokens of K/V at head_dim 16); ``power4``'s
 state is 3876 x 17 floats per KV head (about 2000 tokens of K/V), so it stays on plain K/V up to 1024 tokens
@@ -23,14 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...kernels.power_retention import kernel_applies
 from ...rope import apply_rope
 from ..base import Mechanism, register
 from .chunk import power_retention
-from .expand import check_deg
+from .expand import check_deg, expanded_dim
 from .naive import power_retention_naive
 from .recurrent import PowerState, check_schedule, init_power_state, power_retention_step, power_state_bytes
 
 GATES = ("decay", "none")
+QUADRATIC_MAX_TOKENS = 4096  # the quadratic form's [B, H, T, T] weights stay small below this
+
+
+def prefers_quadratic(T: int, d: int, e: int, deg: int, chunk_size: int) -> bool:
+    """Whether the quadratic form costs fewer flops a query than the chunked one (``T (d + e)`` against
+    ``4 D e + c (d + e)``), within ``QUADRATIC_MAX_TOKENS``."""
+    return T <= QUADRATIC_MAX_TOKENS and T * (d + e) <= 4 * expanded_dim(d, deg) * e + chunk_size * (d + e)
+
 
 
 @register("power4", deg=4, chunk_size=64, switch_over=1024)
@@ -72,7 +83,10 @@ class PowerRetention(Mechanism):
         T = q.shape[2]
         q, k = self._rotate(q, k, 0)
         log_g = self._log_g(q, T)
-        if T <= self.switch_over:
+        kernel = self.use_kernel or (self.use_kernel is None and q.is_cuda
+                                     and kernel_applies(q, k, v, self.deg, self.chunk_size))
+        if T <= self.switch_over or (not kernel and prefers_quadratic(T, q.shape[-1], v.shape[-1], self.deg,
+                                                                       self.chunk_size)):
             return power_retention_naive(q, k, v, log_g, self.deg, self.scale)
         return power_retention(q, k, v, log_g, self.deg, self.chunk_size, self.scale, use_kernel=self.use_kernel)
 

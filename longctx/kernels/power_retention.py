@@ -160,7 +160,21 @@ if triton is not None:
         return acc + dx[:, None, :] * hit[None, :, None]
 
     @triton.jit
-    def _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
+    def _x_head(bkv, rr, HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr):
+        """The ``rr``-th query head of KV head ``bkv`` (``BACKWARD``; in ``_state_deltas`` then ``X = Q``), or
+        ``bkv`` itself (the forward's ``X = K``)."""
+        if BACKWARD:
+            return (bkv // HKV) * HQ + (bkv % HKV) * (HQ // HKV) + rr
+        return bkv
+
+    @triton.jit
+    def _z_offsets(bkv, n, NC, DK: tl.constexpr):
+        """Offsets of the ``[DK, DK]`` normaliser state of KV head ``bkv`` at chunk ``n`` in ``[B*Hkv, NC, DK, DK]``."""
+        di = tl.arange(0, DK)
+        return ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]
+
+    @triton.jit
+    def _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
                      HAS_GATE: tl.constexpr, BC: tl.constexpr):
         """Per-row weights of the state contributions (see ``_state_deltas``; without the ``-delta`` of ``dZ``),
         ``[BC]`` float32."""
@@ -190,8 +204,7 @@ if triton is not None:
         n = tl.program_id(1)
         bkv = tl.program_id(2).to(tl.int64)
         FT: tl.constexpr = FA * FB
-        REP: tl.constexpr = HQ // HKV
-        NREP: tl.constexpr = REP if BACKWARD else 1
+        NREP: tl.constexpr = HQ // HKV if BACKWARD else 1
         Tp = NC * C
         c0 = n * C
         g_ptr = G + bkv * Tp
@@ -201,15 +214,16 @@ if triton is not None:
             g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
             g_end = tl.load(g_ptr + c0 + C - 1)
         post = scale * scale if BACKWARD else 1.0
+        # S and Z accumulate over the same rows, but Triton needs one accumulator shape per branch
         if s < NS:
             ca, cb, wab = _step(STEPS, s)
             acc = tl.zeros([FT, E], dtype=tl.float32)
             for rr in range(NREP):
-                xh = (bkv // HKV) * HQ + (bkv % HKV) * REP + rr if BACKWARD else bkv
+                xh = _x_head(bkv, rr, HQ, HKV, BACKWARD)
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
-                    w = _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    w = _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
                     phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
                                               BC, FA, FB, PDT, OPDT))                          # [FT, BC]
                     y = tl.load(Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]).to(tl.float32)
@@ -222,17 +236,16 @@ if triton is not None:
         else:
             accz = tl.zeros([DK, DK], dtype=tl.float32)
             for rr in range(NREP):
-                xh = (bkv // HKV) * HQ + (bkv % HKV) * REP + rr if BACKWARD else bkv
+                xh = _x_head(bkv, rr, HQ, HKV, BACKWARD)
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
-                    w = _row_weights(G, DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    w = _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
                     if BACKWARD:
                         w = -w * tl.load(DELTA + xh * Tp + rows)
                     x = _cols(x_ptr, rows, 0, DK, DK)
                     accz += _mm32(tl.trans(x * w[:, None]), x)
-            di = tl.arange(0, DK)
-            tl.store(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :], accz * post)
+            tl.store(ZB + _z_offsets(bkv, n, NC, DK), accz * post)
 
     @triton.jit
     def _scan(BUF, G, NC, L, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
@@ -319,7 +332,7 @@ if triton is not None:
                             BM, FA, FB, PDT, OPDT)
             acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
         q32 = q.to(tl.float32)
-        z = tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :])
+        z = tl.load(ZB + _z_offsets(bkv, n, NC, DK))
         num += acc * r[:, None]
         den += tl.sum(_mm32(q32, z) * q32, 1) * r
         o = num / tl.where(den == 0.0, 1.0, den)[:, None]
@@ -377,7 +390,7 @@ if triton is not None:
             dqa = _scatter_cols(dqa, da, ca, FA, DK)
             dqb = _scatter_cols(dqb, db, cb, FB, DK)
         q32 = q.to(tl.float32)
-        qz = _mm32(q32, tl.load(ZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
+        qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n, NC, DK)))
         rz = r * dden
         dg += tl.sum(qz * q32, 1) * rz
         dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
@@ -406,9 +419,6 @@ if triton is not None:
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         FT: tl.constexpr = FA * FB
-        REP: tl.constexpr = HQ // HKV
-        b = bkv // HKV
-        kvh = bkv % HKV
         Tp = NC * C
         j0 = pid_n * BM
         n = j0 // C
@@ -444,12 +454,12 @@ if triton is not None:
             dka = _scatter_cols(dka, da, ca, FA, DK)
             dkb = _scatter_cols(dkb, db, cb, FB, DK)
         k32 = kk.to(tl.float32)
-        kz = _mm32(k32, tl.load(DZB + ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]))
+        kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC, DK)))
         dg = (dg + tl.sum(kz * k32, 1)) * beta
         dk = (tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK)) + 2.0 * kz) * beta[:, None]
         dv = dv * beta[:, None]
-        for rr in range(REP):
-            bh = b * HQ + kvh * REP + rr
+        for rr in range(HQ // HKV):
+            bh = _x_head(bkv, rr, HQ, HKV, True)
             for i0 in range(j0, c0 + C, BM):
                 rows = i0 + tl.arange(0, BM)
                 q = tl.load(Q + bh * Tp * DK + rows[:, None] * DK + di[None, :])

@@ -130,13 +130,20 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
     if rotary_base is not None:
         pos = torch.arange(q.shape[2], device=q.device) if positions is None else positions
         q, k = apply_rope(q, pos, rotary_base), apply_rope(k, pos, rotary_base)
-    from ...kernels.power_retention import kernel_applies, power_retention_triton
+    if takes_kernel(q, k, v, deg, chunk_size, use_kernel):
+        from ...kernels.power_retention import power_retention_triton
+        return power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale)
+    return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
+
+
+def takes_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int, use_kernel: bool | None) -> bool:
+    """Whether ``power_retention`` runs these inputs through the Triton kernel: ``use_kernel=True`` (an error
+    where the kernel does not apply), or ``None`` and the kernel applies on CUDA."""
+    from ...kernels.power_retention import GRID_MAX, kernel_applies
     fits = kernel_applies(q, k, v, deg, chunk_size)
     if use_kernel and not fits:
         raise ValueError("use_kernel=True: the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, "
                          "fp16/bf16 q/k/v, head dims d, e in (16, 32, 64, 128), chunk_size 16, 32 or a multiple "
-                         "of 64, and at most 65535 chunks and 65535 batch x heads; got "
+                         f"of 64, and at most {GRID_MAX} chunks and {GRID_MAX} batch x heads; got "
                          f"deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}, shape {tuple(q.shape)}")
-    if use_kernel or (use_kernel is None and fits and q.is_cuda):
-        return power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale)
-    return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
+    return bool(use_kernel) or (use_kernel is None and fits and q.is_cuda)

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels.power_retention import kernel_applies
 from ...rope import apply_rope
 from ..base import Mechanism, register
-from .chunk import power_retention
+from .chunk import power_retention, takes_kernel
 from .expand import check_deg, expanded_dim
 from .naive import power_retention_naive
 from .recurrent import PowerState, check_schedule, init_power_state, power_retention_step, power_state_bytes
@@ -83,10 +82,8 @@ class PowerRetention(Mechanism):
         T = q.shape[2]
         q, k = self._rotate(q, k, 0)
         log_g = self._log_g(q, T)
-        kernel = self.use_kernel or (self.use_kernel is None and q.is_cuda
-                                     and kernel_applies(q, k, v, self.deg, self.chunk_size))
-        if T <= self.switch_over or (not kernel and prefers_quadratic(T, q.shape[-1], v.shape[-1], self.deg,
-                                                                       self.chunk_size)):
+        if T <= self.switch_over or (not takes_kernel(q, k, v, self.deg, self.chunk_size, self.use_kernel)
+                                     and prefers_quadratic(T, q.shape[-1], v.shape[-1], self.deg, self.chunk_size)):
             return power_retention_naive(q, k, v, log_g, self.deg, self.scale)
         return power_retention(q, k, v, log_g, self.deg, self.chunk_size, self.scale, use_kernel=self.use_kernel)
 

@@ -283,7 +283,7 @@ if triton is not None:
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                  BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                  F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                 PDT: tl.constexpr):
+                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -307,7 +307,7 @@ if triton is not None:
             r = scale * scale * tl.exp(gi - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        for j0 in range(c0, m0 + BM, BM):  # inside the chunk: keys c0 .. m0 + BM - 1
+        for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
@@ -326,7 +326,7 @@ if triton is not None:
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * NC + n) * F * E
         acc = tl.zeros([BM, E], dtype=tl.float32)
-        for s in range(NS):  # the state entering the chunk, one feature step at a time
+        for s in tl.range(NS, num_stages=LOOP_STAGES):  # the state entering the chunk, one feature step at a time
             ca, cb, wab = _step(STEPS, s)
             phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
                             BM, FA, FB, PDT, OPDT)
@@ -344,7 +344,8 @@ if triton is not None:
     def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
-                F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr):
+                F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -380,7 +381,7 @@ if triton is not None:
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
         dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in range(NS):
+        for s in tl.range(NS, num_stages=LOOP_STAGES):
             ca, cb, wab = _step(STEPS, s)
             st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             g = _mm(dnum, tl.trans(st), INTERP) * (r * wab)[:, None]                    # [BM, FT]
@@ -394,7 +395,7 @@ if triton is not None:
         rz = r * dden
         dg += tl.sum(qz * q32, 1) * rz
         dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
-        for j0 in range(c0, m0 + BM, BM):
+        for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
@@ -415,7 +416,7 @@ if triton is not None:
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                  BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                  F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                 PDT: tl.constexpr):
+                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         FT: tl.constexpr = FA * FB
@@ -443,7 +444,7 @@ if triton is not None:
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
         dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in range(NS):
+        for s in tl.range(NS, num_stages=LOOP_STAGES):
             ca, cb, wab = _step(STEPS, s)
             dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             ka = _cols(k_ptr, cols, ca, FA, DK)
@@ -460,7 +461,7 @@ if triton is not None:
         dv = dv * beta[:, None]
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)
-            for i0 in range(j0, c0 + C, BM):
+            for i0 in tl.range(j0, c0 + C, BM, num_stages=LOOP_STAGES):
                 rows = i0 + tl.arange(0, BM)
                 q = tl.load(Q + bh * Tp * DK + rows[:, None] * DK + di[None, :])
                 do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
@@ -514,6 +515,12 @@ class _Geometry:
     def Tp(self) -> int:
         return self.NC * self.C
 
+    def loop_stages(self, cfg: "KernelConfig") -> int:
+        """Pipeline stages of the chunk kernels' loops (feature steps, blocks inside the chunk): 1 where a chunk
+        is one block. Pipelined there, both loops faulted with an illegal address (H100, triton 3.6, chunk 64,
+        d 16 and 32, 3 stages, 4 warps; fine with 1 stage); the in-chunk loop then has a single trip anyway."""
+        return 1 if self.C == self.BM else cfg.stages_chunk
+
     @property
     def F(self) -> int:
         return self.NP * self.FB * self.FB
@@ -547,7 +554,12 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         raise ValueError(f"batch x query heads = {B} x {Hq} = {B * Hq} exceeds the kernel's grid ({GRID_MAX}): "
                          f"split the batch")
     FA = min(cfg.feature_rows, FB, max(2, 16384 // (FB * E)))  # a delta program's accumulator: <= 256 x 64 floats
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, min(cfg.block, C), min(cfg.state_rows, C), FB, FA)
+    BM = min(cfg.block, C)
+    if BM == C >= 64 and DK <= 32:
+        # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
+        # triton 3.6, compute-sanitizer; at any pipeline depth): two blocks per chunk instead
+        BM = C // 2
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, FA)
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
@@ -610,8 +622,8 @@ class _PowerRetentionFn(torch.autograd.Function):
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
                 qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
                 C=g.C, BM=g.BM, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA, F=g.F, NS=g.NS, INTERP=_interpreting(),
-                OPDT=cfg.operand_type(), PDT=_product_type(q, cfg), num_warps=cfg.warps_chunk,
-                num_stages=cfg.stages_chunk)
+                OPDT=cfg.operand_type(), PDT=_product_type(q, cfg), LOOP_STAGES=g.loop_stages(cfg),
+                num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, steps)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
@@ -623,7 +635,7 @@ class _PowerRetentionFn(torch.autograd.Function):
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
         common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA,
                       F=g.F, NS=g.NS, INTERP=_interpreting(), OPDT=cfg.operand_type(),
-                      num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
+                      LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
         dev = qp.device
         # delta_i = do_i . o_i, written by kernel 4 from the fp32 output: with the rounded one, the cancellation

@@ -217,7 +217,8 @@ def matmul_ceiling() -> float:
 
 def decode_section(args, results, deadline):
     """One-token decode steps from a state standing for ``N`` tokens of context (random S, z and the recent
-    tokens the schedule keeps at N), averaged over ``chunk`` steps (so one fold is included), batch 1."""
+    tokens the schedule keeps at N), averaged over ``chunk`` steps (so one fold is included), batch 1: through
+    the Triton decode kernel and through the eager PyTorch step, checked against each other."""
     H, d, c = args.heads, args.head_dim, args.chunk
     mech = build_mechanism("power", H, H, d, chunk_size=c, switch_over=1024).to(DEVICE)
     D = expanded_dim(d, 2)
@@ -233,26 +234,36 @@ def decode_section(args, results, deadline):
                         seen=N)
         xs = torch.randn(c, 3, 1, H, 1, d, device=DEVICE, dtype=torch.bfloat16)
 
-        def steps():
-            s = st
+        def steps(use_kernel):
+            mech.use_kernel = use_kernel
+            s, outs = st, []
             for i in range(c):
-                _, s = mech.step(xs[i, 0], xs[i, 1], xs[i, 2], s)
-            return s
+                o, s = mech.step(xs[i, 0], xs[i, 1], xs[i, 2], s)
+                outs.append(o)
+            return s, torch.cat(outs, 2)
+
+        timed = {}
         with torch.no_grad():
-            steps()
-            sync()
-            t0 = time.perf_counter()
-            end = steps()
-            sync()
-            ms = (time.perf_counter() - t0) * 1000 / c
+            for name, use_kernel in (("kernel", None), ("eager", False)):
+                steps(use_kernel)
+                sync()
+                t0 = time.perf_counter()
+                end, out = steps(use_kernel)
+                sync()
+                timed[name] = ((time.perf_counter() - t0) * 1000 / c, out)
+            mech.use_kernel = None
+            ms, eager_ms = timed["kernel"][0], timed["eager"][0]
             kv = torch.randn(2, 1, H, N, d, device=DEVICE, dtype=torch.bfloat16)
             qd = torch.randn(1, H, 1, d, device=DEVICE, dtype=torch.bfloat16)
             full_ms = bench(lambda: F.scaled_dot_product_attention(qd, kv[0], kv[1]), 50)
-        row = {"context": N, "power_step_ms": ms, "power_state_bytes": mech.state_bytes(N, 1, torch.bfloat16),
+        row = {"context": N, "power_step_ms": ms, "power_step_eager_ms": eager_ms,
+               "kernel_vs_eager_rel_err": rel(timed["kernel"][1], timed["eager"][1]),
+               "power_state_bytes": mech.state_bytes(N, 1, torch.bfloat16),
                "power_state_bytes_measured_after": tensor_bytes(end), "recent_tokens": R,
                "full_attention_sdpa_ms": full_ms, "kv_cache_bytes": 2 * H * N * d * 2}
         rows.append(row)
-        log(f"decode N={N}: power {ms:.3f} ms/token, state {row['power_state_bytes'] / 2**20:.2f} MiB | "
+        log(f"decode N={N}: power {ms:.3f} ms/token (eager {eager_ms:.3f}, rel diff "
+            f"{row['kernel_vs_eager_rel_err']:.1e}), state {row['power_state_bytes'] / 2**20:.2f} MiB | "
               f"full-attention SDPA {full_ms:.3f} ms, KV {row['kv_cache_bytes'] / 2**20:.0f} MiB")
         del kv
     results["decode"] = {"batch": 1, "heads": H, "head_dim": d, "deg": 2, "chunk_size": c, "switch_over": 1024,

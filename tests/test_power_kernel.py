@@ -70,7 +70,7 @@ print(json.dumps({"errors": res, "refused": errors, "applies_to_big_batch": kern
 """
 
 
-def test_kernel_matches_chunked_reference_under_interpreter(gen):
+def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpreter):
     seed = int(torch_seed(gen))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     run = subprocess.run([sys.executable, "-c", CHECK, str(seed)], capture_output=True, text=True, env=env,

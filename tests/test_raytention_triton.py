@@ -44,7 +44,7 @@ print("worst", worst)
 """
 
 
-def test_triton_forward_matches_naive_under_interpreter(gen):
+def test_triton_forward_matches_naive_under_interpreter(gen, triton_interpreter):
     seed = int(__import__("torch").randint(0, 2**31 - 1, (), generator=gen))
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ rotates ``q, k`` here (positions ``0..T-1`` in ``forward``, ``seen..`` in ``step
 Parallel form. The Triton kernel wherever it applies (CUDA, deg 2, fp16/bf16) for sequences longer than
 ``switch_over``; otherwise the quadratic form (the same function) while it costs fewer flops than the chunked one
 (``T (d + e) <= 4 D e + c (d + e)`` a query, ``D`` the expanded dim) and at most ``QUADRATIC_MAX_TOKENS`` (its
-``T x T`` weights), and the chunked form beyond (``prefers_quadratic``).
+``T x T`` weights), and the chunked form beyond (``prefers_quadratic``). Decoding one token at a time: the
+Triton decode kernel wherever it applies (CUDA, deg 2), the PyTorch recurrent form otherwise.
 Defaults suit the CPU bench's tiny GPT (head_dim 16, block 128): ``power`` folds after 64 tokens in chunks
 of 32 (its state, 136 x 17 floats per KV head, equals about 72 tokens of K/V at head_dim 16); ``power4``'s
 state is 3876 x 17 floats per KV head (about 2000 tokens of K/V), so it stays on plain K/V up to 1024 tokens
@@ -95,7 +96,7 @@ class PowerRetention(Mechanism):
         self.check(q, k, v, context_len=state.seen + q.shape[2])
         q, k = self._rotate(q, k, state.seen)
         return power_retention_step(q, k, v, state, self._log_g(q, q.shape[2]), self.deg, self.scale,
-                                    self.chunk_size, self.switch_over)
+                                    self.chunk_size, self.switch_over, use_kernel=self.use_kernel)
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         return power_state_bytes(context_len, batch, self.n_kv_head, self.head_dim, self.head_dim, self.deg,

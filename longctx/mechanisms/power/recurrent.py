@@ -97,9 +97,22 @@ def _fold(state: PowerState, n: int, deg: int) -> PowerState:
     return PowerState(state.k[:, :, n:], state.v[:, :, n:], g, S, z, state.seen)
 
 
+def takes_decode_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, use_kernel: bool | None) -> bool:
+    """Whether a one-token piece runs through the Triton decode kernel: ``use_kernel=True`` (an error where it
+    does not apply), or ``None`` and it applies on CUDA."""
+    from ...kernels.power_decode import decode_kernel_applies
+    fits = decode_kernel_applies(q, k, v, deg)
+    if use_kernel and not fits:
+        raise ValueError("use_kernel=True: the decode kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, one "
+                         "new token, fp16/bf16/fp32 inputs and head dims d, e in (16, 32, 64, 128); got "
+                         f"deg={deg}, {q.dtype} on {q.device}, q {tuple(q.shape)}, v {tuple(v.shape)}")
+    return bool(use_kernel) or (use_kernel is None and fits and q.is_cuda)
+
+
 def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerState, deg: int,
-           scale: float) -> tuple[Tensor, PowerState]:
-    """Outputs of ``T_p`` new tokens that need no fold among them, and the state with them appended."""
+           scale: float, use_kernel: bool | None = False) -> tuple[Tensor, PowerState]:
+    """Outputs of ``T_p`` new tokens that need no fold among them, and the state with them appended (one token
+    through the Triton decode kernel where ``takes_decode_kernel``)."""
     ct = compute_dtype(q.dtype)
     B, Hq, Tp, _ = q.shape
     Hkv = k.shape[1]
@@ -108,6 +121,10 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
     if state.g is not None:
         last = state.g[:, :, -1:] if state.g.shape[2] else state.g.new_zeros(B, Hkv, 1)
         g = torch.cat([state.g, last + torch.cumsum(log_g.to(ct), -1)], 2)
+    if Tp == 1 and takes_decode_kernel(q, k, v, deg, use_kernel):
+        from ...kernels.power_decode import power_decode_step_triton
+        out = power_decode_step_triton(q, keys, vals, g, state.S, state.z, scale)
+        return out, PowerState(keys, vals, g, state.S, state.z, state.seen + 1)
     qg = group_queries(q.to(ct), Hkv)                                             # [B, Hkv, R, Tp, d]
     gq = None if g is None else g[:, :, -Tp:]
     w = power_weights(qg, keys.to(ct), gq, g, deg, scale)                         # [B, Hkv, R, Tp, Tk]
@@ -125,10 +142,11 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
 
 def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log_g: Tensor | None = None,
                          deg: int = 2, scale: float | None = None, chunk_size: int = 64,
-                         switch_over: int = 128) -> tuple[Tensor, PowerState]:
+                         switch_over: int = 128, use_kernel: bool | None = None) -> tuple[Tensor, PowerState]:
     """Consume ``T_new >= 1`` tokens: ``q [B,Hq,T_new,d]``, ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]``
     (required exactly when the state is gated). Returns ``(o [B,Hq,T_new,e], new state)``; ``state`` is not
-    modified."""
+    modified. ``use_kernel``: one-token steps through the Triton decode kernel (CUDA, deg 2, head dims 16–128);
+    ``None`` uses it wherever it applies, ``True`` raises where it does not."""
     check_qkv(q, k, v)
     check_deg(deg)
     check_schedule(chunk_size, switch_over)
@@ -144,7 +162,7 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
         stop = min(T, start + switch_over - state.k.shape[2])     # the next fold point
         sl = slice(start, stop)
         o, state = _piece(q[:, :, sl], k[:, :, sl], v[:, :, sl], None if log_g is None else log_g[:, :, sl],
-                          state, deg, scale)
+                          state, deg, scale, use_kernel)
         outs.append(o)
         if state.k.shape[2] >= switch_over:
             state = _fold(state, chunk_size, deg)

@@ -140,10 +140,16 @@ def takes_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int, use
     """Whether ``power_retention`` runs these inputs through the Triton kernel: ``use_kernel=True`` (an error
     where the kernel does not apply), or ``None`` and the kernel applies on CUDA."""
     from ...kernels.power_retention import GRID_MAX, kernel_applies
-    fits = kernel_applies(q, k, v, deg, chunk_size)
+    return kernel_choice(use_kernel, kernel_applies(q, k, v, deg, chunk_size), q, lambda: (
+        "the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, fp16/bf16 q/k/v, head dims d, e in "
+        f"(16, 32, 64, 128), chunk_size 16, 32 or a multiple of 64, and at most {GRID_MAX} chunks and {GRID_MAX} "
+        f"batch x heads; got deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}, shape {tuple(q.shape)}"))
+
+
+def kernel_choice(use_kernel: bool | None, fits: bool, q: Tensor, needs) -> bool:
+    """The ``use_kernel`` policy of every Triton path: ``True`` requires the kernel (``ValueError``
+    "use_kernel=True: " + ``needs()`` where it does not fit), ``None`` takes it wherever it fits on CUDA,
+    ``False`` never."""
     if use_kernel and not fits:
-        raise ValueError("use_kernel=True: the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, "
-                         "fp16/bf16 q/k/v, head dims d, e in (16, 32, 64, 128), chunk_size 16, 32 or a multiple "
-                         f"of 64, and at most {GRID_MAX} chunks and {GRID_MAX} batch x heads; got "
-                         f"deg={deg}, {q.dtype} on {q.device}, chunk_size={chunk_size}, shape {tuple(q.shape)}")
+        raise ValueError(f"use_kernel=True: {needs()}")
     return bool(use_kernel) or (use_kernel is None and fits and q.is_cuda)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...attention import check_qkv
-from .chunk import check_chunk_size
+from .chunk import check_chunk_size, kernel_choice
 from .expand import check_deg, expanded_dim, sympow
 from .naive import compute_dtype, default_scale, group_queries, power_weights, safe_ratio
 
@@ -101,12 +101,10 @@ def takes_decode_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, use_kernel: b
     """Whether a one-token piece runs through the Triton decode kernel: ``use_kernel=True`` (an error where it
     does not apply), or ``None`` and it applies on CUDA."""
     from ...kernels.power_decode import decode_kernel_applies
-    fits = decode_kernel_applies(q, k, v, deg)
-    if use_kernel and not fits:
-        raise ValueError("use_kernel=True: the decode kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, one "
-                         "new token, fp16/bf16/fp32 inputs and head dims d, e in (16, 32, 64, 128); got "
-                         f"deg={deg}, {q.dtype} on {q.device}, q {tuple(q.shape)}, v {tuple(v.shape)}")
-    return bool(use_kernel) or (use_kernel is None and fits and q.is_cuda)
+    return kernel_choice(use_kernel, decode_kernel_applies(q, k, v, deg), q, lambda: (
+        "the decode kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, one new token, fp16/bf16/fp32 inputs "
+        f"and head dims d, e in (16, 32, 64, 128); got deg={deg}, {q.dtype} on {q.device}, q {tuple(q.shape)}, "
+        f"v {tuple(v.shape)}"))
 
 
 def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerState, deg: int,

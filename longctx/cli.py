@@ -66,10 +66,51 @@ def _bench(args) -> None:
         raise SystemExit(3)
 
 
+def _add_throughput(sub) -> None:
+    from .bench.throughput import FILLS, PATHS, PRESETS as TP_PRESETS
+    p = sub.add_parser("throughput", help="decode tokens/s per mechanism x batch x context, eager and graph paths",
+                       description="Decode throughput of a random-weight GPT per mechanism: tokens/s summed over the "
+                                   "batch, the bandwidth bound, peak memory and the largest batch that fits "
+                                   "(throughput.json, throughput.png).")
+    p.add_argument("--preset", choices=sorted(TP_PRESETS), default="cpu",
+                   help="model and sizes: cpu (tiny), gpu (the bench's GPU model), w512, gpt2 (default: cpu)")
+    p.add_argument("--mechanisms", help="comma-separated names (default: full, sliding_window, power, power4, "
+                                        "tensor_cache, raytention)")
+    p.add_argument("--contexts", help="comma-separated context lengths in tokens")
+    p.add_argument("--batches", help="comma-separated batch sizes; 'max' adds the largest that fits (GPU)")
+    p.add_argument("--paths", help=f"comma-separated among {', '.join(PATHS)} (graph needs CUDA)")
+    p.add_argument("--steps", type=int, help="timed decode steps per row")
+    p.add_argument("--fill", choices=FILLS, help="prefill every context token, or a real prefix then a jump")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", default="throughput_out", help="output folder (default: throughput_out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_throughput)
+
+
+def _throughput(args) -> None:
+    from .bench.throughput import run_throughput, settings_for
+
+    over = {"steps": args.steps, "fill": args.fill}
+    if args.mechanisms:
+        over["mechanisms"] = [m.strip() for m in args.mechanisms.split(",") if m.strip()]
+    if args.contexts:
+        over["contexts"] = numbers(args.contexts, "--contexts", int)
+    if args.paths:
+        over["paths"] = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if args.batches:
+        names = [b.strip() for b in args.batches.split(",") if b.strip()]
+        over["max_batch"] = "max" in names
+        over["batches"] = numbers(",".join(b for b in names if b != "max") or "", "--batches", int) \
+            if any(b != "max" for b in names) else []
+    from .bench.throughput import summary
+    print(summary(run_throughput(settings_for(args.preset, **over), args.device, args.out, not args.no_progress)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Attention over long contexts.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    _add_throughput(sub)
     _add_kv(sub)
     return parser
 

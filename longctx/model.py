@@ -5,6 +5,7 @@ Tokens flow as ``[batch, seq]`` ids -> ``[batch, seq, n_embd]`` activations; ins
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mechanisms import build_mechanism, lookup
-from .rope import apply_rope
+from .rope import rope_table, rotate
 
 
 @dataclass
@@ -48,6 +49,14 @@ class LayerContext:
     positions: Tensor
     tokens: Tensor
     embed: Callable[[Tensor], Tensor]
+    _rope: dict = field(default_factory=dict, repr=False)
+
+    def rope(self, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The ``rope_table`` of ``positions``, computed once for all layers of a forward pass or step."""
+        key = (head_dim, base, dtype)
+        if key not in self._rope:
+            self._rope[key] = rope_table(self.positions, head_dim, base, dtype)
+        return self._rope[key]
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,7 +76,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, -1).permute(2, 0, 3, 1, 4)
-        return apply_rope(q, ctx.positions, self.rope_base), apply_rope(k, ctx.positions, self.rope_base), v
+        cos, sin = ctx.rope(q.shape[-1], self.rope_base, q.dtype)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _out(self, y: Tensor) -> Tensor:
         B, _, T, _ = y.shape
@@ -82,6 +92,26 @@ class CausalSelfAttention(nn.Module):
     def step(self, x: Tensor, ctx: LayerContext, state: Any) -> tuple[Tensor, Any]:
         y, state = self.mechanism.step(*self._qkv(x, ctx), state)
         return self._out(y), state
+
+    # the static decoding state (Mechanism's docstring); ``shared`` holds buffers all layers of one state share
+    @property
+    def capturable(self) -> bool:
+        return self.mechanism.capturable
+
+    def init_static_state(self, batch: int, capacity: int, device, dtype, shared: dict) -> Any:
+        return self.mechanism.init_static_state(batch, capacity, device=device, dtype=dtype)
+
+    def static_variant(self, pos: int) -> Any:
+        return self.mechanism.static_variant(pos)
+
+    def eager_state(self, state: Any, seen: int) -> Any:
+        return self.mechanism.eager_state(state, seen)
+
+    def prefill_static(self, x: Tensor, ctx: LayerContext, state: Any, start: int) -> Tensor:
+        return self._out(self.mechanism.prefill_static(*self._qkv(x, ctx), state, start))
+
+    def step_static(self, x: Tensor, ctx: LayerContext, state: Any, variant: Any) -> Tensor:
+        return self._out(self.mechanism.step_static(*self._qkv(x, ctx), state, ctx.positions, variant))
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         return self.mechanism.state_bytes(context_len, batch, dtype)
@@ -120,11 +150,31 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.norm2(x)), state
 
+    def prefill_static(self, x: Tensor, ctx: LayerContext, state: Any, start: int) -> Tensor:
+        x = x + self.attn.prefill_static(self.norm1(x), ctx, state, start)
+        return x + self.mlp(self.norm2(x))
+
+    def step_static(self, x: Tensor, ctx: LayerContext, state: Any, variant: Any) -> Tensor:
+        x = x + self.attn.step_static(self.norm1(x), ctx, state, variant)
+        return x + self.mlp(self.norm2(x))
+
 
 @dataclass
 class DecodeState:
     """Per-layer mechanism states and the number of tokens already consumed."""
     layers: list
+    seen: int = 0
+
+
+@dataclass
+class StaticDecodeState:
+    """Per-layer static states (allocated once for ``batch`` and ``capacity`` tokens) and the tokens consumed,
+    twice: ``pos [1]`` int64 on the device (what a captured step reads and advances) and ``seen`` on the host
+    (what picks the step's variant and checks the capacity, with no sync)."""
+    layers: list
+    pos: Tensor
+    batch: int
+    capacity: int
     seen: int = 0
 
 
@@ -200,29 +250,128 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, mode: str | None = None) -> Tensor:
         """Prefill ``idx [B, T]`` once, then decode token by token from the mechanism states (no prefix
-        recomputation). ``temperature=0`` is greedy. Returns ``[B, T + max_new_tokens]``."""
+        recomputation). ``temperature=0`` is greedy. Returns ``[B, T + max_new_tokens]``.
+
+        ``mode``: ``"graph"`` (static states, each step replayed from a CUDA graph: ``longctx.decoding``),
+        ``"static"`` (static states, eager steps) or ``"eager"`` (the growing step states: the reference).
+        Default: ``"graph"`` on CUDA where every layer can be captured, ``"static"`` on CUDA otherwise
+        (RayTention), ``"eager"`` on the CPU."""
+        from .decoding import MODES, generate_static
+
+        self._check_ids(idx)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k)
+        if mode is None:
+            mode = ("graph" if self.capturable else "static") if idx.is_cuda else "eager"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "graph" and not (idx.is_cuda and self.capturable):
+            raise ValueError(f"mode='graph' needs CUDA and a capturable mechanism; got {idx.device}, "
+                             f"mechanism {self.config.mechanism!r} (capturable: {self.capturable})")
+        if mode != "eager":
+            return generate_static(self, idx, max_new_tokens, temperature, top_k, generator, mode == "graph")
         logits, state = self.step(idx, self.init_state(idx.shape[0]))
         out = [idx]
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[:, -1], temperature, top_k, generator)
+        for i in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_k, generator).to(idx.dtype)
             out.append(nxt)
-            logits, state = self.step(nxt, state)
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(nxt, state)
         return torch.cat(out, dim=1)
+
+    # --- static decoding: buffers allocated once, one-token steps that a CUDA graph can capture ---------------
+
+    def init_static_state(self, batch: int, capacity: int, device=None, dtype=None) -> StaticDecodeState:
+        """Static states for ``batch`` sequences of up to ``capacity`` tokens (prompt + generated)."""
+        if batch < 1 or capacity < 1:
+            raise ValueError(f"batch and capacity must be >= 1, got {batch}, {capacity}")
+        p = next(self.parameters())
+        device, dtype, shared = device or p.device, dtype or p.dtype, {}
+        layers = [b.attn.init_static_state(batch, capacity, device, dtype, shared) for b in self.blocks]
+        return StaticDecodeState(layers, torch.zeros(1, dtype=torch.long, device=device), batch, capacity)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether every layer's static step can be captured in a CUDA graph (RayTention's cannot)."""
+        return all(b.attn.capturable for b in self.blocks)
+
+    def static_variant(self, pos: int) -> tuple:
+        """The key of what the one-token step at position ``pos`` runs in every layer (``Mechanism.static_variant``)."""
+        return tuple(b.attn.static_variant(pos) for b in self.blocks)
+
+    def eager_state(self, state: StaticDecodeState) -> DecodeState:
+        """The ``step`` state holding what ``state`` holds (views of its buffers where it can): the eager
+        reference from the same point."""
+        return DecodeState([b.attn.eager_state(s, state.seen) for b, s in zip(self.blocks, state.layers)],
+                           state.seen)
+
+    def _check_static(self, idx: Tensor, state: StaticDecodeState) -> None:
+        self._check_ids(idx)
+        if not isinstance(state, StaticDecodeState):
+            raise TypeError(f"state must be a StaticDecodeState (init_static_state), got {type(state).__name__}")
+        if idx.shape[0] != state.batch:
+            raise ValueError(f"idx has batch {idx.shape[0]}, the static state was made for batch {state.batch}")
+        if state.seen + idx.shape[1] > state.capacity:
+            raise ValueError(f"static decoding state capacity exceeded: {state.seen} tokens held + {idx.shape[1]} "
+                             f"new > capacity {state.capacity} (init_static_state(..., capacity=...))")
+
+    @torch.no_grad()
+    def prefill_static(self, idx: Tensor, state: StaticDecodeState) -> Tensor:
+        """Consume ``idx [B, T]`` into the static state (eager; any ``T``): ``logits [B, T, V]``."""
+        self._check_static(idx, state)
+        start, n = state.seen, idx.shape[1]
+        ctx = self._context(idx, torch.arange(start, start + n, device=idx.device))
+        x = self.wte(idx)
+        for block, s in zip(self.blocks, state.layers):
+            x = block.prefill_static(x, ctx, s, start)
+        state.seen += n
+        state.pos.fill_(state.seen)
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def step_static(self, idx: Tensor, state: StaticDecodeState) -> Tensor:
+        """One token ``idx [B, 1]`` at the state's position, updating it in place: ``logits [B, 1, V]``."""
+        self._check_static(idx, state)
+        if idx.shape[1] != 1:
+            raise ValueError(f"step_static takes one token per sequence, got idx {tuple(idx.shape)}")
+        logits = self.decode_step(idx, state, self.static_variant(state.seen))
+        state.seen += 1
+        return logits
+
+    def decode_step(self, idx: Tensor, state: StaticDecodeState, variant: tuple) -> Tensor:
+        """The capturable core of ``step_static``: reads the position from ``state.pos`` and advances it on the
+        device, leaves ``state.seen`` to the caller. ``variant`` must be ``static_variant(state.seen)``."""
+        ctx = self._context(idx, state.pos)
+        x = self.wte(idx)
+        for block, s, var in zip(self.blocks, state.layers, variant):
+            x = block.step_static(x, ctx, s, var)
+        state.pos.add_(1)
+        return self.lm_head(self.norm(x))
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         """Decoding state of all layers after ``context_len`` tokens (the mechanisms' formulas)."""
         return sum(b.attn.state_bytes(context_len, batch, dtype) for b in self.blocks)
 
 
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
            generator: torch.Generator | None = None) -> Tensor:
-    """``logits [B, V]`` -> next ids ``[B, 1]``."""
+    """``logits [B, V]`` -> next ids ``[B, 1]``. Draws by the exponential race, ``argmax p / E`` with ``E ~ Exp(1)``:
+    the distribution of ``torch.multinomial``, with no host sync, so that a CUDA graph can capture it."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
+    race = torch.empty_like(logits).exponential_(generator=generator).clamp_min_(torch.finfo(torch.float32).tiny)
+    return (F.softmax(logits, dim=-1) / race).argmax(-1, keepdim=True)

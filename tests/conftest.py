@@ -1,4 +1,5 @@
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,19 @@ def interpreter_loops_over_runtime_ints() -> bool:
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c", LOOP_PROBE], env=env, capture_output=True, text=True, timeout=300)
     return run.returncode == 0
+
+
+def run_script(script: str, gen, device: str, interpret: bool) -> dict:
+    """Run ``script`` (argv: a seed drawn from ``gen``, the device) in a fresh Python, under ``TRITON_INTERPRET=1``
+    where ``interpret``; returns the JSON object its last line prints."""
+    seed = torch.randint(0, 2**31 - 1, (), generator=gen).item()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    run = subprocess.run([sys.executable, "-c", script, str(seed), device], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -1,12 +1,9 @@
-"""The Triton decode kernel (one token of deg-2 power retention) == the PyTorch recurrent step and a float64
-reference, through several folds; on CPU under TRITON_INTERPRET=1 in a subprocess, compiled where CUDA is."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""The Triton decode kernels (one token of deg-2 power retention, eager and static state) == the PyTorch recurrent
+step and a float64 reference, through several folds; on CPU under TRITON_INTERPRET=1 in a subprocess, compiled where CUDA is."""
 
 import pytest
+
+from conftest import run_script
 
 pytest.importorskip("triton")
 
@@ -26,6 +23,7 @@ def case(B, hq, hkv, d, e, gated, dtype, steps, chunk, switch_over):
     for _ in range(steps):
         q, k, v = (torch.randn(B, h, 1, n, generator=g).to(device) for h, n in ((hq, d), (hkv, d), (hkv, e)))
         log_g = (-0.2 * torch.rand(B, hkv, 1, generator=g)).to(device) if gated else None
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)     # the float64 reference sees the same rounded inputs
         outs = []
         for i, (st, dt, kern) in enumerate(zip(states, (dtype, dtype, torch.float64), (True, False, False))):
             o, states[i] = power_retention_step(q.to(dt), k.to(dt), v.to(dt), st, log_g, 2, None, chunk,
@@ -40,6 +38,26 @@ def case(B, hq, hkv, d, e, gated, dtype, steps, chunk, switch_over):
     return {"kernel": max(err_kernel), "eager": max(err_eager), "same_state": same_state,
             "folded": a.S is not None}
 
+def static_case(B, hq, hkv, d, e, gated, dtype, steps, chunk, switch_over):
+    # the static step through the kernel against the eager step in float64: outputs and the state after folds
+    from longctx.mechanisms.power.recurrent import init_static_power_state, power_step_static, static_variant
+    st = init_static_power_state(B, hkv, d, e, 2, gated, switch_over, device, dtype)
+    ref = init_power_state(B, hkv, d, e, gated, device, torch.float64)
+    pos, errs = torch.zeros(1, dtype=torch.long, device=device), []
+    for t in range(steps):
+        q, k, v = (torch.randn(B, h, 1, n, generator=g).to(device) for h, n in ((hq, d), (hkv, d), (hkv, e)))
+        log_g = (-0.2 * torch.rand(B, hkv, 1, generator=g)).to(device) if gated else None
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)     # the reference sees the same rounded inputs
+        o = power_step_static(q, k, v, st, pos, static_variant(t, chunk, switch_over), log_g, 2, None, chunk,
+                              use_kernel=True)
+        o_ref, ref = power_retention_step(q.double(), k.double(), v.double(), ref, None if log_g is None else
+                                          log_g.double(), 2, None, chunk, switch_over, use_kernel=False)
+        pos += 1
+        assert o.dtype == dtype and o.shape == (B, hq, 1, e) and torch.isfinite(o).all()
+        errs.append(rel(o, o_ref))
+    r = ref.k.shape[2]
+    return {"kernel": max(errs), "recent": rel(st.k[:, :, :r], ref.k), "S": rel(st.S, ref.S), "z": rel(st.z, ref.z)}
+
 res = {
     "fp32_gated_gqa": case(2, 4, 2, 16, 32, True, torch.float32, 40, 16, 32),     # two folds, odd recent counts
     "fp32_ungated_before_fold": case(1, 2, 2, 32, 16, False, torch.float32, 20, 16, 32),
@@ -53,20 +71,14 @@ try:
     power_retention_step(x, x, x, st, None, 4, None, 16, 32, use_kernel=True)
 except ValueError as err:
     errors["deg4"] = str(err)
-print(json.dumps({"cases": res, "refused": errors}))
+static = {
+    "fp32_gated_gqa": static_case(2, 4, 2, 16, 32, True, torch.float32, 41, 16, 32),
+    "fp32_ungated_so_eq_chunk": static_case(1, 3, 1, 32, 16, False, torch.float32, 20, 8, 8),
+    "bf16_gated_d64": static_case(1, 2, 1, 64, 64, True, torch.bfloat16, 70, 32, 64),   # the state read split
+    "fp32_one_split": static_case(4, 8, 2, 16, 16, True, torch.float32, 20, 8, 8),   # enough rows: not split
+}
+print(json.dumps({"cases": res, "static": static, "refused": errors}))
 """
-
-
-def run_check(gen, device: str, interpret: bool) -> dict:
-    import torch
-    seed = torch.randint(0, 2**31 - 1, (), generator=gen).item()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    run = subprocess.run([sys.executable, "-c", CHECK, str(seed), device], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def check_report(report: dict) -> None:
@@ -78,12 +90,15 @@ def check_report(report: dict) -> None:
         else:   # bf16 outputs: one rounding of the float32 result
             assert c["kernel"] < 8e-3 and c["kernel"] < 2 * c["eager"] + 1e-3, (name, c)
     assert "use_kernel=True: the decode kernel needs" in report["refused"]["deg4"]
+    for name, c in report["static"].items():   # the static step (fixed buffers, slot in device memory)
+        tol = 1e-5 if name.startswith("fp32") else 8e-3
+        assert max(c.values()) < tol, (name, c)
 
 
 def test_decode_kernel_matches_the_recurrent_step_under_interpreter(gen, triton_interpreter):
-    check_report(run_check(gen, "cpu", interpret=True))
+    check_report(run_script(CHECK, gen, "cpu", interpret=True))
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 def test_compiled_decode_kernel(gen):
-    check_report(run_check(gen, "cuda", interpret=False))
+    check_report(run_script(CHECK, gen, "cuda", interpret=False))

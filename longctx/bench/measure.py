@@ -4,10 +4,11 @@ from __future__ import annotations
 import math
 import platform
 import time
+from functools import partial
 
 import torch
-from torch import Tensor
 
+from ..decoding import greedy_decoder, warm_steps
 from ..mechanisms import tensor_bytes
 from ..model import GPT
 
@@ -21,24 +22,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device: torch.device, fn) -> float:
+    """Seconds ``fn()`` takes, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with the number of threads torch uses (recorded with every result)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-@torch.no_grad()
-def _decode(model: GPT, state, tok: Tensor, steps: int) -> tuple[float, Tensor, object]:
-    """``steps`` greedy one-token steps from ``state``: (seconds, last logits, state)."""
-    device = tok.device
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits, state = model.step(tok, state)
-        tok = logits[:, -1:].argmax(-1)
-    sync(device)
-    return time.perf_counter() - start, logits, state
 
 
 def project_prefill(segments: list[tuple[int, int, float]], seen: int, n: int) -> float:
@@ -60,60 +57,65 @@ def project_prefill(segments: list[tuple[int, int, float]], seen: int, n: int) -
 @torch.no_grad()
 def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: int = 1, prefill_chunk: int = 1024,
                    prefill_seconds: float = float("inf"), seed: int = 0) -> list[dict]:
-    """Fill the decoding state with random tokens through the step form (``prefill_chunk`` tokens a call) up to
-    each of ``contexts`` in turn, and at each one decode ``2 + decode_steps`` tokens (the first two untimed); they
-    stay in the state and the next context is filled on from there. A model whose state is the token ids alone
-    (``GPT.state_from_ids``: RayTention) gets its state built from ``n`` random ids instead, running nothing
-    (``state_filled`` says which).
+    """At each of ``contexts``: a static decoding state (``GPT.init_static_state``) filled with random tokens
+    through the prefill (``prefill_chunk`` tokens a call), then ``decode_steps`` greedy tokens timed on the fast
+    path (each step replayed from a CUDA graph on a GPU where the model can be captured, static eager steps
+    otherwise), after untimed warm-up steps (compilation, capture). A model whose state is the token ids alone
+    (``GPT.state_from_ids``: RayTention) gets its ids drawn instead, running nothing (``state_filled`` says which).
 
-    One row per context: the bytes the state really holds (``state_bytes_measured``) next to the mechanism's
-    formula, decode tokens/s, and on CUDA the peak allocated bytes while decoding (weights + state +
-    transients) with the bytes live before it. A context whose prefill would take longer than
-    ``prefill_seconds`` (``project_prefill``) gets ``{"skipped": reason, "projected_seconds": ...}``, and so
-    do all longer ones.
+    One row per context: the bytes the state really holds after the context (``state_bytes_measured``: its
+    ``eager_state`` view, without the spare capacity) next to the mechanism's formula, decode tokens/s, and on
+    CUDA the peak allocated bytes while decoding (weights + the static buffers + transients) with the bytes live
+    before it. A context whose prefill would take longer than ``prefill_seconds`` (``project_prefill``) gets
+    ``{"skipped": reason, "projected_seconds": ...}``, and so do all longer ones.
     """
     model.eval()
     p = next(model.parameters())
     device = p.device
     g = torch.Generator().manual_seed(seed)
-    state, seen, rows, skip, segments = model.init_state(batch), 0, [], None, []
+    rows, skip, segments = [], None, []
     direct = model.state_from_ids(torch.zeros(batch, 0, dtype=torch.long, device=device)) is not None
+    graphs = device.type == "cuda" and model.capturable
+    vocab = model.config.vocab_size
     for n in sorted(contexts):
-        projected = project_prefill(segments, seen, n)
+        projected = project_prefill(segments, 0, n)
         if skip is None and projected > prefill_seconds:
             skip = {"skipped": f"prefill to {n} tokens projected at {projected:.0f} s > {prefill_seconds:.0f} s",
                     "projected_seconds": projected}
         if skip is not None:
             rows.append({"context": n, "batch": batch, **skip})
             continue
+        warm = warm_steps(model, n)
+        state = model.init_static_state(batch, n + warm + decode_steps)
         sync(device)
-        start, first = time.perf_counter(), seen
+        start = time.perf_counter()
         if direct:   # the state is the token ids alone: draw all n and run nothing
-            ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(device)
-            state, seen, tok = model.state_from_ids(ids), n, ids[:, -1:]
-        while seen < n:
-            chunk = torch.randint(0, model.config.vocab_size, (batch, min(prefill_chunk, n - seen)), generator=g)
-            logits, state = model.step(chunk.to(device), state)
-            seen += chunk.shape[1]
-            tok = logits[:, -1:].argmax(-1)
+            for layer in state.layers:
+                layer.fill_random(0, n, vocab)
+            state.seen = n
+            state.pos.fill_(n)
+        while state.seen < n:
+            chunk = torch.randint(0, vocab, (batch, min(prefill_chunk, n - state.seen)), generator=g)
+            model.prefill_static(chunk.to(device), state)
         sync(device)
-        segments.append((first, seen, time.perf_counter() - start))
-        _, logits, state = _decode(model, state, tok, 2)   # kernel selection for one-token shapes stays untimed
-        tok = logits[:, -1:].argmax(-1)
+        segments.append((0, n, time.perf_counter() - start))
+        held = tensor_bytes(model.eager_state(state).layers)
+        decode = greedy_decoder(model, state, torch.randint(0, vocab, (batch, 1), generator=g).to(device), graphs)
+        decode(warm)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             live = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, logits, state = _decode(model, state, tok, decode_steps)
-        seen = state.seen
+        seconds = timed(device, partial(decode, decode_steps))
         row = {"context": n, "batch": batch, "state_filled": "from ids" if direct else "prefill",
-               "prefill_seconds_total": sum(t for *_, t in segments),
-               "state_bytes_measured": tensor_bytes(state.layers),
-               "state_bytes_formula": model.state_bytes(seen, batch, p.dtype), "tokens_in_state": seen,
-               "decode_tokens_per_s": batch * decode_steps / seconds, "decode_ms_per_token": 1000 * seconds / decode_steps}
+               "decode_path": "graph" if graphs else "static", "prefill_seconds": segments[-1][2],
+               "state_bytes_measured": held, "state_bytes_formula": model.state_bytes(n, batch, p.dtype),
+               "tokens_in_state": state.seen, "decode_tokens_per_s": batch * decode_steps / seconds,
+               "decode_ms_per_token": 1000 * seconds / decode_steps}
         if device.type == "cuda":
             row["peak_allocated_bytes_decoding"] = torch.cuda.max_memory_allocated(device)
             row["live_bytes_before_decoding"] = live
             row["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.parameters())
         rows.append(row)
+        del decode, state
     return rows

@@ -9,6 +9,14 @@ A mechanism mixes tokens given per-head queries, keys and values in the library'
 * ``state_bytes(context_len, batch, dtype)`` — the decoding state's size after ``context_len`` tokens:
   the one source of truth the benchmark, the report and the tests read.
 
+The step form also comes *static*, for fast generation: ``init_static_state(batch, capacity)`` allocates every
+buffer once; ``prefill_static`` writes ``T_new`` tokens at a host-known position (eager, any length);
+``step_static`` appends one token at the device-held position ``pos [1]`` and updates the buffers in place, with
+no allocation that depends on the position, no shape change and no host sync, so that a decode step can be
+captured in a CUDA graph and replayed. What a step runs may depend on the position only through
+``static_variant(pos)`` (a fold, an eviction), a small key the host computes from its own count: the decoder
+captures one graph per variant (``longctx.decoding``).
+
 Mechanisms that need more than q/k/v (RayTention reads token embeddings) replace the whole layer through
 the classmethod ``make_layer``; the rest are wrapped by the model's ``CausalSelfAttention``.
 """
@@ -25,6 +33,13 @@ from ..attention import check_qkv
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def check_capacity(start: int, n: int, capacity: int) -> None:
+    """A clear error where ``n`` tokens after ``start`` would run past a static state's ``capacity``."""
+    if start + n > capacity:
+        raise ValueError(f"static decoding state capacity exceeded: {start} tokens held + {n} new > capacity "
+                         f"{capacity} (init_static_state(..., capacity=...))")
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -88,6 +103,48 @@ class Mechanism(nn.Module):
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
         raise NotImplementedError
+
+    # --- static decoding state (see the module docstring) ---
+
+    #: Whether ``step_static`` runs the same kernels for every position of one variant (CUDA-graph capturable).
+    capturable: bool = True
+    #: The class of the static state (``init_static_state``).
+    static_state: type = type(None)
+
+    def init_static_state(self, batch: int, capacity: int, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32):
+        raise NotImplementedError
+
+    def static_variant(self, pos: int) -> Any:
+        """Key of what the one-token step at position ``pos`` (tokens before it) runs; None: always the same."""
+        return None
+
+    def eager_state(self, state, seen: int):
+        """The ``step`` state holding what the static ``state`` holds after ``seen`` tokens (views of its buffers
+        where it can: ``step`` never writes into its input state)."""
+        raise NotImplementedError
+
+    def prefill_static(self, q: Tensor, k: Tensor, v: Tensor, state, start: int) -> Tensor:
+        """Default: the eager ``step`` from ``eager_state``, its result copied back (``state.load``)."""
+        self.check_static(q, k, v, state)
+        out, new = self.step(q, k, v, self.eager_state(state, start))
+        state.load(new)
+        return out
+
+    def step_static(self, q: Tensor, k: Tensor, v: Tensor, state, pos: Tensor, variant: Any) -> Tensor:
+        raise NotImplementedError
+
+    def check_static(self, q: Tensor, k: Tensor, v: Tensor, state) -> None:
+        """``check`` plus: ``state`` is this mechanism's static state of this batch, device and dtype."""
+        check_qkv(q, k, v)
+        if not isinstance(state, self.static_state):
+            raise TypeError(f"{type(self).__name__} needs a {self.static_state.__name__} (init_static_state), "
+                            f"got {type(state).__name__}")
+        self.check(q, k, v, context_len=1)
+        ref = state.k if hasattr(state, "k") else state.window.k
+        if ref.shape[0] != q.shape[0] or ref.device != q.device or ref.dtype != q.dtype:
+            raise ValueError(f"static state is batch {ref.shape[0]} {ref.dtype} on {ref.device}; the tokens are "
+                             f"batch {q.shape[0]} {q.dtype} on {q.device}")
 
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"

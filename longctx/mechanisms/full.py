@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..attention import attention
-from .base import Mechanism, dtype_bytes, register
+from ..kernels.decode_attention import decode_attention
+from .base import Mechanism, check_capacity, dtype_bytes, register
 
 
 class KVBuffer:
@@ -53,9 +54,28 @@ class KVCache:
         return KVCache(buf.k[:, :, :n + t], buf.v[:, :, :n + t], buf)
 
 
+@dataclass
+class StaticKVCache:
+    """Preallocated KV cache ``k, v [B, Hkv, capacity, D]``: position ``t`` lives in slot ``t``; the slots past
+    the decoder's position are unused."""
+    k: Tensor
+    v: Tensor
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def fill_random(self, start: int, stop: int, vocab_size: int) -> None:
+        """Random keys and values in slots ``[start, stop)`` (benchmarks: decode cost depends on the length only)."""
+        self.k[:, :, start:stop].normal_()
+        self.v[:, :, start:stop].normal_()
+
+
 @register("full")
 class FullAttention(Mechanism):
     """Causal softmax attention over the whole history (PyTorch's fused kernels)."""
+
+    static_state = StaticKVCache
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
@@ -69,6 +89,27 @@ class FullAttention(Mechanism):
         self.check(q, k, v, context_len=state.length + q.shape[2])
         state = state.append(k, v)
         return attention(q, state.k, state.v, causal=True), state
+
+    def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticKVCache:
+        shape = (batch, self.n_kv_head, capacity, self.head_dim)
+        return StaticKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def eager_state(self, state: StaticKVCache, seen: int) -> KVCache:
+        return KVCache(state.k[:, :, :seen], state.v[:, :, :seen])
+
+    def prefill_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKVCache, start: int) -> Tensor:
+        """The tokens go straight to their slots (no eager cache built)."""
+        self.check_static(q, k, v, state)
+        end = start + q.shape[2]
+        check_capacity(start, q.shape[2], state.capacity)
+        state.k[:, :, start:end], state.v[:, :, start:end] = k, v
+        return attention(q, state.k[:, :, :end], state.v[:, :, :end], causal=True)
+
+    def step_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKVCache, pos: Tensor, variant=None) -> Tensor:
+        self.check_static(q, k, v, state)
+        state.k.index_copy_(2, pos, k)
+        state.v.index_copy_(2, pos, v)
+        return decode_attention(q, state.k, state.v, pos + 1)
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         return 2 * batch * self.n_kv_head * context_len * self.head_dim * dtype_bytes(dtype)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..attention import check_qkv, sdpa
+from ..kernels.decode_attention import decode_attention
 from .base import Mechanism, dtype_bytes, register
 
 
@@ -46,9 +47,32 @@ class WindowCache:
         return self.k[:, :, idx], self.v[:, :, idx]
 
 
+@dataclass
+class StaticWindowCache:
+    """Ring buffer ``k, v [B, Hkv, window, D]`` updated in place: token ``t`` lives in slot ``t % window``; how
+    many slots are filled follows from the decoder's position."""
+    k: Tensor
+    v: Tensor
+
+    def load(self, cache: WindowCache) -> None:
+        """Copy an eager cache's buffers in."""
+        self.k.copy_(cache.k)
+        self.v.copy_(cache.v)
+
+    def append(self, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Write one token ``k, v [B, Hkv, 1, D]`` at position ``pos [1]``; returns the filled length ``[1]``."""
+        w = self.k.shape[2]
+        slot = pos % w
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return torch.clamp(pos + 1, max=w)
+
+
 @register("sliding_window", window=64)
 class SlidingWindowAttention(Mechanism):
     """Softmax attention over the last ``window`` tokens (the token itself included)."""
+
+    static_state = StaticWindowCache
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, window: int = 64):
         super().__init__(n_head, n_kv_head, head_dim)
@@ -82,6 +106,19 @@ class SlidingWindowAttention(Mechanism):
         slots = (torch.arange(state.seen + n - keep, state.seen + n, device=k.device)) % w
         kb[:, :, slots], vb[:, :, slots] = k[:, :, n - keep:], v[:, :, n - keep:]
         return out, WindowCache(kb, vb, state.seen + n)
+
+    def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticWindowCache:
+        cache = self.init_state(batch, device, dtype)
+        return StaticWindowCache(cache.k, cache.v)
+
+    def eager_state(self, state: StaticWindowCache, seen: int) -> WindowCache:
+        return WindowCache(state.k, state.v, seen)
+
+    def step_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticWindowCache, pos: Tensor,
+                    variant=None) -> Tensor:
+        """Write the token into its slot, then attend over the filled slots (order does not matter to softmax)."""
+        self.check_static(q, k, v, state)
+        return decode_attention(q, state.k, state.v, state.append(k, v, pos))
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         # The buffer is allocated at full size from the first token on.

@@ -56,15 +56,19 @@ def sympow(x: Tensor, deg: int) -> Tensor:
     check_deg(deg)
     if deg == 1:
         return x
-    idx, weight = _monomials(x.shape[-1], deg)
-    idx, weight = idx.to(x.device), weight.to(device=x.device, dtype=x.dtype)
-    if deg % 2 == 0:
-        # x_{i1} ... x_{ip} as a product of two half-degree monomials: two gathers instead of p
-        half_idx, _ = _monomials(x.shape[-1], deg // 2)
-        half = _raw_monomials(x, half_idx.to(x.device))                            # [..., C(d+p/2-1, p/2)]
-        left, right = _half_positions(x.shape[-1], deg)
-        return half[..., left.to(x.device)] * half[..., right.to(x.device)] * weight
-    return x[..., idx].prod(-1) * weight
+    # deg is even here: x_{i1} ... x_{ip} as a product of two half-degree monomials, two gathers instead of p
+    weight, half_idx, left, right = _tables(x.shape[-1], deg, x.device, x.dtype)
+    half = _raw_monomials(x, half_idx)                                              # [..., C(d+p/2-1, p/2)]
+    return half[..., left] * half[..., right] * weight
+
+
+@lru_cache(maxsize=64)
+def _tables(d: int, deg: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """``sympow``'s weights and index tables for an even ``deg`` on ``device`` (cached: no host-to-device copy
+    per call, which also keeps ``sympow`` capturable in a CUDA graph)."""
+    left, right = _half_positions(d, deg)
+    return (_monomials(d, deg)[1].to(device=device, dtype=dtype), _monomials(d, deg // 2)[0].to(device),
+            left.to(device), right.to(device))
 
 
 def _raw_monomials(x: Tensor, idx: Tensor) -> Tensor:

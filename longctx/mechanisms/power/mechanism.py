@@ -31,7 +31,8 @@ from ..base import Mechanism, register
 from .chunk import power_retention, takes_kernel
 from .expand import check_deg, expanded_dim
 from .naive import power_retention_naive
-from .recurrent import PowerState, check_schedule, init_power_state, power_retention_step, power_state_bytes
+from .recurrent import (PowerState, StaticPowerState, check_schedule, init_power_state, init_static_power_state,
+                        power_retention_step, power_state_bytes, power_step_static, static_variant)
 
 GATES = ("decay", "none")
 QUADRATIC_MAX_TOKENS = 4096  # the quadratic form's [B, H, T, T] weights stay small below this
@@ -48,6 +49,8 @@ def prefers_quadratic(T: int, d: int, e: int, deg: int, chunk_size: int) -> bool
 @register("power", deg=2, chunk_size=32, switch_over=64)
 class PowerRetention(Mechanism):
     """Power retention: weights ``g_ij (scale q_i . k_j)^deg`` normalised by their sum; state flat in context."""
+
+    static_state = StaticPowerState
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, deg: int = 2, chunk_size: int = 32,
                  switch_over: int = 64, gate: str = "decay", scale: float | None = None, rotary: bool = False,
@@ -72,10 +75,11 @@ class PowerRetention(Mechanism):
         return log_g.to(q.dtype if q.dtype == torch.float64 else torch.float32)[None, :, None].expand(
             q.shape[0], -1, T)
 
-    def _rotate(self, q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def _rotate(self, q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE at positions ``start, start + 1, ..`` (``start`` a host int, or ``[1]`` on the device)."""
         if not self.rotary:
             return q, k
-        pos = torch.arange(start, start + q.shape[2], device=q.device)
+        pos = start + torch.arange(q.shape[2], device=q.device)
         return apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -97,6 +101,37 @@ class PowerRetention(Mechanism):
         q, k = self._rotate(q, k, state.seen)
         return power_retention_step(q, k, v, state, self._log_g(q, q.shape[2]), self.deg, self.scale,
                                     self.chunk_size, self.switch_over, use_kernel=self.use_kernel)
+
+    def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticPowerState:
+        return init_static_power_state(batch, self.n_kv_head, self.head_dim, self.head_dim, self.deg,
+                                       self.gate != "none", self.switch_over, device, dtype)
+
+    def static_variant(self, pos: int) -> tuple[bool, bool]:
+        return static_variant(pos, self.chunk_size, self.switch_over)
+
+    def eager_state(self, state: StaticPowerState, seen: int) -> PowerState:
+        return state.as_state(seen, self.chunk_size)
+
+    def prefill_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticPowerState, start: int) -> Tensor:
+        """Fewer than ``chunk_size`` tokens go one at a time through ``step_static``, in place (the eager form would
+        copy ``S`` for every fold: more than a batch filling the GPU can afford); longer inputs through the eager
+        form (the chunked form for a long prefill)."""
+        if q.shape[2] >= self.chunk_size:
+            return super().prefill_static(q, k, v, state, start)
+        outs = []
+        for i in range(q.shape[2]):
+            pos = torch.full((1,), start + i, dtype=torch.long, device=q.device)
+            one = slice(i, i + 1)
+            outs.append(self.step_static(q[:, :, one], k[:, :, one], v[:, :, one], state, pos,
+                                         self.static_variant(start + i)))
+        return torch.cat(outs, 2)
+
+    def step_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticPowerState, pos: Tensor,
+                    variant: tuple[bool, bool]) -> Tensor:
+        self.check_static(q, k, v, state)
+        q, k = self._rotate(q, k, pos)
+        return power_step_static(q, k, v, state, pos, variant, self._log_g(q, 1), self.deg, self.scale,
+                                 self.chunk_size, self.use_kernel)
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         return power_state_bytes(context_len, batch, self.n_kv_head, self.head_dim, self.head_dim, self.deg,

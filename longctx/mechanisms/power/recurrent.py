@@ -192,3 +192,136 @@ def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: Pow
     tail, state = _piece(q[:, :, bulk:], k[:, :, bulk:], v[:, :, bulk:], None if log_g is None else log_g[:, :, bulk:],
                          folded, deg, scale)
     return torch.cat([out, tail], 2), state
+
+
+# --- static state: buffers allocated once, updated in place (graph-captured decoding) ---------------------
+
+@dataclass
+class StaticPowerState:
+    """``PowerState`` in fixed buffers: the recent tokens ``k [B, Hkv, switch_over, d]``, ``v [B, Hkv,
+    switch_over, e]`` and their log-gates ``g [B, Hkv, switch_over]`` (float32; None ungated) fill slots ``[0, r)``
+    with ``r = recent_count(seen)``, oldest first; ``S [B, Hkv, D, e]``, ``z [B, Hkv, D]`` (float32) are zero
+    until the first fold. A fold moves the oldest ``chunk_size`` tokens into ``S, z`` and shifts the rest down."""
+    k: Tensor
+    v: Tensor
+    g: Tensor | None
+    S: Tensor
+    z: Tensor
+
+    def as_state(self, seen: int, chunk_size: int) -> PowerState:
+        """The ``PowerState`` after ``seen`` tokens, viewing these buffers."""
+        so = self.k.shape[2]
+        r, folded = recent_count(seen, chunk_size, so), seen >= so
+        return PowerState(self.k[:, :, :r], self.v[:, :, :r], None if self.g is None else self.g[:, :, :r],
+                          self.S if folded else None, self.z if folded else None, seen)
+
+    def load(self, state: PowerState) -> None:
+        """Copy an eager state's tensors in."""
+        r = state.k.shape[2]
+        self.k[:, :, :r], self.v[:, :, :r] = state.k, state.v
+        if self.g is not None:
+            self.g[:, :, :r] = state.g
+        if state.S is not None:
+            self.S.copy_(state.S)
+            self.z.copy_(state.z)
+
+
+def init_static_power_state(batch: int, n_kv: int, d: int, e: int, deg: int, gated: bool, switch_over: int,
+                            device="cpu", dtype=torch.float32) -> StaticPowerState:
+    ct, D = compute_dtype(dtype), expanded_dim(d, check_deg(deg))
+    return StaticPowerState(torch.zeros(batch, n_kv, switch_over, d, device=device, dtype=dtype),
+                            torch.zeros(batch, n_kv, switch_over, e, device=device, dtype=dtype),
+                            torch.zeros(batch, n_kv, switch_over, device=device, dtype=ct) if gated else None,
+                            torch.zeros(batch, n_kv, D, e, device=device, dtype=ct),
+                            torch.zeros(batch, n_kv, D, device=device, dtype=ct))
+
+
+def static_variant(pos: int, chunk_size: int, switch_over: int) -> tuple[bool, bool]:
+    """``(folded, folds)`` for the token at position ``pos``: whether ``S, z`` hold anything yet, and whether this
+    token completes a fold."""
+    return pos >= switch_over, pos + 1 >= switch_over and (pos + 1 - switch_over) % chunk_size == 0
+
+
+def power_step_static(q: Tensor, k: Tensor, v: Tensor, state: StaticPowerState, pos: Tensor,
+                      variant: tuple[bool, bool], log_g: Tensor | None, deg: int, scale: float | None,
+                      chunk_size: int, use_kernel: bool | None = None) -> Tensor:
+    """One token ``q [B, Hq, 1, d]``, ``k, v [B, Hkv, 1, ·]``, ``log_g [B, Hkv, 1]`` at position ``pos [1]``
+    (device) with ``variant = static_variant(pos)``: appends it to the buffers in place, folds where the
+    variant says, and returns ``o [B, Hq, 1, e]``. Capture-safe: no host sync, the same kernels for every
+    position of one variant (the Triton decode kernel where ``takes_decode_kernel``)."""
+    folded, folds = variant
+    so = state.k.shape[2]
+    scale = default_scale(q.shape[-1], scale)
+    slot = (pos - so) % chunk_size + (so - chunk_size) if folded else pos       # recent_count(pos), on the device
+    if takes_decode_kernel(q, k, v, deg, use_kernel):
+        from ...kernels.power_decode import power_decode_static_triton
+        out = power_decode_static_triton(q, k, v, log_g, state.k, state.v, state.g, state.S if folded else None,
+                                         state.z, slot, scale)
+    else:
+        out = _static_piece(q, k, v, log_g, state, slot, folded, deg, scale)
+    if folds:
+        _fold_static(state, chunk_size, deg)
+    return out
+
+
+def _static_piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: StaticPowerState, slot: Tensor,
+                  folded: bool, deg: int, scale: float) -> Tensor:
+    """PyTorch form of one static step (the decode kernel's reference): write the token into ``slot``, then
+    weigh the recent slots ``[0, slot]`` and read the state."""
+    ct = compute_dtype(q.dtype)
+    B, Hq, _, _ = q.shape
+    Hkv, so = k.shape[1], state.k.shape[2]
+    state.k.index_copy_(2, slot, k)
+    state.v.index_copy_(2, slot, v)
+    live = torch.arange(so, device=q.device) <= slot                               # [so]
+    qg = group_queries(q.to(ct), Hkv)                                              # [B, Hkv, G, 1, d]
+    w = (scale * (qg @ state.k.to(ct).unsqueeze(2).transpose(-1, -2))).pow(deg)    # [B, Hkv, G, 1, so]
+    gq = None
+    if state.g is not None:
+        prev = torch.where(slot > 0, state.g.index_select(2, (slot - 1).clamp_min(0)), 0.0)
+        gq = prev + log_g.to(ct)                                                    # [B, Hkv, 1]
+        state.g.index_copy_(2, slot, gq)
+        w = w * torch.exp(torch.where(live, gq - state.g, float("-inf")))[:, :, None, None, :]
+    w = torch.where(live, w, 0.0)
+    num = w @ torch.where(live[:, None], state.v.to(ct), 0.0).unsqueeze(2)        # [B, Hkv, G, 1, e]
+    den = w.sum(-1)
+    if folded:
+        phiq = sympow(qg, deg) * scale ** deg
+        if gq is not None:
+            phiq = phiq * torch.exp(gq)[:, :, None, :, None]
+        num = num + phiq @ state.S.unsqueeze(2)
+        den = den + (phiq @ state.z[:, :, None, :, None]).squeeze(-1)
+    return safe_ratio(num, den).reshape(B, Hq, 1, -1).to(q.dtype)
+
+
+#: Bytes of expanded keys a fold may build at once: large batches fold in slices of the batch (deg 4's features
+#: of 64 keys are ~53 MB per sequence and KV head group).
+FOLD_SLICE_BYTES = 1 << 28
+
+
+def _fold_static(state: StaticPowerState, n: int, deg: int) -> None:
+    """``_fold`` in place on full buffers: the oldest ``n`` slots go into ``S, z``, the rest move down ``n``."""
+    B, Hkv, D, e = state.S.shape
+    rows = max(1, FOLD_SLICE_BYTES // (Hkv * n * D * state.S.element_size()))
+    for b in range(0, B, rows):
+        sl = slice(b, b + rows)
+        _fold_rows(state.k[sl], state.v[sl], None if state.g is None else state.g[sl], state.S[sl], state.z[sl],
+                   n, deg)
+
+
+def _fold_rows(k: Tensor, v: Tensor, g: Tensor | None, S: Tensor, z: Tensor, n: int, deg: int) -> None:
+    """``_fold_static`` on views of some batch rows."""
+    ct = S.dtype
+    phik = sympow(k[:, :, :n].to(ct), deg)                                          # [b, Hkv, n, D]
+    if g is not None:
+        level = g[:, :, n - 1:n]                                                    # [b, Hkv, 1]
+        phik = phik * torch.exp(level - g[:, :, :n])[..., None]
+        S.mul_(torch.exp(level)[..., None])
+        z.mul_(torch.exp(level))
+        g[:, :, :-n] = g[:, :, n:] - level
+    b, Hkv, D, e = S.shape
+    S.view(b * Hkv, D, e).baddbmm_(phik.transpose(-1, -2).reshape(b * Hkv, D, n),
+                                   v[:, :, :n].to(ct).reshape(b * Hkv, n, e))
+    z.add_(phik.sum(-2))
+    k[:, :, :-n] = k[:, :, n:].clone()
+    v[:, :, :-n] = v[:, :, n:].clone()

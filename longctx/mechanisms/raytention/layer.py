@@ -38,6 +38,17 @@ class TokenHistory:
     ids: Tensor
 
 
+@dataclass
+class StaticTokenHistory:
+    """The static decoding state: ``ids [B, capacity]`` int32, position ``t``'s id in column ``t``; one buffer
+    shared by every layer of a model (the first layer writes it)."""
+    ids: Tensor
+
+    def fill_random(self, start: int, stop: int, vocab_size: int) -> None:
+        """Random ids in columns ``[start, stop)`` (benchmarks: decode cost depends on the length only)."""
+        self.ids[:, start:stop].random_(0, vocab_size)
+
+
 _last_extension: tuple = ()
 
 
@@ -141,17 +152,47 @@ class RayTentionLayer(nn.Module):
             raise ValueError(f"x {tuple(x.shape)}, ctx.tokens {tuple(ctx.tokens.shape)} and the state's ids "
                              f"{tuple(state.ids.shape)} must agree on batch (and new length)")
         ids = extend_history(state.ids, ctx.tokens)
+        return self._read_history(x, ctx, ids, state.ids.shape[1]), TokenHistory(ids)
+
+    def _read_history(self, x: Tensor, ctx, ids: Tensor, start: int) -> Tensor:
+        """Outputs of ``x [B, T_new, C]``, the tokens at positions ``start..`` whose ids close ``ids [B, start +
+        T_new]``."""
         # a decoding query is one row: key blocks as long as DECODE_KEY_BLOCK cost one small tile, and each block
         # is several launches (H100: 2.4 ms a step at 16K with 65536-key blocks, 356 ms with 64)
         block_k = max(self.block_size, DECODE_KEY_BLOCK)
         if torch.is_grad_enabled() and (x.requires_grad or ctx.embed.weight.requires_grad):
-            return self.ffn(self._signals(x, ctx.embed(ids), state.ids.shape[1], block_k)), TokenHistory(ids)
+            return self.ffn(self._signals(x, ctx.embed(ids), start, block_k))
         # without gradients the keys are looked up block by block: the history's embeddings are never all alive
         q = self._query(x)
-        signals = raytention_signals_lookup(q, ids, ctx.embed.weight.to(q.dtype), self.log_tau.exp(),
-                                            F.logsigmoid(self.gamma_logit), state.ids.shape[1], self.block_size,
-                                            block_k)
-        return self.ffn(signals), TokenHistory(ids)
+        return self.ffn(raytention_signals_lookup(q, ids, ctx.embed.weight.to(q.dtype), self.log_tau.exp(),
+                                                  F.logsigmoid(self.gamma_logit), start, self.block_size, block_k))
+
+    # static decoding: the ids go to a preallocated buffer; the work per step grows with the history, so the
+    # step is not captured in a CUDA graph (its variant is the position itself)
+    capturable = False
+
+    def init_static_state(self, batch: int, capacity: int, device, dtype, shared: dict) -> StaticTokenHistory:
+        if "token_ids" not in shared:
+            shared["token_ids"] = StaticTokenHistory(torch.zeros(batch, capacity, dtype=torch.int32, device=device))
+        return shared["token_ids"]
+
+    def static_variant(self, pos: int) -> int:
+        return pos
+
+    def eager_state(self, state: StaticTokenHistory, seen: int) -> TokenHistory:
+        return TokenHistory(state.ids[:, :seen])
+
+    def prefill_static(self, x: Tensor, ctx, state: StaticTokenHistory, start: int) -> Tensor:
+        end = start + x.shape[1]
+        if ctx.tokens.shape[:2] != x.shape[:2] or state.ids.shape[0] != x.shape[0] or end > state.ids.shape[1]:
+            raise ValueError(f"x {tuple(x.shape)} and ctx.tokens {tuple(ctx.tokens.shape)} at position {start} do "
+                             f"not fit the static ids {tuple(state.ids.shape)}")
+        if self.holds_history:
+            state.ids[:, start:end] = ctx.tokens
+        return self._read_history(x, ctx, state.ids[:, :end], start)
+
+    def step_static(self, x: Tensor, ctx, state: StaticTokenHistory, variant: int) -> Tensor:
+        return self.prefill_static(x, ctx, state, variant)
 
     def state_from_ids(self, ids: Tensor) -> TokenHistory:
         """The state after ``ids [B, T]`` int32: the ids themselves (what ``step`` would have kept); every layer

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from ..base import Mechanism, dtype_bytes, register
 from ..sliding_window import SlidingWindowAttention
 from .naive import FEATURES, WRITES, feature_map
-from .recurrent import (TensorCacheState, init_state, leaving, memory_dtype, read_chunk_mean, read_exact,
-                        window_attention_step)
+from .recurrent import (StaticTensorCacheState, TensorCacheState, init_state, init_static_state, leaving,
+                        memory_dtype, read_chunk_mean, read_exact, window_attention_step)
 from .scan import chunk_mean_scan, decayed_scan
 from .window import blocked_window_attention
 
@@ -32,6 +32,8 @@ class TensorCache(Mechanism):
     0.25 the memory learned recall beyond the window markedly slower than with 1). The three parameters are stored as offsets from these initial values, so
     weight decay pulls them towards the initialisation rather than towards ``lam = 0.5, eta = 0.69``.
     """
+
+    static_state = StaticTensorCacheState
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, window: int = 32, feature: str = "identity",
                  write: str = "exact", chunk: int = 64, decay_init: float = 0.99, eta_init: float = 1.0,
@@ -124,6 +126,42 @@ class TensorCache(Mechanism):
             return self._mix(l1, r), TensorCacheState(window, memory)
         r, memory, pk, pv = read_chunk_mean(fq, fk_out, v_out, first, lam, state, self.window, self.chunk)
         return self._mix(l1, r), TensorCacheState(window, memory, pk, pv)
+
+    def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticTensorCacheState:
+        return init_static_state(batch, self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
+
+    def static_variant(self, pos: int) -> tuple[bool, bool]:
+        """``(evicts, flushes)``: whether the token at ``pos`` pushes one out of the window into the memory, and
+        (``chunk_mean``) whether that write completes a chunk."""
+        evicts = pos >= self.window
+        return evicts, evicts and self.write == "chunk_mean" and (pos - self.window + 1) % self.chunk == 0
+
+    def eager_state(self, state: StaticTensorCacheState, seen: int) -> TensorCacheState:
+        return TensorCacheState(self.window_attention.eager_state(state.window, seen), state.memory, state.pending_k,
+                                state.pending_v)
+
+    def step_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticTensorCacheState, pos: Tensor,
+                    variant: tuple[bool, bool]) -> Tensor:
+        """One token at ``pos [1]``: the token leaving the window (read from its slot before the new one takes
+        it) is written into the memory, then the window attends and the memory is read."""
+        self.check_static(q, k, v, state)
+        evicts, flushes = variant
+        dt, lam = state.memory.dtype, self.decay.to(state.memory.dtype)
+        if evicts:
+            slot = pos % self.window
+            fk, ve = self._writes(state.window.k.index_select(2, slot), state.window.v.index_select(2, slot), dt)
+            if self.write == "exact":
+                state.memory.mul_(lam.view(1, -1, 1, 1)).add_(fk[:, :, 0, :, None] * ve[:, :, 0, None, :])
+            else:
+                state.pending_k.add_(fk[:, :, 0])
+                state.pending_v.add_(ve[:, :, 0])
+                if flushes:
+                    outer = state.pending_k.unsqueeze(-1) * state.pending_v.unsqueeze(-2) / self.chunk
+                    state.memory.mul_(lam.view(1, -1, 1, 1) ** self.chunk).add_(outer)
+                    state.pending_k.zero_()
+                    state.pending_v.zero_()
+        l1 = self.window_attention.step_static(q, k, v, state.window, pos)
+        return self._mix(l1, self._queries(q, dt) @ state.memory.unsqueeze(2))
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         # Ring buffer of W raw keys and values, the D x D memory (+ the open chunk's two sums) in at least

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..sliding_window import WindowCache
+from ..sliding_window import StaticWindowCache, WindowCache
 from .scan import decayed_scan
 from .window import blocked_window_attention
 
@@ -105,3 +105,28 @@ def read_chunk_mean(fq: Tensor, fk_out: Tensor, v_out: Tensor, first: int, lam: 
             sum_k, sum_v, pending = torch.zeros_like(sum_k), torch.zeros_like(sum_v), 0
         reads.append(fq[:, :, :, first + t:first + t + 1] @ memory.unsqueeze(2))
     return torch.cat(reads, dim=3), memory, sum_k, sum_v
+
+
+@dataclass
+class StaticTensorCacheState:
+    """``TensorCacheState`` in buffers updated in place: the ring buffer ``window`` (``StaticWindowCache``),
+    ``memory [B,Hkv,D,Dv]`` and, for ``write="chunk_mean"``, the open chunk's sums (else None)."""
+    window: StaticWindowCache
+    memory: Tensor
+    pending_k: Tensor | None = None
+    pending_v: Tensor | None = None
+
+    def load(self, state: TensorCacheState) -> None:
+        """Copy an eager state's tensors in."""
+        self.window.load(state.window)
+        self.memory.copy_(state.memory)
+        if self.pending_k is not None:
+            self.pending_k.copy_(state.pending_k)
+            self.pending_v.copy_(state.pending_v)
+
+
+def init_static_state(batch: int, n_kv_head: int, head_dim: int, window: int, write: str, device,
+                      dtype) -> StaticTensorCacheState:
+    state = init_state(batch, n_kv_head, head_dim, window, write, device, dtype)
+    return StaticTensorCacheState(StaticWindowCache(state.window.k, state.window.v), state.memory,
+                                  state.pending_k, state.pending_v)

@@ -1,0 +1,330 @@
+"""``longctx throughput``: generation speed of each mechanism, as a server sees it.
+
+For every mechanism x context x batch size: decode tokens/s summed over the batch through each *path* —
+``eager`` (``GPT.step`` on the growing states, the reference), ``static`` (static states, eager launches) and
+``graph`` (static states, each step replayed from a CUDA graph: ``longctx.decoding``) — with the step's time
+next to its *bandwidth bound*: the bytes a step must read (weights + the decoding state, ``state_bytes``) over
+the copy bandwidth measured in the same run. With ``max`` among the batches, the largest batch whose state fits
+in the GPU's memory at each context is found (an estimate from ``state_bytes``, lowered on out-of-memory) and
+measured through the graph path: the throughput a fixed-state mechanism exists for.
+
+Filling the state: ``prefill`` runs every context token through the model (timed); ``synthetic`` runs a real
+prefill of ``prefix`` tokens and then moves the position to the context, the growing buffers (the KV cache,
+RayTention's ids) getting random content in between. A decode step's cost depends on the state's shapes and the
+position, not on its values, and a real prefill of thousands of 128K-token sequences would take longer than the
+measurement it serves.
+
+Results: ``throughput.json`` (rewritten atomically after every row; a finished row is not measured again when
+the same command runs again), ``throughput.png`` (tok/s against context, log-log, one line per mechanism).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_write, atomic_write_json
+from ..decoding import greedy_decoder, warm_steps
+from ..mechanisms import registered
+from ..model import GPT, GPTConfig
+from .measure import DTYPES, device_name, sync, timed
+
+PATHS = ("eager", "static", "graph")
+FILLS = ("prefill", "synthetic")
+
+
+@dataclass
+class ThroughputSettings:
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_kv_head: int = 2
+    mechanisms: list = field(default_factory=lambda: ["full", "sliding_window", "power", "power4", "tensor_cache",
+                                                      "raytention"])
+    mechanism_options: dict = field(default_factory=dict)
+    contexts: list = field(default_factory=lambda: [256, 1024])
+    batches: list = field(default_factory=lambda: [1, 4])
+    max_batch: bool = False           # also the largest batch that fits at each context (graph path)
+    paths: list = field(default_factory=lambda: ["eager", "static"])
+    eager_max_batch: int = 64         # the eager path only up to this batch (its growing cache copies itself)
+    steps: int = 16                   # timed decode steps per row
+    fill: str = "prefill"
+    prefix: int = 2048                # synthetic fill: real tokens before the jump, at most
+    prefix_tokens: int = 1 << 22      # batch x prefix (a max-batch row of 30,000 sequences gets 139 real tokens)
+    call_tokens: int = 1 << 16        # batch x tokens of one prefill call (bounds the prefill's transients)
+    max_batch_cap: int = 32768        # the max-batch search stops here (sliding window would reach ~10^5)
+    history_limit: dict = field(default_factory=lambda: {"raytention": 1 << 19})
+                                      # mechanisms whose step reads the whole history: batch x context above
+                                      # this is not measured (RayTention: ~0.4 s a step at 128K x 16)
+    prefill_chunk: int = 1024
+    dtype: str = "float32"
+    memory_fraction: float = 0.9      # of the GPU's free memory that the max-batch estimate may fill
+
+
+GPU_MECHANISMS = {"tensor_cache": {"feature": "normalize"}, "power4": {"switch_over": 4096}}
+PRESETS = {
+    "cpu": ThroughputSettings(),
+    # the bench's GPU model: 4 layers, width 256, 8 query / 4 KV heads of 32
+    "gpu": ThroughputSettings(n_layer=4, n_embd=256, n_head=8, n_kv_head=4, mechanism_options=GPU_MECHANISMS,
+                              contexts=[4096, 32768, 131072, 1 << 20], batches=[1, 16, 64], max_batch=True,
+                              paths=["eager", "graph"], eager_max_batch=16, steps=128, fill="synthetic",
+                              dtype="bfloat16"),
+    # the width-512 model of the decoding anchors (8 / 8 heads of 64)
+    "w512": ThroughputSettings(n_layer=4, n_embd=512, n_head=8, n_kv_head=8, mechanism_options=GPU_MECHANISMS,
+                               contexts=[8192, 131072], batches=[1], max_batch=True, paths=["eager", "graph"],
+                               eager_max_batch=1, steps=128, fill="synthetic", dtype="bfloat16"),
+    # GPT-2 small's shape, GQA: 12 layers, width 768, 12 query / 4 KV heads of 64
+    "gpt2": ThroughputSettings(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, mechanism_options=GPU_MECHANISMS,
+                               contexts=[4096, 32768, 131072], batches=[1, 16, 64], max_batch=True,
+                               paths=["eager", "graph"], eager_max_batch=1, steps=64, fill="synthetic",
+                               dtype="bfloat16"),
+}
+
+
+def settings_for(preset: str, **overrides) -> ThroughputSettings:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    s = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    check_settings(s)
+    return s
+
+
+def check_settings(s: ThroughputSettings) -> None:
+    """Every bad value refused before any work starts."""
+    unknown = [m for m in s.mechanisms if m not in registered()]
+    if unknown:
+        raise ValueError(f"unknown mechanisms {unknown}; registered: {', '.join(registered())}")
+    for name in ("contexts", "batches"):
+        bad = [x for x in getattr(s, name) if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+        if bad or not getattr(s, name) and not (name == "batches" and s.max_batch):
+            raise ValueError(f"{name} must be integers >= 1, got {getattr(s, name)}")
+    bad = [p for p in s.paths if p not in PATHS]
+    if bad or not s.paths:
+        raise ValueError(f"paths must be among {PATHS}, got {s.paths}")
+    for name in ("steps", "prefix", "prefill_chunk", "n_layer", "n_embd", "n_head", "n_kv_head"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {s.fill!r}")
+    if s.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
+    if not 0 < s.memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {s.memory_fraction}")
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy, bytes read plus written (the bound's denominator)."""
+    n = (256 << 20) if device.type == "cuda" else (32 << 20)
+    src, dst = torch.randn(n // 4, device=device), torch.empty(n // 4, device=device)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    return 2 * n * reps / (time.perf_counter() - start)
+
+
+def build_model(s: ThroughputSettings, mechanism: str, device: torch.device) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, n_kv_head=s.n_kv_head,
+                    mechanism=mechanism, mechanism_options=dict(s.mechanism_options.get(mechanism, {})))
+    return GPT(cfg).to(device=device, dtype=DTYPES[s.dtype]).eval()
+
+
+@torch.no_grad()
+def fill_state(model: GPT, state, context: int, s: ThroughputSettings, gen: torch.Generator) -> float:
+    """Bring ``state`` to ``context`` tokens (``s.fill``); returns the seconds of the real prefill."""
+    device, vocab = state.pos.device, model.config.vocab_size
+    real = context if s.fill == "prefill" else min(context, s.prefix, max(1, s.prefix_tokens // state.batch))
+    sync(device)
+    start = time.perf_counter()
+    while state.seen < real:
+        n = min(s.prefill_chunk, real - state.seen, max(1, s.call_tokens // state.batch))
+        model.prefill_static(torch.randint(0, vocab, (state.batch, n), generator=gen).to(device), state)
+    sync(device)
+    seconds = time.perf_counter() - start
+    if context > real:
+        for layer in state.layers:
+            if hasattr(layer, "fill_random"):
+                layer.fill_random(real, context, vocab)
+        state.seen = context
+        state.pos.fill_(context)
+    return seconds
+
+
+@torch.no_grad()
+def time_path(model: GPT, state, path: str, steps: int) -> dict:
+    """Decode ``steps`` greedy tokens after warming up, through ``path``; the state advances."""
+    device = state.pos.device
+    tok = torch.zeros(state.batch, 1, dtype=torch.long, device=device)
+    if path == "eager":
+        eager = model.eager_state(state)
+
+        def run(n: int) -> None:
+            nonlocal eager
+            for _ in range(n):
+                logits, eager = model.step(tok, eager)
+                tok.copy_(logits[:, -1:].argmax(-1))
+        warm = 2
+    else:
+        run, warm = greedy_decoder(model, state, tok, path == "graph"), warm_steps(model, state.seen)
+    run(warm)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(device, lambda: run(steps))
+    row = {"ms_per_step": 1000 * seconds / steps, "tokens_per_s": state.batch * steps / seconds}
+    if device.type == "cuda":
+        row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return row
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def measure_row(model: GPT, s: ThroughputSettings, context: int, batch: int, paths: list, bandwidth: float,
+                gen: torch.Generator, raise_oom: bool = False) -> dict:
+    """One context x batch: every path from one filled state; a path out of memory is recorded as such (raised
+    with ``raise_oom``)."""
+    dtype = DTYPES[s.dtype]
+    capacity = context + len(paths) * (warm_steps(model, context) + s.steps) + 8
+    state = model.init_static_state(batch, capacity)
+    row = {"context": context, "batch": batch, "fill": s.fill}
+    row["prefill_seconds"] = fill_state(model, state, context, s, gen)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state_bytes = model.state_bytes(context, batch, dtype)
+    row.update(weights_bytes=weights, state_bytes=state_bytes,
+               bound_ms=1000 * (weights + state_bytes) / bandwidth)
+    for path in paths:
+        try:
+            r = time_path(model, state, path, s.steps)
+            r["bound_ratio"] = r["ms_per_step"] / row["bound_ms"]
+        except RuntimeError as err:
+            if raise_oom or not is_oom(err):
+                raise
+            r = {"error": "out of memory"}
+        row[path] = r
+        if state.pos.is_cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def largest_batch(model: GPT, s: ThroughputSettings, context: int) -> int:
+    """The batch whose decoding state (``state_bytes``, 1.25x for what a step adds) fills ``memory_fraction`` of
+    the GPU's free memory."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    per_seq = 1.25 * model.state_bytes(context + 1024, 1, DTYPES[s.dtype]) + 64 * model.config.n_embd * 4
+    return max(1, min(s.max_batch_cap, int(s.memory_fraction * free / per_seq)))
+
+
+def run_throughput(s: ThroughputSettings, device: str | None, out: str | Path, progress: bool = True) -> dict:
+    """Measure every row (resuming from ``out/throughput.json``), write the JSON and the plot; returns the
+    results."""
+    from tqdm.auto import tqdm
+
+    check_settings(s)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "graph" in s.paths and dev.type != "cuda":
+        raise ValueError("the graph path needs CUDA; on the CPU use --paths eager,static")
+    if s.max_batch and dev.type != "cuda":
+        raise ValueError("the max-batch search needs a GPU's memory; leave 'max' out of --batches on the CPU")
+    out = Path(out)
+    path = out / "throughput.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("settings") not in (None, asdict(s)):
+        raise ValueError(f"{path} holds a run with other settings; choose another --out")
+    results.update(settings=asdict(s), device=device_name(dev), torch=torch.__version__)
+    results.setdefault("copy_bandwidth_bytes_per_s", copy_bandwidth(dev))
+    rows = results.setdefault("rows", [])
+    done = {(r["mechanism"], r["context"], r["batch_label"]) for r in rows}
+    gen = torch.Generator().manual_seed(0)
+    work = [(m, c, b) for m in s.mechanisms for c in s.contexts for b in [*s.batches, *(["max"] if s.max_batch else [])]]
+    for mech, context, label in tqdm(work, desc="throughput", disable=not progress):
+        if (mech, context, label) in done:
+            continue
+        model = build_model(s, mech, dev)
+        row = {"mechanism": mech, "batch_label": label}
+        limit = s.history_limit.get(mech)
+        if limit is not None and (label == "max" or label * context > limit):
+            row.update(context=context, skipped=f"{mech} reads its whole history every step: batch x context above "
+                                                f"{limit} tokens is not measured")
+            rows.append(row)
+            continue
+        batch = label if label != "max" else largest_batch(model, s, context)
+        paths = [p for p in s.paths if p != "eager" or batch <= s.eager_max_batch]
+        if label == "max":
+            paths = ["graph"] if "graph" in s.paths else paths[-1:]
+        for attempt in range(4):
+            try:
+                row.update(measure_row(model, s, context, batch, paths, results["copy_bandwidth_bytes_per_s"], gen,
+                                       raise_oom=label == "max"))
+                break
+            except RuntimeError as err:
+                oom = is_oom(err)
+                if not oom or label != "max" or attempt == 3:
+                    row.update(context=context, batch=batch, error="out of memory" if oom else str(err))
+                    break
+            batch = max(1, int(batch * 0.8))         # after the except block: the failed attempt's tensors are free
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        atomic_write_json(path, results)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    plot_throughput(results, out / "throughput.png")
+    return results
+
+
+def summary(results: dict) -> str:
+    """A markdown table of the rows: tok/s of every path, the step against its bandwidth bound."""
+    paths = [p for p in PATHS if any(p in r for r in results["rows"])]
+    lines = ["| mechanism | context | batch | " + " | ".join(f"{p} tok/s (ms, x bound)" for p in paths) + " |",
+             "|---|---|---|" + "---|" * len(paths)]
+    for r in results["rows"]:
+        cells = []
+        for p in paths:
+            x = r.get(p, {})
+            cells.append(f"{x['tokens_per_s']:,.0f} ({x['ms_per_step']:.2f}, {x['bound_ratio']:.1f}x)"
+                         if "tokens_per_s" in x else x.get("error", ""))
+        note = r.get("skipped") or r.get("error") or ""
+        lines.append(f"| {r['mechanism']} | {r['context']} | {r.get('batch', r['batch_label'])} | "
+                     + " | ".join(cells) + " |" + (f" {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def plot_throughput(results: dict, path: Path) -> None:
+    """tok/s against context, log-log, one line per mechanism: batch 1 (graph path where measured, else the
+    last path) and the largest batch that fits."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("batch 1", lambda r: r["batch_label"] == 1), ("largest batch that fits", lambda r: r["batch_label"] == "max")]
+    panels = [(t, f) for t, f in panels if any(f(r) for r in results["rows"])]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, pick) in zip(axes[0], panels):
+        for mech in dict.fromkeys(r["mechanism"] for r in results["rows"]):
+            pts = []
+            for r in results["rows"]:
+                if r["mechanism"] == mech and pick(r):
+                    best = next((r[p] for p in ("graph", "static", "eager") if "tokens_per_s" in r.get(p, {})), None)
+                    if best is not None:
+                        pts.append((r["context"], best["tokens_per_s"]))
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=mech)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (whole batch)",
+               title=f"{title} — {results['device']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

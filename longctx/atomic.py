@@ -1,6 +1,7 @@
 """Atomic result files: write to a temporary file beside the target, then rename over it.
 
-An interrupted run (Ctrl-C, a killed job) leaves either the old file or the new one, never half of one.
+An interrupted run (Ctrl-C, a killed job) leaves either the old file or the new one, never half of one; a file
+that a rerun finds damaged or foreign is refused by name (``read_json_result``), never overwritten.
 """
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_result(path: str | Path, what: str) -> Any:
+    """The JSON that an earlier run left in ``path`` (None where there is no file). A file that cannot be read as
+    JSON is a ValueError naming it, ``what`` it should have been, and what to do."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:   # ValueError: not UTF-8, not JSON
+        raise not_a_result(path, what, f"it cannot be read as JSON: {e}") from None
+
+
+def not_a_result(path: str | Path, what: str, why: str) -> ValueError:
+    """The error for a file in an output folder that a rerun cannot continue from."""
+    return ValueError(f"{path} is not {what} ({why}): delete it or choose another --out")

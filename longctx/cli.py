@@ -58,9 +58,11 @@ def _bench(args) -> None:
                      n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
                      block_size=args.block_size, batch_size=args.batch_size, deterministic=args.deterministic,
                      **lists)
-    mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()] if args.mechanisms else None
-    if args.stop_after is not None and args.stop_after <= 0:
-        raise ValueError(f"--stop-after must be > 0 seconds, got {args.stop_after}")
+    mechs = None
+    if args.mechanisms is not None:
+        mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()]
+        if not mechs:
+            raise ValueError(f"--mechanisms: no mechanism named in {args.mechanisms!r}")
     if run_bench(s, mechs, args.device, args.out, args.data, args.preset, not args.no_progress,
                  args.stop_after) is None:
         raise SystemExit(3)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished results are kept in the output folder", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:   # OSError: a file named by an option cannot be read or written
         print(f"longctx: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mechanisms import build_mechanism, lookup
+from .mechanisms.base import check_int, check_state_bytes_args
 from .rope import rope_table, rotate
 
 
@@ -31,10 +32,19 @@ class GPTConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio"):
+            check_int(name, getattr(self, name))
+        if not (isinstance(self.rope_base, (int, float)) and 1 < self.rope_base < math.inf):
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
+        if not isinstance(self.mechanism_options, dict):
+            raise ValueError(f"mechanism_options must be a dict, got {type(self.mechanism_options).__name__}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"the head dim n_embd / n_head = {self.n_embd // self.n_head} must be even (rotary "
+                             "embedding pairs its dimensions)")
         lookup(self.mechanism)  # unknown names fail here, not deep inside the model
 
     @property
@@ -201,8 +211,16 @@ class GPT(nn.Module):
         return LayerContext(positions=positions, tokens=idx, embed=self.wte)
 
     def _check_ids(self, idx: Tensor) -> None:
+        """``idx`` is ``[batch, seq]`` integer ids of at least one token, each in ``[0, vocab_size)`` (a host sync:
+        the captured decode step, whose ids come from sampling, skips this)."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be [batch, seq] integer token ids, got {tuple(idx.shape)} {idx.dtype}")
+        if idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise ValueError(f"idx must hold at least one sequence of at least one token, got {tuple(idx.shape)}")
+        lo, hi = (int(x) for x in torch.aminmax(idx))
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} "
+                             f"to {hi}")
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, positions: Tensor | None = None):
         """``idx [B, T]`` -> ``(logits [B, T, V], loss or None)``. ``positions [T]`` default ``0..T-1``
@@ -221,18 +239,24 @@ class GPT(nn.Module):
         return logits, loss
 
     def init_state(self, batch: int, device=None, dtype=None) -> DecodeState:
+        check_int("batch", batch)
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         return DecodeState([b.attn.init_state(batch, device, dtype) for b in self.blocks])
+
+    @property
+    def state_is_token_ids(self) -> bool:
+        """Whether every layer's decoding state is the token ids alone (RayTention): ``state_from_ids`` builds it."""
+        return all(hasattr(b.attn, "state_from_ids") for b in self.blocks)
 
     def state_from_ids(self, idx: Tensor) -> DecodeState | None:
         """The decoding state after ``idx [B, T]``, built without running the model, where every layer's state
         is a function of the token ids alone (a layer with a ``state_from_ids`` method: RayTention keeps only
         the ids); None where any layer's state needs the forward pass."""
         self._check_ids(idx)
-        makers = [getattr(b.attn, "state_from_ids", None) for b in self.blocks]
-        if any(make is None for make in makers):
+        if not self.state_is_token_ids:
             return None
+        makers = [b.attn.state_from_ids for b in self.blocks]
         ids = idx.to(torch.int32)
         return DecodeState([make(ids) for make in makers], idx.shape[1])
 
@@ -286,8 +310,8 @@ class GPT(nn.Module):
 
     def init_static_state(self, batch: int, capacity: int, device=None, dtype=None) -> StaticDecodeState:
         """Static states for ``batch`` sequences of up to ``capacity`` tokens (prompt + generated)."""
-        if batch < 1 or capacity < 1:
-            raise ValueError(f"batch and capacity must be >= 1, got {batch}, {capacity}")
+        check_int("batch", batch)
+        check_int("capacity", capacity)
         p = next(self.parameters())
         device, dtype, shared = device or p.device, dtype or p.dtype, {}
         layers = [b.attn.init_static_state(batch, capacity, device, dtype, shared) for b in self.blocks]
@@ -353,6 +377,7 @@ class GPT(nn.Module):
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         """Decoding state of all layers after ``context_len`` tokens (the mechanisms' formulas)."""
+        check_state_bytes_args(context_len, batch)
         return sum(b.attn.state_bytes(context_len, batch, dtype) for b in self.blocks)
 
 

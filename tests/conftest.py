@@ -16,11 +16,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+@pytest.fixture(autouse=True)
+def test_seed(request) -> int:
+    """Every test draws its random inputs from a seed of its own, new on every run of the suite (so the inputs
+    differ between runs) and printed (shown with a failure): ``LONGCTX_TEST_SEED=<seed> pytest <test id>`` replays
+    it. torch's global RNG is seeded with it too."""
+    fixed = os.environ.get("LONGCTX_TEST_SEED")
+    seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little") >> 1
+    torch.manual_seed(seed)
+    print(f"test seed {seed}: replay with LONGCTX_TEST_SEED={seed} pytest '{request.node.nodeid}'")
+    return seed
+
+
 @pytest.fixture
-def gen():
-    """A fresh generator per test, seeded from the test's own RNG so inputs differ between runs of the suite."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-    return g
+def gen(test_seed):
+    """A fresh generator per test, seeded with the test's printed seed."""
+    return torch.Generator().manual_seed(test_seed)
 
 
 LOOP_PROBE = r"""

@@ -74,7 +74,7 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
     device = p.device
     g = torch.Generator().manual_seed(seed)
     rows, skip, segments = [], None, []
-    direct = model.state_from_ids(torch.zeros(batch, 0, dtype=torch.long, device=device)) is not None
+    direct = model.state_is_token_ids
     graphs = device.type == "cuda" and model.capturable
     vocab = model.config.vocab_size
     for n in sorted(contexts):

@@ -65,4 +65,54 @@ PRESETS: dict[str, BenchSettings] = {
 def settings_for(preset: str, **overrides) -> BenchSettings:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    s = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    check_settings(s)
+    return s
+
+
+#: Settings that ``longctx bench`` sets from an option; errors about them name the option.
+OPTIONS = ("steps", "recall_steps", "n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "batch_size",
+           "measure_contexts", "seeds")
+
+
+def _name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-") if field_name in OPTIONS else field_name
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_settings(s: BenchSettings) -> None:
+    """Every bad value refused before any work starts, with the option (or field) named and what was expected."""
+    for f in ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "batch_size", "steps", "recall_steps",
+              "eval_batches", "decode_steps", "prefill_chunk"):
+        v = getattr(s, f)
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{_name(f)}: expected an integer >= 1, got {v!r}")
+    if s.n_embd % s.n_head:
+        raise ValueError(f"--n-embd ({s.n_embd}) must be divisible by --n-head ({s.n_head})")
+    if s.n_head % s.n_kv_head:
+        raise ValueError(f"--n-head ({s.n_head}) must be a multiple of --n-kv-head ({s.n_kv_head})")
+    for f, least, may_be_empty in (("seeds", 0, False), ("measure_contexts", 1, False), ("recall_pairs", 1, False),
+                                   ("contexts", 1, True), ("needle_distances", 1, True),
+                                   ("eval_context_multiples", 1, True)):
+        v = getattr(s, f)
+        if (not isinstance(v, (list, tuple)) or not (v or may_be_empty)
+                or not all(_is_int(x) and x >= least for x in v)):
+            what = "a list of integers" if may_be_empty else "one or more integers"
+            raise ValueError(f"{_name(f)}: expected {what} >= {least}, got {v!r}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{_name(f)}: a value is repeated in {list(v)}")
+    if not _is_int(s.recall_min_distance) or s.recall_min_distance < 0:
+        raise ValueError(f"recall_min_distance: expected an integer >= 0, got {s.recall_min_distance!r}")
+    if max(s.recall_pairs) > 64:
+        raise ValueError(f"recall_pairs: at most 64 pairs (64 distinct keys), got {s.recall_pairs}")
+    for f in ("lr", "recall_lr", "prefill_seconds"):
+        v = getattr(s, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{f}: expected a number > 0, got {v!r}")
+    if not isinstance(s.mechanism_options, dict) or not all(isinstance(o, dict) for o in s.mechanism_options.values()):
+        raise TypeError(f"mechanism_options: expected {{mechanism: {{option: value}}}}, got {s.mechanism_options!r}")
+    if not isinstance(s.deterministic, bool):
+        raise TypeError(f"deterministic: expected True or False, got {s.deterministic!r}")

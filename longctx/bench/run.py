@@ -3,7 +3,10 @@
 Work is done in units — a text model (train, validation, longer contexts; its weights saved as safetensors),
 a recall model (recall by number of pairs, needle by distance), the decode measurements (state bytes, peak
 memory and speed at each context) — and ``out_dir/results.json`` is rewritten atomically after every unit, so
-an interrupted run keeps what it finished and a rerun with the same settings continues where it stopped.
+an interrupted run keeps what it finished and a rerun with the same settings continues where it stopped (other
+mechanisms may be added; their results join the ones there). Everything is checked before the first model trains:
+the settings, and in ``out_dir`` the results file and the checkpoints the rerun will read; a file that is not
+bench's, or a run with other settings (which continuing would throw away), is refused by name.
 """
 from __future__ import annotations
 
@@ -19,24 +22,37 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import atomic_write, atomic_write_json, not_a_result, read_json_result
 from ..data import get_batch, load_corpus
 from ..mechanisms import registered
-from ..model import GPT, GPTConfig
+from ..model import GPT, GPTConfig, make_attention_layer
 from .measure import DTYPES, device_name, measure_decode
-from .presets import BenchSettings
+from .presets import BenchSettings, check_settings
 from .report import table, write_report
 from .train import bits_per_byte, eval_loss, eval_recall, recall_batches, train
 
 
+def _config(s: BenchSettings, mechanism: str) -> GPTConfig:
+    return GPTConfig(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, n_kv_head=s.n_kv_head,
+                     block_size=s.block_size, mechanism=mechanism,
+                     mechanism_options=dict(s.mechanism_options.get(mechanism, {})))
+
+
 def _model(s: BenchSettings, mechanism: str, device: torch.device, seed: int) -> GPT:
     torch.manual_seed(seed)
-    cfg = GPTConfig(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, n_kv_head=s.n_kv_head,
-                    block_size=s.block_size, mechanism=mechanism,
-                    mechanism_options=dict(s.mechanism_options.get(mechanism, {})))
-    return GPT(cfg).to(device=device, dtype=DTYPES[s.dtype])
+    return GPT(_config(s, mechanism)).to(device=device, dtype=DTYPES[s.dtype])
+
+
+def check_mechanism(s: BenchSettings, mechanism: str) -> None:
+    """The model of ``mechanism`` can be built with ``s`` (its config, its mechanism's options), checked on one
+    attention layer: a bad combination is refused before any model trains, not when its turn comes."""
+    try:
+        make_attention_layer(_config(s, mechanism))
+    except TypeError as e:   # an option the mechanism does not take
+        raise ValueError(f"mechanism_options of {mechanism}: {e}") from None
 
 
 def text_unit(model: GPT, s: BenchSettings, train_data, val_data, seed: int, progress: bool = True) -> dict:
@@ -76,15 +92,26 @@ def save_checkpoint(model: GPT, path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"config": json.dumps(asdict(model.config))}))
 
 
-def load_checkpoint(model: GPT, path: Path) -> None:
-    """Load weights saved by ``save_checkpoint``; a checkpoint of another model is a clear error."""
-    saved = load_file(path, device=str(next(model.parameters()).device))
+def check_checkpoint(model: GPT, path: Path) -> None:
+    """A clear error, naming ``path``, unless it holds weights that ``load_checkpoint`` can give ``model`` (reads
+    the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    except (OSError, SafetensorError) as e:
+        raise not_a_result(path, "a checkpoint of longctx bench", f"unreadable: {e}") from None
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    have = {k: tuple(v.shape) for k, v in saved.items()}
     if have != want:
         diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-        raise ValueError(f"{path} does not fit this model: tensors {diff[:5]} differ in name or shape")
-    model.load_state_dict(saved, strict=False)
+        raise ValueError(f"{path} does not fit this model: tensors {diff[:5]} differ in name or shape; delete it "
+                         "(decoding is then measured with initial weights) or choose another --out")
+
+
+def load_checkpoint(model: GPT, path: Path) -> None:
+    """Load weights saved by ``save_checkpoint``; a checkpoint of another model is a clear error."""
+    check_checkpoint(model, path)
+    model.load_state_dict(load_file(path, device=str(next(model.parameters()).device)), strict=False)
 
 
 class Paused(Exception):
@@ -166,8 +193,51 @@ def _check_finite(name: str, r: dict) -> None:
 
 def _resume_key(settings: dict) -> dict:
     """Settings that must match for a rerun to reuse any result. The prefill time budget only decides which
-    contexts get measured; a mechanism's own options are compared per mechanism (a changed one is redone)."""
+    contexts get measured; a mechanism's own options are compared per mechanism (``_previous``)."""
     return {k: v for k, v in settings.items() if k not in ("prefill_seconds", "mechanism_options")}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _previous(path: Path, results: dict, s: BenchSettings) -> dict | None:
+    """The results of an earlier run in ``path`` that this run continues (None where there are none). A file that
+    is not a bench result, or holds a run with other settings (results that continuing would throw away), is
+    refused by name."""
+    what = "a `longctx bench` result"
+    old = read_json_result(path, what)
+    if old is None:
+        return None
+    if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("meta", "settings", "mechanisms"))
+            and all(isinstance(r, dict) and isinstance(r.get("runs"), dict) and isinstance(r.get("config"), dict)
+                    for r in old["mechanisms"].values())):
+        raise not_a_result(path, what, "no meta, settings and mechanisms with their runs")
+    # a setting added after the earlier run was recorded counts as its default there (what that code did)
+    defaults = {k: v for k, v in asdict(BenchSettings()).items() if k not in old["settings"]}
+    was = {**_resume_key({**defaults, **old["settings"]}), "data": old["meta"].get("data"),
+           "device": old["meta"].get("device")}
+    now = {**_resume_key(results["settings"]), "data": results["meta"]["data"],
+           "device": results["meta"]["device"]}
+    for name, r in old["mechanisms"].items():
+        was[f"{name} options"] = r["config"].get("mechanism_options")
+        now[f"{name} options"] = s.mechanism_options.get(name, {})
+    differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    if differ:
+        said = "; ".join(f"{k} {_short(was.get(k))} there, {_short(now.get(k))} now" for k in differ[:4])
+        raise ValueError(f"{path} holds a run with other settings ({said}{'; ...' if len(differ) > 4 else ''}): "
+                         "run with the same settings to continue it, or choose another --out")
+    return old
+
+
+def _check_checkpoints(out: Path, done: dict, s: BenchSettings, mechanisms: list[str]) -> None:
+    """The checkpoints that the pending decode measurements of ``done`` (the results so far) will load, checked
+    before any model trains."""
+    for name in mechanisms:
+        r, ckpt = done.get(name, {}), _checkpoint(out, name, s.seeds[0])
+        if "memory" not in r and "text" in r.get("runs", {}).get(str(s.seeds[0]), {}) and ckpt.exists():
+            check_checkpoint(GPT(_config(s, name)), ckpt)
 
 
 def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str | None = None,
@@ -181,13 +251,35 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
     for m in mechanisms:
         if m not in registered():
             raise ValueError(f"unknown mechanism {m!r}; registered: {', '.join(registered())}")
-    if not s.seeds:
-        raise ValueError("seeds must name at least one seed")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if len(set(mechanisms)) != len(mechanisms):
+        raise ValueError(f"--mechanisms: a name is repeated in {','.join(mechanisms)}")
+    check_settings(s)
+    for n in s.recall_pairs:   # data.recall_batch's layout: n pairs, filler, the n queries
+        need = max(4 * n - 1, s.recall_min_distance + 4 * n - 3)
+        if s.block_size < need:
+            raise ValueError(f"--block-size {s.block_size} is too short for the recall task: {n} pair(s) at least "
+                             f"{s.recall_min_distance} tokens apart need a block of at least {need} tokens")
+    if s.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    if stop_after is not None and not stop_after > 0:
+        raise ValueError(f"--stop-after must be > 0 seconds, got {stop_after}")
+    for m in mechanisms:
+        check_mechanism(s, m)
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     out = Path(out_dir)
     train_data, val_data = load_corpus(data)
+    for part, tokens in (("training", train_data), ("validation", val_data)):
+        if len(tokens) <= s.block_size:
+            raise ValueError(f"--block-size {s.block_size} is too long for the text: its {part} part holds "
+                             f"{len(tokens)} bytes (validation: the last 5%); use a smaller --block-size or a "
+                             "longer --data")
     settings = asdict(s)
     results = {
         "meta": {"command": " ".join(["longctx"] + sys.argv[1:]) if Path(sys.argv[0]).name in ("longctx", "cli.py")
@@ -198,21 +290,26 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
         "settings": settings,
         "mechanisms": {},
     }
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
     previous = out / "results.json"
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        same = (_resume_key(old.get("settings", {})) == _resume_key(settings)
-                and old["meta"].get("data") == results["meta"]["data"] and old["meta"].get("device") == str(dev))
-        if same:
-            results["meta"]["seconds"] = old["meta"].get("seconds", 0.0)
-            results["mechanisms"] = {k: v for k, v in old["mechanisms"].items() if k in mechanisms
-                                     and v.get("config", {}).get("mechanism_options") == s.mechanism_options.get(k, {})}
-            for r in results["mechanisms"].values():   # a larger prefill budget measures what it now allows
-                if any(row.get("projected_seconds", float("inf")) <= s.prefill_seconds
-                       for row in r.get("memory", {}).get("rows", [])):
-                    del r["memory"]
-            if results["mechanisms"]:
-                print(f"resuming from {previous}: {', '.join(results['mechanisms'])} (partly) done", file=sys.stderr)
+    old = _previous(previous, results, s)
+    if old is not None:   # mechanisms not asked for this time are kept, not dropped
+        results["meta"]["seconds"] = old["meta"].get("seconds", 0.0)
+        results["mechanisms"] = old["mechanisms"]
+        for name, r in results["mechanisms"].items():   # a larger prefill budget measures what it now allows
+            if name in mechanisms and any(row.get("projected_seconds", float("inf")) <= s.prefill_seconds
+                                          for row in r.get("memory", {}).get("rows", [])):
+                del r["memory"]
+    _check_checkpoints(out, results["mechanisms"], s, mechanisms)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the folder ({e}); choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable; choose another --out")
+    if results["mechanisms"]:
+        print(f"resuming from {previous}: {', '.join(results['mechanisms'])} (partly) done", file=sys.stderr)
     clock = [time.perf_counter()]
 
     def save(name: str, r: dict) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
@@ -55,6 +56,13 @@ class QueryStats:
     @property
     def n_heads(self) -> int:
         return self.mu.shape[1]
+
+    def check_finite(self, source: str = "the statistics") -> None:
+        """Raise ValueError where ``mu`` or ``abs_mean`` holds NaN or inf (every TriAttention score would)."""
+        for name, t in (("mu", self.mu), ("abs_mean", self.abs_mean)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{source}: {name} holds NaN or inf values; recalibrate with `longctx calibrate` "
+                                 "(in float32 if the model ran in half precision)")
 
     def check_config(self, config) -> None:
         """Raise ValueError unless these statistics were computed for a model with ``config``."""
@@ -112,7 +120,8 @@ def calibrate(model, input_ids: Tensor, model_name: str = "") -> QueryStats:
 
 
 def save_stats(stats: QueryStats, path: str | Path) -> Path:
-    """Write ``stats`` as safetensors with metadata, atomically."""
+    """Write ``stats`` as safetensors with metadata, atomically; statistics holding NaN or inf are refused."""
+    stats.check_finite("the calibration")
     tensors = {"mu_real": stats.mu.real.contiguous(), "mu_imag": stats.mu.imag.contiguous(),
                "abs_mean": stats.abs_mean.contiguous(), "inv_freq": stats.rope.inv_freq.contiguous()}
     meta = {"format": FORMAT, "model_name": stats.model_name, "head_dim": str(stats.rope.head_dim),
@@ -121,21 +130,49 @@ def save_stats(stats: QueryStats, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def is_stats_file(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file in the format :func:`save_stats` writes (its header only: the values
+    are checked by :func:`load_stats`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (OSError, SafetensorError):
+        return False
+
+
 def load_stats(path: str | Path, config=None) -> QueryStats:
-    """Read statistics written by :func:`save_stats`; with ``config``, raise ValueError if they do not match it."""
+    """Read statistics written by :func:`save_stats`; with ``config``, raise ValueError if they do not match it.
+    A file that is not a complete stats file of this format, or statistics holding NaN or inf, are a ValueError
+    naming ``path``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"stats file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a TriAttention stats file (format {meta.get('format')!r}, expected {FORMAT!r})")
-    t = load_file(str(path))
-    rope = json.loads(meta["rope"])
-    spec = RopeSpec(int(meta["head_dim"]), t["inv_freq"], float(rope["attention_scaling"]), rope["rope_type"],
-                    float(rope["rope_theta"]))
-    stats = QueryStats(torch.complex(t["mu_real"], t["mu_imag"]), t["abs_mean"], spec, meta["model_name"],
-                       meta["config_hash"], int(meta["n_tokens"]))
+
+    def foreign(why: str) -> ValueError:
+        return ValueError(f"{path} is not a TriAttention stats file ({why}); make one with `longctx calibrate`")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise foreign(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        t = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise foreign(f"unreadable: {e}") from None
+    try:
+        rope = json.loads(meta["rope"])
+        spec = RopeSpec(int(meta["head_dim"]), t["inv_freq"], float(rope["attention_scaling"]), rope["rope_type"],
+                        float(rope["rope_theta"]))
+        stats = QueryStats(torch.complex(t["mu_real"], t["mu_imag"]), t["abs_mean"], spec, meta["model_name"],
+                           meta["config_hash"], int(meta["n_tokens"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a missing or malformed field or tensor
+        raise foreign(f"{type(e).__name__}: {e}") from None
+    half = spec.head_dim // 2
+    if stats.mu.dim() != 3 or stats.abs_mean.shape != stats.mu.shape or stats.mu.shape[-1] != half \
+            or tuple(spec.inv_freq.shape) != (half,):
+        raise foreign(f"mu {tuple(stats.mu.shape)}, abs_mean {tuple(stats.abs_mean.shape)} and inv_freq "
+                      f"{tuple(spec.inv_freq.shape)} are not [layers, heads, {half}] and [{half}]")
+    stats.check_finite(str(path))
     if config is not None:
         stats.check_config(config)
     return stats

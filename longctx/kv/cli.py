@@ -4,9 +4,11 @@ as safetensors) and ``longctx kv-eval`` (needle retrieval, perplexity, KV memory
 Only argparse at import time; the commands import torch/transformers when they run."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+from ..atomic import not_a_result, read_json_result
 from ..cli import numbers
 
 
@@ -66,10 +68,62 @@ def _add_kv_eval(subparsers) -> None:
     p.set_defaults(func=_kv_eval)
 
 
+def _at_least(args, **least: int) -> None:
+    for name, lo in least.items():
+        if getattr(args, name) < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+
+
+def _check_device(text: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: torch sees no CUDA device")
+
+
+def _check_writable(folder: Path) -> None:
+    """``folder`` is, or can be made in, a writable folder."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out: cannot write into {existing} (not a writable folder); choose another --out")
+
+
+def _check_kv_eval(args) -> None:
+    """What the options name, checked before the model loads: counts, the device, and the files in --out and
+    --stats (a file there that is not kv-eval's is refused by name, not overwritten)."""
+    from .calibration import is_stats_file, load_stats
+    from .run_eval import STATS_FILE
+
+    _at_least(args, trials=0, ppl_samples=0, calib_tokens=1)
+    _check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    _check_writable(out)
+    previous, what = out / "results.json", "a `longctx kv-eval` result"
+    old = read_json_result(previous, what)
+    if old is not None and not (isinstance(old, dict) and all(isinstance(old.get(k), dict)
+                                                              for k in ("meta", "settings", "cells"))):
+        raise not_a_result(previous, what, "no meta, settings and cells")
+    if args.stats is not None:
+        if not Path(args.stats).is_file():
+            raise FileNotFoundError(f"--stats file not found: {args.stats}")
+        load_stats(args.stats)   # a foreign file, NaN or inf: refused now (the model is checked once loaded)
+    elif "triattention" in args.methods.split(",") and (out / STATS_FILE).exists() \
+            and not is_stats_file(out / STATS_FILE):   # the calibration would overwrite it
+        raise not_a_result(out / STATS_FILE, "a TriAttention stats file", "kv-eval keeps its calibration there")
+
+
 def _kv_eval(args) -> None:
     from .evaluate import parse_budgets
     from .report import table
     from .run_eval import run_kv_eval
+
+    _check_kv_eval(args)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_kv_eval(
@@ -84,15 +138,26 @@ def _kv_eval(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from .calibration import calibrate, save_stats
+    from .calibration import calibrate, is_stats_file, save_stats
     from .model import DEFAULT_MODEL_NAME, load_model
 
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    text_path = Path(args.text)
+    _at_least(args, max_tokens=1)
+    _check_device(args.device)
+    text_path, out = Path(args.text), Path(args.out)
     if not text_path.is_file():
         raise FileNotFoundError(f"--text file not found: {text_path}")
-    text = text_path.read_text(encoding="utf-8")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {text_path} is not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ValueError(f"--text {text_path} holds no text (it is empty or only whitespace)")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the .safetensors file to write")
+    if out.exists() and not is_stats_file(out):
+        raise ValueError(f"--out {out} exists and is not a TriAttention stats file, so calibrate does not overwrite "
+                         "it: delete it or choose another --out")
+    _check_writable(out.parent)
     model, tokenizer = load_model(args.model, device=args.device)
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] == 0:

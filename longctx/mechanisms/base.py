@@ -35,6 +35,18 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; a clear error naming ``name`` for anything else (bools, floats, ...)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_state_bytes_args(context_len, batch) -> None:
+    check_int("context_len", context_len, 0)
+    check_int("batch", batch)
+
+
 def check_capacity(start: int, n: int, capacity: int) -> None:
     """A clear error where ``n`` tokens after ``start`` would run past a static state's ``capacity``."""
     if start + n > capacity:
@@ -74,8 +86,8 @@ class Mechanism(nn.Module):
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int):
         super().__init__()
-        if n_head <= 0 or n_kv_head <= 0 or head_dim <= 0:
-            raise ValueError(f"n_head, n_kv_head, head_dim must be positive, got {n_head}, {n_kv_head}, {head_dim}")
+        for name, value in (("n_head", n_head), ("n_kv_head", n_kv_head), ("head_dim", head_dim)):
+            check_int(name, value)
         if n_head % n_kv_head:
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
@@ -91,6 +103,28 @@ class Mechanism(nn.Module):
         n = q.shape[2] if context_len is None else context_len
         if self.max_context is not None and n > self.max_context:
             raise ValueError(f"context of {n} tokens exceeds {type(self).__name__}.max_context={self.max_context}")
+
+    def expect_state(self, state, cls: type, q: Tensor) -> None:
+        """A clear error where ``state`` is not a ``cls`` that this mechanism made for ``q``'s batch: every
+        ``(tensor, expected shape)`` of ``state_shapes`` (None entries: any size; the tensor may be None where the
+        shape is) is checked, with the tensors' device (and, for ``k`` and ``v``, dtype) against ``q``'s."""
+        if not isinstance(state, cls):
+            raise TypeError(f"{type(self).__name__} needs a {cls.__name__} (its init_state / init_static_state), "
+                            f"got {type(state).__name__}")
+        for name, (t, shape) in self.state_shapes(state, q.shape[0]).items():
+            if (t is None) != (shape is None):
+                raise ValueError(f"{type(self).__name__} ({self.extra_repr()}): the state's {name} is "
+                                 f"{'missing' if t is None else 'present'}: a state made with another configuration")
+            if t is None:
+                continue
+            if t.dim() != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape)):
+                want = tuple("*" if e is None else e for e in shape)
+                raise ValueError(f"{type(self).__name__} ({self.extra_repr()}): the state's {name} is "
+                                 f"{tuple(t.shape)}, expected {want} for batch {q.shape[0]}: a state made for "
+                                 "another batch size, mechanism or configuration")
+            if t.device != q.device or (name in ("k", "v") and t.dtype != q.dtype):
+                raise ValueError(f"{type(self).__name__}: the state's {name} is {t.dtype} on {t.device}; the tokens "
+                                 f"are {q.dtype} on {q.device}")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -135,16 +169,17 @@ class Mechanism(nn.Module):
         raise NotImplementedError
 
     def check_static(self, q: Tensor, k: Tensor, v: Tensor, state) -> None:
-        """``check`` plus: ``state`` is this mechanism's static state of this batch, device and dtype."""
-        check_qkv(q, k, v)
-        if not isinstance(state, self.static_state):
-            raise TypeError(f"{type(self).__name__} needs a {self.static_state.__name__} (init_static_state), "
-                            f"got {type(state).__name__}")
+        """``check`` plus: ``state`` is this mechanism's static state for this batch, device and dtype."""
         self.check(q, k, v, context_len=1)
-        ref = state.k if hasattr(state, "k") else state.window.k
-        if ref.shape[0] != q.shape[0] or ref.device != q.device or ref.dtype != q.dtype:
-            raise ValueError(f"static state is batch {ref.shape[0]} {ref.dtype} on {ref.device}; the tokens are "
-                             f"batch {q.shape[0]} {q.dtype} on {q.device}")
+        self.expect_state(state, self.static_state, q)
+
+    def empty_output(self, q: Tensor, v: Tensor) -> Tensor | None:
+        """The output for no new tokens, ``[B, Hq, 0, Dv]`` (None when there are tokens)."""
+        return q.new_empty(*q.shape[:3], v.shape[-1]) if q.shape[2] == 0 else None
+
+    def state_shapes(self, state, batch: int) -> dict:
+        """``{name: (tensor, expected shape)}`` of an eager or static state of this mechanism (``expect_state``)."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"

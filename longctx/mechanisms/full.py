@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..attention import attention
 from ..kernels.decode_attention import decode_attention
-from .base import Mechanism, check_capacity, dtype_bytes, register
+from .base import Mechanism, check_capacity, check_int, check_state_bytes_args, dtype_bytes, register
 
 
 class KVBuffer:
@@ -79,19 +79,28 @@ class FullAttention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v)
         return attention(q, k, v, causal=True)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> KVCache:
-        empty = torch.empty(batch, self.n_kv_head, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.empty(check_int("batch", batch), self.n_kv_head, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone())
 
+    def state_shapes(self, state, batch: int) -> dict:
+        shape = (batch, self.n_kv_head, None, self.head_dim)
+        return {"k": (state.k, shape), "v": (state.v, shape)}
+
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+        self.expect_state(state, KVCache, q)
         self.check(q, k, v, context_len=state.length + q.shape[2])
+        if q.shape[2] == 0:
+            return self.empty_output(q, v), state
         state = state.append(k, v)
         return attention(q, state.k, state.v, causal=True), state
 
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticKVCache:
-        shape = (batch, self.n_kv_head, capacity, self.head_dim)
+        shape = (check_int("batch", batch), self.n_kv_head, check_int("capacity", capacity), self.head_dim)
         return StaticKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def eager_state(self, state: StaticKVCache, seen: int) -> KVCache:
@@ -102,6 +111,8 @@ class FullAttention(Mechanism):
         self.check_static(q, k, v, state)
         end = start + q.shape[2]
         check_capacity(start, q.shape[2], state.capacity)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v)
         state.k[:, :, start:end], state.v[:, :, start:end] = k, v
         return attention(q, state.k[:, :, :end], state.v[:, :, :end], causal=True)
 
@@ -112,4 +123,5 @@ class FullAttention(Mechanism):
         return decode_attention(q, state.k, state.v, pos + 1)
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        check_state_bytes_args(context_len, batch)
         return 2 * batch * self.n_kv_head * context_len * self.head_dim * dtype_bytes(dtype)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..attention import check_qkv, sdpa
 from ..kernels.decode_attention import decode_attention
-from .base import Mechanism, dtype_bytes, register
+from .base import Mechanism, check_int, check_state_bytes_args, dtype_bytes, register
 
 
 def window_mask(tq: int, tk: int, window: int, device=None) -> Tensor:
@@ -76,20 +76,27 @@ class SlidingWindowAttention(Mechanism):
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, window: int = 64):
         super().__init__(n_head, n_kv_head, head_dim)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.window = window
+        self.window = check_int("window", window)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v)
         return sliding_window_attention(q, k, v, self.window)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> WindowCache:
-        shape = (batch, self.n_kv_head, self.window, self.head_dim)
+        shape = (check_int("batch", batch), self.n_kv_head, self.window, self.head_dim)
         return WindowCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
+    def state_shapes(self, state, batch: int) -> dict:
+        shape = (batch, self.n_kv_head, self.window, self.head_dim)
+        return {"k": (state.k, shape), "v": (state.v, shape)}
+
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: WindowCache) -> tuple[Tensor, WindowCache]:
+        self.expect_state(state, WindowCache, q)
         self.check(q, k, v, context_len=1)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v), state
         n, w = q.shape[2], self.window
         if n == 1:
             # Write first, then attend over every filled slot: order does not matter to softmax.
@@ -121,6 +128,7 @@ class SlidingWindowAttention(Mechanism):
         return decode_attention(q, state.k, state.v, state.append(k, v, pos))
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        check_state_bytes_args(context_len, batch)
         # The buffer is allocated at full size from the first token on.
         return 2 * batch * self.n_kv_head * self.window * self.head_dim * dtype_bytes(dtype)
 

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...rope import apply_rope
-from ..base import Mechanism, register
+from ..base import Mechanism, check_int, check_state_bytes_args, register
 from .chunk import power_retention, takes_kernel
 from .expand import check_deg, expanded_dim
 from .naive import power_retention_naive
 from .recurrent import (PowerState, StaticPowerState, check_schedule, init_power_state, init_static_power_state,
-                        power_retention_step, power_state_bytes, power_step_static, static_variant)
+                        power_retention_step, power_state_bytes, power_step_static, recent_count, static_variant)
 
 GATES = ("decay", "none")
 QUADRATIC_MAX_TOKENS = 4096  # the quadratic form's [B, H, T, T] weights stay small below this
@@ -84,6 +84,8 @@ class PowerRetention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v)
         T = q.shape[2]
         q, k = self._rotate(q, k, 0)
         log_g = self._log_g(q, T)
@@ -93,17 +95,36 @@ class PowerRetention(Mechanism):
         return power_retention(q, k, v, log_g, self.deg, self.chunk_size, self.scale, use_kernel=self.use_kernel)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> PowerState:
-        return init_power_state(batch, self.n_kv_head, self.head_dim, self.head_dim, self.gate != "none",
+        return init_power_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.head_dim, self.gate != "none",
                                 device, dtype)
 
+    def state_shapes(self, state, batch: int) -> dict:
+        H, d, D = self.n_kv_head, self.head_dim, expanded_dim(self.head_dim, self.deg)
+        static = isinstance(state, StaticPowerState)
+        r = self.switch_over if static else None
+        gated = self.gate != "none"
+        folded = static or state.S is not None
+        return {"k": (state.k, (batch, H, r, d)), "v": (state.v, (batch, H, r, d)),
+                "g": (state.g, (batch, H, r) if gated else None),
+                "S": (state.S, (batch, H, D, d) if folded else None), "z": (state.z, (batch, H, D) if folded else None)}
+
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: PowerState) -> tuple[Tensor, PowerState]:
+        self.expect_state(state, PowerState, q)
+        if state.k.shape[2] != recent_count(state.seen, self.chunk_size, self.switch_over):
+            raise ValueError(f"PowerRetention ({self.extra_repr()}): the state holds {state.k.shape[2]} unfolded tokens "
+                             f"after {state.seen}, where this schedule keeps "
+                             f"{recent_count(state.seen, self.chunk_size, self.switch_over)}: a state made with another "
+                             "chunk_size / switch_over")
         self.check(q, k, v, context_len=state.seen + q.shape[2])
+        if q.shape[2] == 0:
+            return self.empty_output(q, v), state
         q, k = self._rotate(q, k, state.seen)
         return power_retention_step(q, k, v, state, self._log_g(q, q.shape[2]), self.deg, self.scale,
                                     self.chunk_size, self.switch_over, use_kernel=self.use_kernel)
 
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticPowerState:
-        return init_static_power_state(batch, self.n_kv_head, self.head_dim, self.head_dim, self.deg,
+        check_int("capacity", capacity)
+        return init_static_power_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.head_dim, self.deg,
                                        self.gate != "none", self.switch_over, device, dtype)
 
     def static_variant(self, pos: int) -> tuple[bool, bool]:
@@ -134,6 +155,7 @@ class PowerRetention(Mechanism):
                                  self.chunk_size, self.use_kernel)
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        check_state_bytes_args(context_len, batch)
         return power_state_bytes(context_len, batch, self.n_kv_head, self.head_dim, self.head_dim, self.deg,
                                  self.gate != "none", self.chunk_size, self.switch_over, dtype)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Mechanism, lookup, register
+from ..base import Mechanism, check_state_bytes_args, lookup, register
 from .blocked import raytention_signals, raytention_signals_lookup
 from .naive import signal_width
 
@@ -201,6 +201,7 @@ class RayTentionLayer(nn.Module):
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
         """The shared int32 token ids (``dtype`` does not apply) in the first layer, 0 in the others."""
+        check_state_bytes_args(context_len, batch)
         return 4 * batch * context_len if self.holds_history else 0
 
 

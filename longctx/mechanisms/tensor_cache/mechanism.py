@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..base import Mechanism, dtype_bytes, register
+from ..base import Mechanism, check_int, check_state_bytes_args, dtype_bytes, register
 from ..sliding_window import SlidingWindowAttention
 from .naive import FEATURES, WRITES, feature_map
 from .recurrent import (StaticTensorCacheState, TensorCacheState, init_state, init_static_state, leaving,
@@ -39,18 +39,18 @@ class TensorCache(Mechanism):
                  write: str = "exact", chunk: int = 64, decay_init: float = 0.99, eta_init: float = 1.0,
                  gate_init: float = 0.0):
         super().__init__(n_head, n_kv_head, head_dim)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        check_int("window", window)
+        check_int("chunk", chunk)
         if feature not in FEATURES:
             raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
         if write not in WRITES:
             raise ValueError(f"write must be one of {WRITES}, got {write!r}")
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
         if not 0 < decay_init < 1:
             raise ValueError(f"decay_init must be in (0, 1), got {decay_init}")
-        if eta_init <= 0:
-            raise ValueError(f"eta_init must be > 0, got {eta_init}")
+        if not 0 < eta_init < math.inf:
+            raise ValueError(f"eta_init must be a finite number > 0, got {eta_init}")
+        if not math.isfinite(gate_init):
+            raise ValueError(f"gate_init must be finite, got {gate_init}")
         self.window, self.feature, self.write, self.chunk = window, feature, write, chunk
         self.decay_logit0 = math.log(decay_init / (1 - decay_init))
         self.eta_raw0 = math.log(math.expm1(eta_init))
@@ -93,6 +93,8 @@ class TensorCache(Mechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Parallel form. ``q [B,Hq,T,D]``, ``k, v [B,Hkv,T,D]`` -> ``[B,Hq,T,D]``."""
         self.check(q, k, v)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v)
         T, W = q.shape[2], self.window
         l1 = blocked_window_attention(q, k, v, W)
         dt = memory_dtype(q.dtype)
@@ -109,11 +111,14 @@ class TensorCache(Mechanism):
         return self._mix(l1, r)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> TensorCacheState:
-        return init_state(batch, self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
+        return init_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: TensorCacheState) -> tuple[Tensor, TensorCacheState]:
-        """Append ``T_new >= 1`` tokens ``q [B,Hq,T_new,D]``, ``k, v [B,Hkv,T_new,D]``; returns their outputs."""
+        """Append ``T_new`` tokens ``q [B,Hq,T_new,D]``, ``k, v [B,Hkv,T_new,D]``; returns their outputs."""
+        self.expect_state(state, TensorCacheState, q)
         self.check(q, k, v, context_len=1)
+        if q.shape[2] == 0:
+            return self.empty_output(q, v), state
         k_out, v_out, first = leaving(state.window, k, v)
         if q.shape[2] == 1:
             l1, window = self.window_attention.step(q, k, v, state.window)
@@ -127,8 +132,16 @@ class TensorCache(Mechanism):
         r, memory, pk, pv = read_chunk_mean(fq, fk_out, v_out, first, lam, state, self.window, self.chunk)
         return self._mix(l1, r), TensorCacheState(window, memory, pk, pv)
 
+    def state_shapes(self, state, batch: int) -> dict:
+        H, D = self.n_kv_head, self.head_dim
+        window = (batch, H, self.window, D)
+        pending = (batch, H, D) if self.write == "chunk_mean" else None
+        return {"k": (state.window.k, window), "v": (state.window.v, window), "memory": (state.memory, (batch, H, D, D)),
+                "pending_k": (state.pending_k, pending), "pending_v": (state.pending_v, pending)}
+
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticTensorCacheState:
-        return init_static_state(batch, self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
+        check_int("capacity", capacity)
+        return init_static_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
 
     def static_variant(self, pos: int) -> tuple[bool, bool]:
         """``(evicts, flushes)``: whether the token at ``pos`` pushes one out of the window into the memory, and
@@ -164,6 +177,7 @@ class TensorCache(Mechanism):
         return self._mix(l1, self._queries(q, dt) @ state.memory.unsqueeze(2))
 
     def state_bytes(self, context_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        check_state_bytes_args(context_len, batch)
         # Ring buffer of W raw keys and values, the D x D memory (+ the open chunk's two sums) in at least
         # float32, all allocated from token one on.
         d = self.head_dim

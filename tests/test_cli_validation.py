@@ -1,0 +1,285 @@
+"""``longctx bench``, ``calibrate`` and ``kv-eval`` refuse bad input at once: every numeric option, damaged or
+foreign files in ``--out``, a rerun with other settings (it would throw earlier results away), empty calibration
+text and statistics holding NaN or inf. Each refusal is exit code 2 with ``longctx: error:`` naming the option or
+file, in well under a second, before any model loads or trains and with nothing written."""
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from longctx.bench import run as bench_run
+from longctx.cli import main
+from longctx.kv import model as kv_model
+from longctx.kv.calibration import QueryStats, load_stats, save_stats
+from longctx.kv.rope import RopeSpec
+
+pytest.importorskip("transformers")
+import longctx.kv.run_eval  # noqa: F401 — imported here, so that the timings below do not count its import
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--n-kv-head", "1", "--block-size", "72",
+        "--batch-size", "4", "--steps", "2", "--recall-steps", "2", "--measure-contexts", "40", "--device", "cpu",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    f = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    f.write_text("In the beginning was the word, and the word was long. " * 40, encoding="utf-8")
+    return f
+
+
+def bench(out, corpus, *args, mechanisms="full"):
+    return ["bench", "--out", str(out), "--data", str(corpus), "--mechanisms", mechanisms, *TINY, *args]
+
+
+def refused(argv, capsys, *messages, seconds=1.0) -> str:
+    """Run ``longctx argv``: exit code 2 within ``seconds``, every one of ``messages`` in the error."""
+    capsys.readouterr()
+    start = time.perf_counter()
+    code = main(argv)
+    took = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("longctx: error: "), err
+    for m in messages:
+        assert m in err, err
+    assert took < seconds, f"refused after {took:.2f} s"
+    return err
+
+
+@pytest.fixture
+def nothing_trains(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model trained or was measured before the refusal")
+    monkeypatch.setattr(bench_run, "train", boom)
+    monkeypatch.setattr(bench_run, "measure_decode", boom)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+    monkeypatch.setattr(kv_model, "load_model", boom)
+
+
+# --- bench: numeric options -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    (["--steps", "-1"], "--steps: expected an integer >= 1, got -1"),
+    (["--recall-steps", "0"], "--recall-steps: expected an integer >= 1, got 0"),
+    (["--n-layer", "0"], "--n-layer: expected an integer >= 1, got 0"),
+    (["--n-embd", "0"], "--n-embd: expected an integer >= 1, got 0"),
+    (["--n-head", "0"], "--n-head: expected an integer >= 1, got 0"),
+    (["--n-kv-head", "0"], "--n-kv-head: expected an integer >= 1, got 0"),
+    (["--n-embd", "15"], "--n-embd (15) must be divisible by --n-head (2)"),
+    (["--n-head", "4", "--n-kv-head", "3"], "--n-head (4) must be a multiple of --n-kv-head (3)"),
+    (["--block-size", "0"], "--block-size: expected an integer >= 1, got 0"),
+    (["--block-size", "32"], "--block-size 32 is too short for the recall task"),   # the cpu preset's pairs
+    (["--block-size", "4096"], "--block-size 4096 is too long for the text"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    (["--measure-contexts", "0"], "--measure-contexts: expected one or more integers >= 1, got [0]"),
+    (["--measure-contexts", "40,-3"], "--measure-contexts: expected one or more integers >= 1, got [40, -3]"),
+    (["--seeds", "-1"], "--seeds: expected one or more integers >= 0, got [-1]"),
+    (["--seeds", "0,0"], "--seeds: a value is repeated in [0, 0]"),
+    (["--stop-after", "nan"], "--stop-after must be > 0 seconds, got nan"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--mechanisms", ","], "--mechanisms: no mechanism named"),
+])
+def test_bench_refuses_bad_numbers_before_any_work(tmp_path, corpus, capsys, nothing_trains, args, message):
+    out = tmp_path / "out"
+    refused(bench(out, corpus, *args), capsys, message)
+    assert not out.exists()
+
+
+# --- bench: what --out already holds ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus):
+    """An --out folder holding a finished tiny run of full attention."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    assert main(bench(out, corpus)) == 0
+    return out
+
+
+@pytest.fixture
+def folder(finished, tmp_path):
+    """A copy of ``finished`` to change."""
+    return shutil.copytree(finished, tmp_path / "out")
+
+
+def files(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "it cannot be read as JSON"),
+    (json.dumps({"meta": {}, "settings": {"model": "m"}, "cells": {}}), "no meta, settings and mechanisms"),
+    ("[1, 2, 3]", "no meta, settings and mechanisms"),
+])
+def test_bench_refuses_a_results_file_not_its_own(tmp_path, corpus, capsys, nothing_trains, content, why):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(content)
+    refused(bench(out, corpus), capsys, f"{out / 'results.json'} is not a `longctx bench` result", why,
+            "delete it or choose another --out")
+    assert files(out) == {"results.json": content.encode()}
+
+
+def test_bench_refuses_other_settings_and_resumes_the_same(folder, corpus, capsys, nothing_trains):
+    before = files(folder)
+    refused(bench(folder, corpus, "--steps", "3"), capsys, f"{folder / 'results.json'} holds a run with other settings",
+            "steps 2 there, 3 now", "choose another --out")
+    refused(bench(folder, corpus, "--seeds", "0,1"), capsys, "seeds [0] there, [0, 1] now")
+    assert files(folder) == before
+    assert main(bench(folder, corpus)) == 0                            # the same settings: nothing to redo
+    assert json.loads((folder / "results.json").read_text())["mechanisms"] == \
+        json.loads(before["results.json"])["mechanisms"]
+
+
+def test_bench_keeps_mechanisms_left_out_of_a_rerun(folder, corpus):
+    """Adding a mechanism to a folder keeps the ones there (the report covers all of them)."""
+    assert main(bench(folder, corpus, mechanisms="sliding_window")) == 0
+    saved = json.loads((folder / "results.json").read_text())
+    assert list(saved["mechanisms"]) == ["full", "sliding_window"]
+    assert "| full |" in (folder / "report.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other model"])
+def test_bench_refuses_a_checkpoint_it_cannot_load_before_training(folder, corpus, capsys, nothing_trains, damage):
+    """The decode measurement of full attention still to do reads its checkpoint: a damaged or foreign one is
+    refused before sliding_window (first in the list) trains."""
+    results = json.loads((folder / "results.json").read_text())
+    del results["mechanisms"]["full"]["memory"]
+    (folder / "results.json").write_text(json.dumps(results))
+    ckpt = folder / "checkpoints" / "full_seed0.safetensors"
+    if damage == "garbage":
+        ckpt.write_text("garbage")
+    else:
+        save_file({"w": torch.zeros(3)}, str(ckpt))
+    before = files(folder)
+    refused(bench(folder, corpus, mechanisms="sliding_window,full"), capsys, str(ckpt),
+            "choose another --out")
+    assert files(folder) == before
+
+
+def test_bench_refuses_an_out_that_is_a_file(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    out.write_text("mine")
+    refused(bench(out, corpus), capsys, f"--out {out} is a file, not a folder")
+    assert out.read_text() == "mine"
+
+
+# --- calibrate -------------------------------------------------------------------------------------------------
+
+def stats_file(path, **change) -> str:
+    """A small valid stats file at ``path`` (as ``save_stats`` writes it), with the tensors in ``change``
+    replaced (written past ``save_stats``, which refuses NaN)."""
+    mu = torch.complex(torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64))
+    rope = RopeSpec(8, 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4), 1.0, "default", 10000.0)
+    save_stats(QueryStats(mu, mu.abs() + 0.1, rope, "tiny", "0123456789abcdef", 100), path)
+    if change:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        save_file({**load_file(str(path)), **change}, str(path), metadata=meta)
+    return str(path)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\t \n"])
+def test_calibrate_refuses_empty_text_before_loading_the_model(tmp_path, capsys, no_model_loads, text):
+    f = tmp_path / "calib.txt"
+    f.write_text(text)
+    refused(["calibrate", "--text", str(f), "--out", str(tmp_path / "s.safetensors")], capsys,
+            f"--text {f} holds no text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+
+def test_calibrate_refuses_text_that_is_not_utf8(tmp_path, capsys, no_model_loads):
+    f = tmp_path / "calib.txt"
+    f.write_bytes(b"caf\xe9 " * 10)
+    refused(["calibrate", "--text", str(f), "--out", str(tmp_path / "s.safetensors")], capsys,
+            f"--text {f} is not UTF-8 text")
+
+
+def test_calibrate_does_not_overwrite_a_foreign_file(tmp_path, capsys, no_model_loads):
+    text, out = tmp_path / "calib.txt", tmp_path / "model.safetensors"
+    text.write_text("calibration text " * 10)
+    save_file({"weight": torch.ones(2)}, str(out))
+    before = out.read_bytes()
+    refused(["calibrate", "--text", str(text), "--out", str(out)], capsys,
+            f"--out {out} exists and is not a TriAttention stats file", "delete it or choose another --out")
+    assert out.read_bytes() == before
+    refused(["calibrate", "--text", str(text), "--out", str(tmp_path)], capsys, f"--out {tmp_path} is a folder")
+
+
+# --- stats with NaN or inf, foreign stats ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, value", [("mu_real", float("nan")), ("abs_mean", float("inf"))])
+def test_stats_holding_nan_or_inf_are_refused(tmp_path, capsys, no_model_loads, name, value):
+    good = load_file(stats_file(tmp_path / "good.safetensors"))
+    bad = good[name].clone()
+    bad[0, 1, 2] = value
+    path = stats_file(tmp_path / "bad.safetensors", **{name: bad})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        load_stats(path)
+    stats = load_stats(tmp_path / "good.safetensors")
+    stats.abs_mean[0, 0, 0] = value
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_stats(stats, tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
+    out = tmp_path / "kv"
+    refused(["kv-eval", "--stats", path, "--out", str(out)], capsys, path, "NaN or inf", "recalibrate")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "foreign"])
+def test_kv_eval_refuses_stats_that_are_not_stats(tmp_path, capsys, no_model_loads, kind):
+    path = tmp_path / "s.safetensors"
+    if kind == "garbage":
+        path.write_text("garbage")
+    else:   # the right format tag, none of the fields
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "longctx-triattention-stats-v1"})
+    with pytest.raises(ValueError, match="is not a TriAttention stats file"):
+        load_stats(path)
+    refused(["kv-eval", "--stats", str(path), "--out", str(tmp_path / "kv")], capsys,
+            f"{path} is not a TriAttention stats file", "longctx calibrate")
+    assert not (tmp_path / "kv").exists()
+
+
+# --- kv-eval: numeric options and --out ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "-1"], "--trials must be >= 0, got -1"),
+    (["--ppl-samples", "-1"], "--ppl-samples must be >= 0, got -1"),
+    (["--calib-tokens", "0"], "--calib-tokens must be >= 1, got 0"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_kv_eval_refuses_bad_numbers_before_loading_the_model(tmp_path, capsys, no_model_loads, args, message):
+    out = tmp_path / "kv"
+    refused(["kv-eval", "--out", str(out), *args], capsys, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{oops", "it cannot be read as JSON"),
+    (json.dumps({"meta": {}, "settings": {"steps": 1}, "mechanisms": {}}), "no meta, settings and cells"),
+])
+def test_kv_eval_refuses_a_results_file_not_its_own(tmp_path, capsys, no_model_loads, content, why):
+    out = tmp_path / "kv"
+    out.mkdir()
+    (out / "results.json").write_text(content)
+    refused(["kv-eval", "--out", str(out)], capsys, f"{out / 'results.json'} is not a `longctx kv-eval` result",
+            why, "delete it or choose another --out")
+    assert files(out) == {"results.json": content.encode()}
+
+
+def test_kv_eval_refuses_a_foreign_file_where_it_caches_stats(tmp_path, capsys, no_model_loads):
+    out = tmp_path / "kv"
+    out.mkdir()
+    (out / "triattention_stats.safetensors").write_text("not stats")
+    refused(["kv-eval", "--out", str(out)], capsys, str(out / "triattention_stats.safetensors"),
+            "is not a TriAttention stats file", "delete it or choose another --out")
+    assert files(out) == {"triattention_stats.safetensors": b"not stats"}

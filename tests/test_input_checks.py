@@ -1,0 +1,108 @@
+"""Bad input at the library's public edge (mechanisms, their states, the GPT) is refused with an error that names
+the problem, before any arithmetic: nothing runs on a state made by another mechanism, configuration or batch
+size, no size is zero, negative or fractional, no token id lies outside the vocabulary; empty inputs give empty
+results where a result is defined."""
+import pytest
+import torch
+
+from longctx import build_mechanism
+from longctx.model import GPT, GPTConfig
+
+OTHER_CONFIG = [   # (mechanism, its options, the options of the state's maker, what the error names)
+    ("sliding_window", {"window": 8}, {"window": 4}, "expected \\(1, 2, 8, 16\\)"),
+    ("power", {}, {"chunk_size": 16, "switch_over": 32}, "chunk_size / switch_over"),
+    ("power", {}, {"gate": "none"}, "g is missing"),
+    ("tensor_cache", {"window": 8}, {"window": 4}, "expected \\(1, 2, 8, 16\\)"),
+    ("tensor_cache", {}, {"write": "chunk_mean"}, "pending_k is present"),
+]
+
+
+def mech(name, **options):
+    return build_mechanism(name, 4, 2, 16, **options)
+
+
+def qkv(gen, batch=1, n=1):
+    return (torch.randn(batch, 4, n, 16, generator=gen), torch.randn(batch, 2, n, 16, generator=gen),
+            torch.randn(batch, 2, n, 16, generator=gen))
+
+
+def run_steps(m, state, gen, n):
+    for _ in range(n):
+        _, state = m.step(*qkv(gen, state_batch(state)), state)
+    return state
+
+
+def state_batch(state) -> int:
+    return (state.k if hasattr(state, "k") else state.window.k).shape[0]
+
+
+@pytest.mark.parametrize("name,options,maker,match", OTHER_CONFIG)
+def test_step_refuses_a_state_of_another_configuration(name, options, maker, match, gen):
+    other = mech(name, **maker)
+    state = run_steps(other, other.init_state(1), gen, 40)
+    with pytest.raises(ValueError, match=match):
+        mech(name, **options).step(*qkv(gen), state)
+
+
+@pytest.mark.parametrize("name", ["full", "sliding_window", "power", "tensor_cache"])
+def test_step_refuses_another_batch_and_another_mechanism(name, gen):
+    m = mech(name)
+    with pytest.raises(ValueError, match="expected \\(1, "):          # a batch-2 state, batch-1 tokens
+        m.step(*qkv(gen), m.init_state(2))
+    foreign = mech("sliding_window" if name == "full" else "full").init_state(1)
+    with pytest.raises(TypeError, match=f"needs a {type(m.init_state(1)).__name__}"):
+        m.step(*qkv(gen), foreign)
+    with pytest.raises(TypeError, match="needs a Static"):
+        m.prefill_static(*qkv(gen), m.init_state(1), 0)
+
+
+@pytest.mark.parametrize("name", ["full", "sliding_window", "power", "power4", "tensor_cache"])
+def test_no_new_tokens_give_an_empty_output(name, gen):
+    m = mech(name)
+    q, k, v = qkv(gen, batch=2, n=0)
+    assert m(q, k, v).shape == (2, 4, 0, 16)
+    state = run_steps(m, m.init_state(2), gen, 3)
+    out, after = m.step(q, k, v, state)
+    assert out.shape == (2, 4, 0, 16) and after is state
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: mech("sliding_window", window=2.5), "window must be an int >= 1, got 2.5"),
+    (lambda: mech("tensor_cache", window=0), "window must be an int >= 1, got 0"),
+    (lambda: mech("tensor_cache", chunk=1.5), "chunk must be an int"),
+    (lambda: mech("tensor_cache", eta_init=float("inf")), "eta_init"),
+    (lambda: build_mechanism("full", 4, 2, 15.0), "head_dim must be an int"),
+    (lambda: build_mechanism("full", 0, 2, 16), "n_head must be an int >= 1"),
+    (lambda: mech("full").state_bytes(-1), "context_len must be an int >= 0, got -1"),
+    (lambda: mech("power").state_bytes(10, 0), "batch must be an int >= 1, got 0"),
+    (lambda: mech("sliding_window").state_bytes(1.5), "context_len must be an int >= 0, got 1.5"),
+    (lambda: mech("power").init_state(0), "batch must be an int >= 1"),
+    (lambda: mech("full").init_static_state(1, 0), "capacity must be an int >= 1"),
+])
+def test_sizes_are_refused_at_the_edge(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(vocab_size=0), "vocab_size"), (dict(n_layer=0), "n_layer"), (dict(n_head=0), "n_head"),
+    (dict(n_embd=30, n_head=4), "divisible"), (dict(n_embd=36, n_head=4, n_kv_head=2), "must be even"),
+    (dict(mlp_ratio=0), "mlp_ratio"), (dict(block_size=0), "block_size"), (dict(rope_base=-1.0), "rope_base"),
+    (dict(n_layer=2.0), "n_layer"), (dict(mechanism="nope"), "unknown mechanism"),
+])
+def test_gpt_config_refuses_bad_sizes(options, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        GPTConfig(**options)
+
+
+def test_gpt_refuses_ids_outside_the_vocabulary_and_empty_prompts():
+    m = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1)).eval()
+    for ids, match in [(torch.tensor([[1, 256]]), "from 1 to 256"), (torch.tensor([[-1, 3]]), "from -1 to 3"),
+                       (torch.zeros(1, 0, dtype=torch.long), "at least one token"),
+                       (torch.zeros(0, 3, dtype=torch.long), "at least one sequence")]:
+        for call in (lambda: m(ids), lambda: m.step(ids, m.init_state(max(1, ids.shape[0]))),
+                     lambda: m.generate(ids, 2), lambda: m.prefill_static(ids, m.init_static_state(1, 8))):
+            with pytest.raises(ValueError, match=match):
+                call()
+    with pytest.raises(ValueError, match="context_len"):
+        m.state_bytes(-3)

@@ -19,6 +19,15 @@ def numbers(text: str, option: str, kind=float) -> list:
     return values
 
 
+def _defaults(field: str) -> str:
+    """``"default: cpu 120, gpu 1000"``: a bench setting's value in each preset, read from ``PRESETS`` so that
+    ``--help`` follows them (presets parted by ``;`` where a value is a comma-separated list)."""
+    values = {name: getattr(s, field) for name, s in PRESETS.items()}
+    lists = any(isinstance(v, (list, tuple)) for v in values.values())
+    return "default: " + ("; " if lists else ", ").join(
+        f"{name} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for name, v in values.items())
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="train a small GPT per mechanism on one corpus and compare them",
                        description="Train one small GPT per attention mechanism on the same tokens and report "
@@ -26,18 +35,22 @@ def _add_bench(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes and budgets (default: cpu)")
     p.add_argument("--mechanisms", help="comma-separated names (default: every registered mechanism; the gpu "
                                         "preset leaves out ring, which is full attention on one GPU)")
-    p.add_argument("--steps", type=int, help="text-model training steps")
-    p.add_argument("--recall-steps", type=int, help="recall-model training steps")
-    p.add_argument("--n-layer", type=int)
-    p.add_argument("--n-embd", type=int)
-    p.add_argument("--n-head", type=int)
-    p.add_argument("--n-kv-head", type=int)
-    p.add_argument("--block-size", type=int, help="training context in tokens")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--measure-contexts", help="comma-separated contexts at which decoding is measured")
+    p.add_argument("--steps", type=int, help=f"text-model training steps ({_defaults('steps')})")
+    p.add_argument("--recall-steps", type=int, help=f"recall-model training steps ({_defaults('recall_steps')})")
+    p.add_argument("--n-layer", type=int, help=f"transformer blocks ({_defaults('n_layer')})")
+    p.add_argument("--n-embd", type=int, help=f"model width, a multiple of --n-head ({_defaults('n_embd')})")
+    p.add_argument("--n-head", type=int, help=f"attention (query) heads, a multiple of --n-kv-head "
+                                              f"({_defaults('n_head')})")
+    p.add_argument("--n-kv-head", type=int, help=f"key/value heads, a divisor of --n-head ({_defaults('n_kv_head')})")
+    p.add_argument("--block-size", type=int, help=f"training context in tokens, text and recall "
+                                                  f"({_defaults('block_size')})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per training step, text and recall "
+                                                  f"({_defaults('batch_size')})")
+    p.add_argument("--measure-contexts", help=f"comma-separated contexts at which decoding is measured "
+                                              f"({_defaults('measure_contexts')})")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--seeds", help="comma-separated seeds; each model is trained once per seed "
-                                   "(default: cpu 0, gpu 0,1)")
+    p.add_argument("--seeds", help=f"comma-separated seeds; each model is trained once per seed "
+                                   f"({_defaults('seeds')})")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--data", help="a UTF-8 text file to train on instead of the built-in corpus")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -80,3 +80,13 @@ def test_greedy_decoder_refuses_to_pass_the_capacity():
         run(6)
     assert st.seen == 25
     assert warm_steps(m, 10) == 6          # positions 10..15: the fold variant (11, 15) and the plain one twice each
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"rows": 3}'])
+def test_a_damaged_results_file_is_refused_by_name(content, tmp_path, capsys):
+    (tmp_path / "throughput.json").write_text(content)
+    assert main(["throughput", "--out", str(tmp_path), "--no-progress", "--device", "cpu", "--contexts", "20",
+                 "--batches", "1", "--steps", "1", "--mechanisms", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "throughput.json is not a `longctx throughput` result" in err and "choose another --out" in err
+    assert (tmp_path / "throughput.json").read_text() == content

@@ -69,7 +69,7 @@ def table(results: dict) -> str:
     head = (["mechanism", "params", "val bpb"] + [f"bpb @{m}× ctx" for m in mults]
             + [f"recall {n} pair{'s' * (n > 1)}" for n in pairs] + [f"needle @{d}" for d in dists]
             + ["train tok/s"] + [f"state @{context_label(c)}" for c in ctxs]
-            + [f"state B/token @{context_label(ctxs[-1])}"])
+            + ([f"state B/token @{context_label(ctxs[-1])}"] if ctxs else []))
     rows = []
     for name, r in results["mechanisms"].items():
         if not seed_values(r, "text", "val_bpb"):
@@ -80,8 +80,33 @@ def table(results: dict) -> str:
                     + [fmt(seed_values(r, "recall", "needle", str(d)), 2) for d in dists]
                     + [f"{mean_spread(seed_values(r, 'text', 'train_tokens_per_s'))[0]:,.0f}"]
                     + [human_bytes(r["state_bytes"][str(c)]) for c in ctxs]
-                    + [per_token(r["state_bytes"][str(ctxs[-1])] / ctxs[-1])])
+                    + ([per_token(r["state_bytes"][str(ctxs[-1])] / ctxs[-1])] if ctxs else []))
     return _row_table(head, rows)
+
+
+def table_notes(results: dict) -> str:
+    """The key under ``table``: a sentence for each kind of column (and mark) the table has, none for one it
+    lacks."""
+    s, t = results["settings"], table(results)
+    notes = ["*val bpb*: validation bits per byte (lower is better)"]
+    if s["eval_context_multiples"]:
+        notes.append("*bpb @m× ctx*: the same model evaluated at m times its training context (length "
+                     "generalisation)")
+    notes.append("*recall n pairs*: multi-query associative recall on held-out sequences with n key-value pairs")
+    if s["needle_distances"]:
+        notes.append("*needle @d*: one pair exactly d tokens before its query (d past the training context tests "
+                     "length generalisation too)")
+    notes.append("*train tok/s*: text-model training tokens per second (mean over the seeds)")
+    if s["contexts"]:
+        notes.append("*state*: decoding state for batch 1 in the bench dtype from each mechanism's `state_bytes` "
+                     "(formula); *state B/token*: the same divided by the context")
+    out = "- " + "; ".join(notes) + "."
+    if " ± " in t:
+        out += " With several seeds: mean ± half the range."
+    if "—" in t:
+        out += (" *—*: no value (for *bpb @m× ctx*: the validation text is shorter than m times the context)."
+                if s["eval_context_multiples"] else " *—*: no value.")
+    return out
 
 
 def _memory_rows(results: dict) -> dict[str, dict[int, dict]]:
@@ -92,7 +117,7 @@ def _memory_rows(results: dict) -> dict[str, dict[int, dict]]:
 def memory_table(results: dict) -> str:
     """Decoding measured at each context: state bytes held, peak allocated while decoding (CUDA), tok/s."""
     ctxs = results["settings"]["measure_contexts"]
-    cuda = results["meta"]["device"].startswith("cuda")
+    cuda = _has_peak(results)
     head = ["mechanism"] + [f"@{context_label(c)}: state{' / peak' if cuda else ''} / tok/s" for c in ctxs]
     rows = []
     for name, by_ctx in _memory_rows(results).items():
@@ -100,7 +125,7 @@ def memory_table(results: dict) -> str:
         for c in ctxs:
             m = by_ctx.get(c)
             if m is None or "skipped" in m:
-                cells.append("not measured")
+                cells.append("—" if m is None else "not measured")
                 continue
             parts = [human_bytes(m["state_bytes_measured"])]
             if cuda:
@@ -108,6 +133,72 @@ def memory_table(results: dict) -> str:
             cells.append(" / ".join(parts + [f"{m['decode_tokens_per_s']:,.1f}"]))
         rows.append(cells)
     return _row_table(head, rows)
+
+
+def _has_peak(results: dict) -> bool:
+    return results["meta"]["device"].startswith("cuda")
+
+
+def _decode_paths(results: dict) -> str:
+    """How the timed steps ran, from each row's ``decode_path`` (None: results recorded before static decoding,
+    whose steps ran through the eager step form)."""
+    paths = {name: {m.get("decode_path") for m in by_ctx.values() if "skipped" not in m}
+             for name, by_ctx in _memory_rows(results).items()}
+    used = set().union(*paths.values())
+    if None in used:
+        return None
+    if not used or "graph" not in used:
+        return "static eager steps"
+    static = [name for name, p in paths.items() if "static" in p]
+    return "each step replayed from a CUDA graph" + (f" ({', '.join(static)}: static eager steps)" * bool(static))
+
+
+def memory_notes(results: dict) -> str:
+    """The key under ``memory_table``: how the numbers were taken and what each part of a cell is, naming only the
+    parts (and marks) the table has."""
+    s, t, rows = results["settings"], memory_table(results), _memory_rows(results)
+    ray = (" (RayTention, whose state is the token ids, gets random ids put in place: its prefill computes nothing "
+           "it keeps)") if "raytention" in rows else ""
+    how = _decode_paths(results)
+    if how is None:   # recorded before static decoding existed
+        out = (f"Each context is reached by prefilling random tokens through the step form{ray}, then "
+               f"{s['decode_steps']} tokens are decoded through the eager step form and timed (batch 1; recorded "
+               "before static decoding and CUDA-graph replay existed). *state*: bytes the step form really holds")
+    else:
+        out = (f"Each context is reached by prefilling random tokens into a static decoding state{ray}, then, after "
+               f"untimed warm-up steps, {s['decode_steps']} tokens are decoded and timed (batch 1) on the fast path: "
+               f"{how}. *state*: bytes the state really holds at the context")
+    out = (out
+           + ("; *peak*: peak allocated device memory while decoding (weights, the static buffers and transients)"
+              if _has_peak(results) else "")
+           + "; *tok/s*: decoded tokens per second.")
+    if "not measured" in t:
+        out += (f" *not measured*: the prefill to that context was projected to take longer than "
+                f"{s['prefill_seconds']:.0f} s.")
+    if "| — |" in t:
+        out += " *—*: not reached yet (the run stopped before)."
+    return out
+
+
+def ring_note(results: dict) -> str | None:
+    """What the report says about ring attention: left out, or run and (on one device) equal to full attention."""
+    mech, s = results["mechanisms"], results["settings"]
+    where = "Its multi-GPU speed and memory come from `benchmarks/ring_attention.py` (benchmarks/README.md)."
+    if "ring" not in mech:
+        return ("*ring* is left out: on one GPU the ring mechanism computes exactly full attention (same model, same "
+                "numbers). " + where) if "ring" in s["exclude"] else None
+    if "full" not in mech or not seed_values(mech["ring"], "text", "val_bpb"):
+        return "*ring*: on one device the ring mechanism computes exactly full attention. " + where
+    same = all(seed_values(mech["ring"], unit, key) == seed_values(mech["full"], unit, key)
+               for unit, key in (("text", "val_bpb"), ("recall", "by_pairs"), ("recall", "needle")))
+    drawn = ("The plots draw ring dashed with larger hollow markers (its bars hatched), so that full stays visible "
+             "beneath it")
+    if same:
+        return ("*ring*: on one device the ring mechanism computes exactly full attention, so its quality, recall "
+                f"and state equal full's. {drawn}, labelled *coincides with full* where the two are equal. Its decode "
+                f"speed is the same computation timed separately. {where}")
+    return ("*ring*: on one device the ring mechanism computes full attention, yet its quality or recall here differ "
+            f"from full's (table above). {drawn}. {where}")
 
 
 def findings(results: dict) -> list[str]:
@@ -129,6 +220,8 @@ def findings(results: dict) -> list[str]:
             verdict = ("within the seed spread" if abs(gap) <= spread else "better" if gap < 0 else "worse")
             line = (f"**{name}** vs full attention: {ms[0]:.3f} vs {full[0]:.3f} bpb, gap {gap:+.3f} "
                     f"(seed spread ±{spread:.3f}, {n_seeds} seeds): {verdict}.")
+        if name == "ring":
+            line += " On one device ring attention computes exactly full attention: the same numbers are expected."
         if name in CLAIMS:
             if gap > spread:
                 verdict = "**does not reproduce it**"
@@ -161,27 +254,14 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"({meta['data']}); recall: {s['recall_steps']} steps on {', '.join(map(str, s['recall_pairs']))} "
         f"pair{'s' * (s['recall_pairs'] != [1])} at distance ≥ {s['recall_min_distance']}.", "",
         table(results), "",
-        "- *val bpb*: validation bits per byte (lower is better); *bpb @m× ctx*: the same model evaluated at m "
-        "times its training context (length generalisation; — when the validation text is too short). "
-        "*recall n pairs*: multi-query associative recall on held-out sequences with n key-value pairs; "
-        "*needle @d*: one pair exactly d tokens before its query (d past the training context tests length "
-        "generalisation too). With several seeds: mean ± half the range. *state*: decoding state for batch 1 "
-        "in the bench dtype from each mechanism's `state_bytes` (formula); *state B/token*: "
-        "the same divided by the context.", "",
+        table_notes(results), "",
         "## Decoding, measured", "",
         memory_table(results), "",
-        "Each context is reached by prefilling random tokens into a static decoding state (RayTention, whose state "
-        "is the token ids, gets random ids put in place: its prefill computes nothing it keeps), then, after "
-        f"untimed warm-up steps, {s['decode_steps']} tokens are decoded and timed (batch 1) on the fast path: "
-        "each step replayed from a CUDA graph on a GPU (RayTention's uncaptured), static eager steps on a CPU. "
-        "*state*: bytes the state really holds at the context"
-        + ("; *peak*: peak allocated device memory while decoding (weights, the static buffers and transients)"
-           if meta["device"].startswith("cuda") else "")
-        + ". A context whose prefill was projected to take too long is *not measured*.", "",
+        memory_notes(results), "",
     ]
-    if "ring" in s["exclude"]:
-        md += ["*ring*: on one GPU the ring mechanism computes exactly full attention (same model, same numbers); "
-               "its multi-GPU speed and memory come from `benchmarks/ring_attention.py` (benchmarks/README.md).", ""]
+    ring = ring_note(results)
+    if ring:
+        md += [ring, ""]
     found = findings(results)
     if found:
         md += ["## What the numbers say", ""] + [f"- {x}" for x in found] + [""]
@@ -198,57 +278,144 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_kind(xs: list) -> str:
+    """How a panel shows its values: ``"bars"`` (one bar per mechanism) when they share one x value, since a
+    column of dots on a log axis reads as nothing; ``"lines"`` over a log x axis for several; ``"empty"`` for
+    none."""
+    n = len(set(xs))
+    return "empty" if n == 0 else "bars" if n == 1 else "lines"
+
+
+def _line_style(name: str, markers: bool = True) -> dict:
+    """Ring dashed, on top, with larger hollow markers: on one device its numbers are full attention's, and a
+    solid line over full's would hide it."""
+    if name == "ring":
+        return {"ls": "--", "zorder": 3} | ({"marker": "o", "mfc": "none", "ms": 9, "mew": 1.5} if markers else {})
+    return {"ls": "-", "zorder": 2} | ({"marker": "o", "ms": 5} if markers else {})
+
+
+def _label(name: str, series: dict, what: str = "") -> str:
+    """``name`` + ``what``, and for ring whose series equals full's, "coincides with full"."""
+    same = name == "ring" and "full" in series and series["ring"] == series["full"]
+    return f"{name}{what} (coincides with full)" if same else name + what
+
+
+def _panel(ax, series: dict[str, list], colours: dict[str, str], *, ylabel: str, lines_title: str, bars_title,
+           xlabel: str, xtick=str, value=lambda y: f"{y:.2f}", logy: tuple[str, ...] = ()) -> str:
+    """``{mechanism: [(x, y), ...]}`` drawn as ``plot_kind`` says; ``bars_title(x)`` titles the one-x case, ``logy``
+    names the kinds drawn over a log y axis. The kind drawn is returned."""
+    series = {n: sorted(pts) for n, pts in series.items() if pts}
+    kind = plot_kind([x for pts in series.values() for x, _ in pts])
+    if kind == "empty":
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=lines_title, xticks=[], yticks=[])
+    elif kind == "bars":
+        names = list(series)
+        ys = [series[n][0][1] for n in names]
+        bars = ax.bar(range(len(names)), ys, color=[colours[n] for n in names])
+        for bar, n in zip(bars, names):
+            if n == "ring":
+                bar.set(hatch="//", edgecolor="white")
+        ax.bar_label(bars, labels=[value(y) for y in ys], fontsize=8)
+        ax.set_xticks(range(len(names)), [_label(n, series).replace(" (", "\n(") for n in names], fontsize=8,
+                      rotation=30, ha="right")
+        ax.set(ylabel=ylabel, title=bars_title(series[names[0]][0][0]), yscale="log" if kind in logy else "linear")
+        ax.margins(y=0.12)
+    else:
+        for n, pts in series.items():
+            ax.plot(*zip(*pts), color=colours[n], label=_label(n, series), **_line_style(n))
+        xs = sorted({x for pts in series.values() for x, _ in pts})
+        ax.set(xscale="log", yscale="log" if kind in logy else "linear", xlabel=xlabel, ylabel=ylabel,
+               title=lines_title)
+        ax.set_xticks(xs, [xtick(x) for x in xs])
+        ax.set_xticks([], minor=True)
+    return kind
+
+
 def _plots(results: dict, out_dir: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mech, s = results["mechanisms"], results["settings"]
+    colours = {name: f"C{i % 10}" for i, name in enumerate(mech)}   # one colour per mechanism in every plot
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in mech.items():
-        runs = [x["text"] for x in r["runs"].values() if "text" in x]
-        if runs:
-            steps, losses = zip(*runs[0]["curve"])
-            ax.plot(steps, losses, label=name)
+    curves = {name: runs[0]["curve"] for name, r in mech.items()
+              if (runs := [x["text"] for x in r["runs"].values() if "text" in x])}
+    for name, curve in curves.items():
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, color=colours[name], label=_label(name, curves), **_line_style(name, markers=False))
     ax.set(xlabel="step", ylabel="train loss (nats/byte)", title=f"Training loss (seed {s['seeds'][0]})")
     ax.legend()
     _save(fig, out_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in mech.items():
-        ctxs = s["contexts"]
-        line, = ax.plot(ctxs, [r["state_bytes"][str(c)] for c in ctxs], label=f"{name} state (formula)")
-        held = [m for m in r.get("memory", {}).get("rows", []) if "skipped" not in m]
-        ax.scatter([m["context"] for m in held], [m["state_bytes_measured"] for m in held], marker="x", s=60,
-                   color=line.get_color())
-        if held and "peak_allocated_bytes_decoding" in held[0]:
-            ax.plot([m["context"] for m in held], [m["peak_allocated_bytes_decoding"] for m in held], ls=":",
-                    marker="o", color=line.get_color(), label=f"{name} peak while decoding")
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="bytes",
-           title="Decoding memory vs context (x: state measured)")
-    ax.legend(fontsize=7)
+    _memory_plot(ax, results, colours)
     _save(fig, out_dir / "memory.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.5))
-    for name, r in mech.items():
-        pairs = [mean_spread(seed_values(r, "recall", "by_pairs", str(n))) for n in s["recall_pairs"]]
-        needle = [mean_spread(seed_values(r, "recall", "needle", str(d))) for d in s["needle_distances"]]
-        if all(pairs):
-            a1.plot(s["recall_pairs"], [m for m, _ in pairs], marker="o", label=name)
-        if all(needle):
-            a2.plot(s["needle_distances"], [m for m, _ in needle], marker="o", label=name)
-    a1.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy", title="Associative recall vs pairs")
-    a2.axvline(s["block_size"], color="grey", ls="--", lw=1)
-    a2.set(xscale="log", xlabel="distance back (tokens; dashed: training context)", ylabel="accuracy",
-           title="Needle vs distance")
-    a1.legend(fontsize=8)
+    pairs = {name: [(n, ms[0]) for n in s["recall_pairs"]
+                    if (ms := mean_spread(seed_values(r, "recall", "by_pairs", str(n))))] for name, r in mech.items()}
+    needle = {name: [(d, ms[0]) for d in s["needle_distances"]
+                     if (ms := mean_spread(seed_values(r, "recall", "needle", str(d))))] for name, r in mech.items()}
+    block = s["block_size"]
+    k1 = _panel(a1, pairs, colours, ylabel="accuracy", xlabel="key-value pairs",
+                lines_title="Associative recall vs pairs",
+                bars_title=lambda n: f"Associative recall, {n} key-value pair{'s' * (n > 1)}")
+    k2 = _panel(a2, needle, colours, ylabel="accuracy", xlabel="distance back (tokens; dashed: training context)",
+                lines_title="Needle vs distance",
+                bars_title=lambda d: f"Needle {d} tokens back ({'past' if d > block else 'within'} the "
+                                     f"{block}-token training context)")
+    if k2 == "lines":
+        a2.axvline(block, color="grey", ls="--", lw=1)
+    for ax, kind in ((a1, k1), (a2, k2)):
+        if kind == "lines":   # bars name their mechanisms on the axis; one legend is enough for the lines
+            ax.legend(fontsize=8)
+            break
     _save(fig, out_dir / "recall.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, by_ctx in _memory_rows(results).items():
-        held = [m for c, m in sorted(by_ctx.items()) if "skipped" not in m]
-        ax.plot([m["context"] for m in held], [m["decode_tokens_per_s"] for m in held], marker="o", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (batch 1)",
-           title="Decoding speed vs context")
-    ax.legend(fontsize=8)
+    speed = {name: [(m["context"], m["decode_tokens_per_s"]) for m in by_ctx.values() if "skipped" not in m]
+             for name, by_ctx in _memory_rows(results).items()}
+    if _panel(ax, speed, colours, ylabel="decode tokens/s (batch 1)", xlabel="context (tokens)", xtick=context_label,
+              lines_title="Decoding speed vs context", logy=("lines",), value=lambda y: f"{y:,.0f}",
+              bars_title=lambda c: f"Decoding speed at {context_label(c)} tokens of context") == "lines":
+        ax.legend(fontsize=8)
     _save(fig, out_dir / "speed.png")
+
+
+def _memory_plot(ax, results: dict, colours: dict[str, str]) -> None:
+    """State bytes (formula) as lines over the formula's contexts, the measured state as crosses, the peak while
+    decoding (CUDA) dotted; with a single context in all, bars of the state."""
+    s = results["settings"]
+    rows = {name: [m for m in r.get("memory", {}).get("rows", []) if "skipped" not in m]
+            for name, r in results["mechanisms"].items()}
+    formula = {name: [(c, r["state_bytes"][str(c)]) for c in s["contexts"]]
+               for name, r in results["mechanisms"].items()}
+    measured = {name: [(m["context"], m["state_bytes_measured"]) for m in held] for name, held in rows.items()}
+    xs = [x for pts in [*formula.values(), *measured.values()] for x, _ in pts]
+    if plot_kind(xs) != "lines":
+        state = {name: formula[name] or measured[name] for name in formula}
+        _panel(ax, state, colours, ylabel="decoding state (bytes)", xlabel="context (tokens)", logy=("bars",),
+               value=human_bytes, lines_title="Decoding state",
+               bars_title=lambda c: f"Decoding state at {context_label(c)} tokens of context")
+        return
+    for name, pts in formula.items():
+        style = _line_style(name, markers=False)
+        if pts:
+            ax.plot(*zip(*pts), color=colours[name], label=_label(name, formula, " state (formula)"), **style)
+        if measured[name]:
+            ax.scatter(*zip(*measured[name]), marker="x", s=60 if name != "ring" else 110, color=colours[name],
+                       zorder=style["zorder"])
+        peak = [(m["context"], m["peak_allocated_bytes_decoding"]) for m in rows[name]
+                if "peak_allocated_bytes_decoding" in m]
+        if peak:
+            ax.plot(*zip(*peak), color=colours[name], label=f"{name} peak while decoding",
+                    **_line_style(name) | {"ls": "-." if name == "ring" else ":"})
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="bytes",
+           title="Decoding memory vs context (x: state measured)")
+    ticks = sorted(set(xs))
+    ax.set_xticks(ticks, [context_label(c) for c in ticks])
+    ax.set_xticks([], minor=True)
+    ax.legend(fontsize=7)

@@ -19,14 +19,13 @@ the same command runs again), ``throughput.png`` (tok/s against context, log-log
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import atomic_write, atomic_write_json, not_a_result, read_json_result
 from ..decoding import greedy_decoder, warm_steps
 from ..mechanisms import registered
 from ..model import GPT, GPTConfig
@@ -236,7 +235,10 @@ def run_throughput(s: ThroughputSettings, device: str | None, out: str | Path, p
         raise ValueError("the max-batch search needs a GPU's memory; leave 'max' out of --batches on the CPU")
     out = Path(out)
     path = out / "throughput.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    what = "a `longctx throughput` result"
+    results = read_json_result(path, what) or {}
+    if not isinstance(results, dict) or not isinstance(results.get("rows", []), list):
+        raise not_a_result(path, what, "no settings and rows")
     if results.get("settings") not in (None, asdict(s)):
         raise ValueError(f"{path} holds a run with other settings; choose another --out")
     results.update(settings=asdict(s), device=device_name(dev), torch=torch.__version__)

@@ -5,9 +5,11 @@ send of the current slot and the receive into the spare one (``batch_isend_irecv
 on the current slot meanwhile, and ``finish()`` waits and swaps the slots. On CUDA the transfer runs on
 NCCL's stream, ordered after the work already queued, so the next buffer arrives while the current one is
 being used. A failed or timed-out transfer (a peer that raised, died or hangs) raises ``RingCommError``.
+``RingComm.all_gather`` is the one collective: every rank's small tensor, for the ranks to check agreement.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -38,6 +40,20 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group),
                dist.P2POp(dist.irecv, recv, self.prev_rank, self.group)]
         return dist.batch_isend_irecv(ops)
+
+    def all_gather(self, t: Tensor, what: str) -> Tensor:
+        """Every rank's ``t``, stacked in rank order: ``[world_size, *t.shape]``. A collective: every rank of
+        the group calls it (on the group's device: CPU for gloo, CUDA for NCCL)."""
+        if self.world_size == 1:
+            return t.unsqueeze(0)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(parts, t, group=self.group)
+        except RuntimeError as e:  # as in ``wait``: a peer that raised before joining, died or hangs
+            raise RingCommError(
+                f"ring attention: rank {self.rank} of {self.world_size} could not gather {what} from the other "
+                f"ranks: a peer raised, died or timed out ({type(e).__name__}: {e})") from e
+        return torch.stack(parts)
 
     def wait(self, works: list, what: str) -> None:
         try:

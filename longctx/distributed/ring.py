@@ -18,10 +18,16 @@ Causal work per step (``src`` = the rank whose shard this rank holds at that ste
 * contiguous: ``src < rank`` the whole block, ``src > rank`` nothing (fully masked blocks are skipped).
 
 So under zigzag every rank computes half a block per step, none of it masked.
+
+Before any transfer the ranks check that they agree (``_check_agreement``): one ``all_gather`` of a few
+int64 per rank. Shards of one number of elements but different shapes would otherwise travel the ring
+unnoticed and give a wrong result, and shards of different sizes or dtypes would abort a rank inside gloo.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import struct
 
 import torch
 import torch.distributed as dist
@@ -30,11 +36,16 @@ from torch import Tensor
 
 from ..attention import check_qkv, repeat_kv
 from .comm import RingComm, RingShift
-from .layout import check_layout, required_multiple
+from .layout import LAYOUTS, check_layout, required_multiple
 
 aten = torch.ops.aten
 
 KERNELS = ("auto", "cpu", "flash", "cudnn", "efficient")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What every rank must share, in the order of the int64 row each rank contributes to the agreement check,
+# after a flag: 1 = its inputs passed its own checks, 0 = it refused them (and raises its own error).
+AGREED = ("dtype", "batch size", "query heads", "key/value heads", "shard length", "head_dim", "value head_dim",
+          "causal", "layout", "scale")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,6 +245,86 @@ def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, layout: str, scale: float | None, kernel: str
+                  ) -> tuple[str, float, list[int]]:
+    """This rank's own checks, no peer involved: ``(kernel, scale, facts)``, ``facts`` coding ``AGREED``."""
+    check_qkv(q, k, v)
+    check_layout(layout)
+    if k.shape != v.shape:
+        raise ValueError(f"ring attention needs k and v of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"ring attention takes float16, bfloat16, float32 or float64 inputs, got {q.dtype}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"q and k must hold the same tokens (one shard), got {q.shape[2]} and {k.shape[2]}")
+    kernel = pick_kernel(kernel, q, k.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]     # compared exactly, as the ranks use it
+    (B, hq, L, d), hkv, dv = q.shape, k.shape[1], v.shape[3]
+    facts = [DTYPES.index(q.dtype), B, hq, hkv, L, d, dv, int(bool(causal)), LAYOUTS.index(layout), scale_bits]
+    return kernel, scale, facts
+
+
+def _decode(name: str, code: int):
+    if name == "dtype":
+        return DTYPES[code]
+    if name == "causal":
+        return bool(code)
+    if name == "layout":
+        return repr(LAYOUTS[code])
+    if name == "scale":
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    return code
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``"rank 3"``, ``"ranks 0, 2"``, ``"ranks 0-5, 7"``."""
+    runs, start = [], ranks[0]
+    for a, b in zip(ranks, [*ranks[1:], None]):
+        if b != a + 1:
+            runs.append(str(a) if a == start else f"{start}-{a}")
+            start = b
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(runs)
+
+
+def _by_rank(values: list) -> str:
+    """``"4 on ranks 0, 2 vs 8 on rank 1"``: each value and the ranks holding it, in order of first rank."""
+    holders: dict = {}
+    for r, x in enumerate(values):
+        holders.setdefault(x, []).append(r)
+    return " vs ".join(f"{x} on {_ranks(rs)}" for x, rs in holders.items())
+
+
+def _check_agreement(comm: RingComm, facts: list[int] | None, device: torch.device) -> None:
+    """Raise the same ValueError on every rank unless all ranks hold the same ``AGREED`` facts; ``facts=None``:
+    this rank refused its inputs (it raises its own error; the others learn it here and raise at once).
+
+    One ``all_gather`` of ``1 + len(AGREED)`` int64 per rank, on ``device`` (q's: CPU for gloo, CUDA for NCCL,
+    where reading the result back is one host synchronisation)."""
+    row = [1, *facts] if facts is not None else [0] * (1 + len(AGREED))
+    table = comm.all_gather(torch.tensor(row, dtype=torch.int64, device=device), "the shapes of their shards")
+    table = table.tolist()
+    if facts is None:
+        return
+    refused = [r for r, t in enumerate(table) if not t[0]]
+    if refused:
+        their = "its" if len(refused) == 1 else "their"
+        raise ValueError(f"ring attention: {_ranks(refused)} of the group refused {their} inputs (see the error "
+                         f"raised there), so every rank stops")
+    differ = [i for i, _ in enumerate(AGREED) if len({t[1 + i] for t in table}) > 1]
+    if not differ:
+        return
+    rows = [dict(zip(AGREED, (_decode(name, c) for name, c in zip(AGREED, t[1:])))) for t in table]
+    what = "; ".join(f"{AGREED[i]}: {_by_rank([r[AGREED[i]] for r in rows])}" for i in differ)
+    shards = _by_rank([f"q {[r['batch size'], r['query heads'], r['shard length'], r['head_dim']]}, "
+                       f"k {[r['batch size'], r['key/value heads'], r['shard length'], r['head_dim']]}, "
+                       f"v {[r['batch size'], r['key/value heads'], r['shard length'], r['value head_dim']]} "
+                       f"({r['dtype']})" for r in rows])
+    raise ValueError(f"ring attention: the {len(table)} ranks of the group disagree on {what}. Every rank must "
+                     f"pass its shard of one sequence (q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] of one "
+                     f"dtype and the same sizes on every rank) and the same causal, layout and scale; the shards "
+                     f"are {shards}")
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, comm, causal, layout, scale, kernel):
@@ -261,22 +352,33 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     rank, ``Hq % Hkv == 0``. Returns ``[B, Hq, L, D]`` in q's dtype, equal to exact attention over the whole
     sequence restricted to this rank's queries; differentiable in ``q, k, v``. ``causal`` masks by global
     position. ``kernel`` picks the fused op per block (see ``pick_kernel``); every rank must pick the same.
+
+    The ranks check that they agree before any transfer: one ``all_gather`` of 11 int64 per rank (88 bytes,
+    ``1 + len(AGREED)``) on q's device, whose result is read on the host (on CUDA, one synchronisation per
+    call). It carries each rank's dtype, ``B, Hq, Hkv, L, D, Dv``, ``causal``, ``layout`` and ``scale``;
+    where they differ, every rank raises the same ValueError naming what differs and which ranks hold which
+    values; where they agree but ``L`` does not fit ``layout``, every rank raises the same ValueError too. A
+    rank that refuses its own inputs still joins the check, so the others raise at once instead of waiting.
+    The backward pass reuses the forward's check; a group of one needs no collective. A peer that raised
+    before the check, died or hangs makes it raise ``RingCommError`` (bounded by the group's timeout).
     """
-    check_qkv(q, k, v)
-    check_layout(layout)
-    if k.shape != v.shape:
-        raise ValueError(f"ring attention needs k and v of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    kernel = pick_kernel(kernel, q, k.shape[1])
     comm = RingComm(group)
+    try:
+        kernel, scale, facts = _check_inputs(q, k, v, causal, layout, scale, kernel)
+    except (TypeError, ValueError):
+        if comm.world_size > 1:   # tell the others, so that they raise now rather than wait for this rank
+            dev = q.device if isinstance(q, Tensor) and q.device.type in ("cpu", "cuda") else torch.device("cpu")
+            with contextlib.suppress(Exception):   # this rank's own error is the one to raise here
+                _check_agreement(comm, None, dev)
+        raise
     n, L = comm.world_size, q.shape[2]
-    if k.shape[2] != L:
-        raise ValueError(f"q and k must hold the same tokens (one shard), got {L} and {k.shape[2]}")
+    if n > 1:
+        _check_agreement(comm, facts, q.device)
     multiple = required_multiple(n, layout)
-    if L * n % multiple or L == 0:
+    if L * n % multiple or L == 0:     # L agreed: every rank raises this alike
         what = "2 * world_size" if layout == "zigzag" else "world_size"
         raise ValueError(f"the {layout} layout over {n} ranks needs a total sequence length that is a multiple of "
-                         f"{what} = {multiple}; got {L} tokens on this rank ({L * n} in total)")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+                         f"{what} = {multiple}; got {L} tokens on each rank ({L * n} in total)")
     return _RingAttention.apply(q, k, v, comm, causal, layout, scale, kernel)
 
 

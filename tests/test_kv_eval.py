@@ -214,10 +214,13 @@ def test_cli_run_writes_outputs_and_resume_skips_finished_cells(model_dir, tmp_p
     assert sorted(second["cells"]) == sorted([*first["cells"], "needle/L=512/depth=0.5/trial=1"])
     for key, cell in first["cells"].items():
         assert second["cells"][key] == cell
-    # other settings (budgets): start afresh (here with perplexity only)
+    # other settings (budgets): refused, the earlier results kept; a new --out starts afresh
     args = [a if a != "0.25,64" else "0.5" for a in ARGS]
-    assert main(["kv-eval", "--model", str(model_dir), "--out", str(out), "--trials", "0", *args]) == 0
-    third = json.loads((out / "results.json").read_text())
+    assert main(["kv-eval", "--model", str(model_dir), "--out", str(out), "--trials", "0", *args]) == 2
+    assert "holds a run with other settings (budgets" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == second
+    assert main(["kv-eval", "--model", str(model_dir), "--out", str(tmp_path / "kv2"), "--trials", "0", *args]) == 0
+    third = json.loads((tmp_path / "kv2" / "results.json").read_text())
     assert sorted(third["cells"]) == ["ppl/L=512/sample=0"]
     assert sorted(third["cells"]["ppl/L=512/sample=0"]["results"]) == ["full", "h2o@50%", "triattention@50%"]
 

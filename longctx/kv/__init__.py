@@ -5,9 +5,9 @@ does not load transformers.
 """
 from importlib import import_module
 
-_EXPORTS = {"CompressedCache": "cache", "CompressedLayer": "cache", "QueryStats": "calibration",
-            "calibrate": "calibration", "load_stats": "calibration", "save_stats": "calibration", "SCORERS": "scorers",
-            "build_scorer": "scorers"}
+_EXPORTS = {"CompressedCache": "cache", "CompressedLayer": "cache", "FixedBudgetLayer": "cache",
+            "QueryStats": "calibration", "calibrate": "calibration", "load_stats": "calibration",
+            "save_stats": "calibration", "SCORERS": "scorers", "build_scorer": "scorers"}
 
 __all__ = list(_EXPORTS)
 

@@ -67,31 +67,46 @@ class CompressedLayer(DynamicLayer):
             self.prune()
         return full_keys, full_values
 
-    def protected(self) -> Tensor:
-        """``[B, Hkv, S]`` bool: tokens that are never pruned (recent window, and the prompt with keep_prompt)."""
-        keep = self.positions >= self.cumulative_length - self.window
+    def protected(self, positions: Tensor | None = None) -> Tensor:
+        """``[B, Hkv, S]`` bool: which of ``positions`` (default: the stored ones) are never pruned (recent
+        window, and the prompt with keep_prompt)."""
+        positions = self.positions if positions is None else positions
+        keep = positions >= self.cumulative_length - self.window
         if self.keep_prompt:
-            keep |= self.positions < self.prompt_length
+            keep |= positions < self.prompt_length
         return keep
 
-    @torch.no_grad()
-    def prune(self) -> None:
-        """Keep the ``budget`` best-scored tokens per batch row and KV head (protected ones first), in order."""
-        protected = self.protected()
-        n_protected = int(protected[0, 0].sum())
+    def protected_count(self) -> int:
+        """How many tokens :meth:`protected` marks in every batch row and KV head, counted on the host (no device
+        sync): of the positions ``[0, seen)`` only ``[first, seen − window)`` are unprotected (``first`` = the
+        prompt length with keep_prompt, else 0), and every protected token is stored (each prune keeps them all)."""
+        seen = self.cumulative_length
+        first = self.prompt_length if self.keep_prompt else 0
+        return seen - max(0, seen - self.window - first)
+
+    def select(self, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+        """Indices ``[B, Hkv, budget]`` into ``keys, values [B, Hkv, S, D]`` at ``positions [B, Hkv, S]`` of the
+        tokens to keep: per batch row and KV head the ``budget`` best scored (protected ones first), sorted (so
+        the kept tokens stay in position order). Raises if the protected tokens alone exceed the budget."""
+        n_protected = self.protected_count()
         if n_protected > self.budget:
             raise ValueError(f"budget={self.budget} is smaller than the protected tokens ({n_protected}: window="
                              f"{self.window}" + (f", prompt={self.prompt_length} with keep_prompt" if self.keep_prompt
                                                  else "") + "); raise budget")
-        scores = self.scorer.score(self.keys, self.values, self.positions, self.cumulative_length - 1, self.layer_idx,
+        scores = self.scorer.score(keys, values, positions, self.cumulative_length - 1, self.layer_idx,
                                    self.scorer_state)
-        scores = scores.to(torch.float64).masked_fill(protected, float("inf"))
-        idx = scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values                  # [B, Hkv, budget]
-        self.positions = self.positions.gather(-1, idx)
+        scores = scores.to(torch.float64).masked_fill(self.protected(positions), float("inf"))
+        idx = scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values
         if "per_token" in self.scorer_state:
             self.scorer_state["per_token"] = self.scorer_state["per_token"].gather(-1, idx)
-        gather = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(-2, gather)
+        return idx
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        """Keep the ``budget`` best-scored tokens per batch row and KV head (protected ones first), in order."""
+        idx = self.select(self.keys, self.values, self.positions)                         # [B, Hkv, budget]
+        self.positions = self.positions.gather(-1, idx)
+        self.keys = self.keys.gather(-2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(-2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         self.n_pruned += 1
 
@@ -137,6 +152,138 @@ class CompressedLayer(DynamicLayer):
             self.positions = self.positions[indices, ...]
 
 
+class FixedBudgetLayer(CompressedLayer):
+    """:class:`CompressedLayer` in buffers allocated once: ``key_slots, value_slots [B, Hkv, budget + slack, D]``
+    and ``position_slots [B, Hkv, budget + slack]``, of which the first ``fill`` slots are stored tokens (in
+    position order); ``keys, values, positions`` are views of those slots, so every reader of a
+    ``CompressedLayer`` (mask sizes, ``stored_length``, the tests) sees the same stored tokens.
+
+    A forward of ``n`` tokens either
+
+    - fits without reaching the prune (``fill + n < budget + slack``): the new tokens are copied into the next
+      free slots (slice assignment at the host's ``fill``) and the forward attends to the view of the first
+      ``fill + n`` slots: the stored tokens are neither copied nor moved, and nothing cache-sized is allocated; or
+    - reaches it (``fill + n >= budget + slack``: every ``slack``-th decode step, the prompt, and any chunk longer
+      than the free slots, so the buffer can never overflow): the forward attends to a temporary of the stored
+      and new tokens, which the scorer scores, and the kept ones are gathered from it into the front of the
+      slots. The temporary is needed because ``update`` runs before attention: gathering in place would
+      overwrite the keys this forward is about to read.
+
+    The kept tokens, and so the logits, are those of a :class:`CompressedLayer` fed the same tokens: same
+    scores on the same tensors in the same order, same selection (:meth:`CompressedLayer.select`).
+
+    Host syncs: none in the cache (counts are host ints, the protected count included). What remains is in
+    the scorers and the query tap: TriAttention's ``score`` and the query rotation copy their CPU stats and
+    rotary frequencies to the device at every call (synchronising host-to-device copies). What would still
+    stop capturing a step as a CUDA graph: the keys/values returned grow by ``n`` every step (so one graph per
+    ``fill``; returning all slots instead would need an explicit mask, as transformers' SDPA path drops the
+    mask of a one-token query and would attend to the empty slots), the new tokens' positions come from the
+    host's count, whether a step prunes is decided on the host (fine for a graph per variant, like
+    ``longctx.decoding.StepGraphs``), the copies above, and SnapKV/H2O grow their state by concatenation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capacity = self.budget + self.slack
+        self.fill = 0
+        self.key_slots: Tensor | None = None
+        self.value_slots: Tensor | None = None
+        self.position_slots: Tensor | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Allocate the slots (or reuse those of before a ``reset`` if batch, heads, head size, dtype and device
+        are the same)."""
+        b, h = key_states.shape[:2]
+        want = ((b, h, self.capacity, key_states.shape[-1]), (b, h, self.capacity, value_states.shape[-1]),
+                key_states.dtype, value_states.dtype, key_states.device)
+        if self.key_slots is None or want != (self.key_slots.shape, self.value_slots.shape, self.key_slots.dtype,
+                                              self.value_slots.dtype, self.key_slots.device):
+            self.key_slots = key_states.new_zeros(want[0])
+            self.value_slots = value_states.new_zeros(want[1])
+            self.position_slots = torch.zeros(b, h, self.capacity, dtype=torch.long, device=key_states.device)
+        self.device = key_states.device
+        self.is_initialized = True
+        self._set_fill(0)
+
+    def _set_fill(self, fill: int) -> None:
+        self.fill = fill
+        self.keys = self.key_slots[:, :, :fill]
+        self.values = self.value_slots[:, :, :fill]
+        self.positions = self.position_slots[:, :, :fill]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Store ``key_states, value_states [B, Hkv, T, D]``; return the stored and new states for this forward
+        (a view of the slots, or on a pruning step a temporary), pruning back to ``budget`` at ``budget + slack``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.prompt_length = key_states.shape[-2]
+        b, h, n = key_states.shape[:3]
+        if (b, h) != tuple(self.key_slots.shape[:2]):
+            raise ValueError(f"layer {self.layer_idx}: key_states have batch {b} and {h} KV heads, the cache holds "
+                             f"{tuple(self.key_slots.shape[:2])}; call reset() before a new batch")
+        new_positions = torch.arange(self.cumulative_length, self.cumulative_length + n, device=self.device)
+        self.cumulative_length += n
+        fill = self.fill
+        pruning = fill + n >= self.capacity
+        if not pruning:
+            self.key_slots[:, :, fill:fill + n] = key_states
+            self.value_slots[:, :, fill:fill + n] = value_states
+            self.position_slots[:, :, fill:fill + n] = new_positions
+            self._set_fill(fill + n)
+            keys, values, positions = self.keys, self.values, self.positions
+        else:
+            keys = torch.cat([self.keys, key_states], dim=-2) if fill else key_states
+            values = torch.cat([self.values, value_states], dim=-2) if fill else value_states
+            positions = torch.cat([self.positions, new_positions.expand(b, h, n)], dim=-1)
+        if self.scorer.needs_queries:
+            q, scaling = self.queries.take(self.layer_idx, new_positions)
+            self.scorer.observe(self.scorer_state, q, new_positions, keys, positions, scaling)
+        if pruning:
+            self._prune_into_slots(keys, values, positions)
+        return keys, values
+
+    @torch.no_grad()
+    def _prune_into_slots(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Gather the tokens :meth:`select` keeps out of ``keys, values [B, Hkv, S, D]`` at ``positions [B, Hkv, S]``
+        (S >= budget) into the first ``budget`` slots."""
+        idx = self.select(keys, values, positions)                                          # [B, Hkv, budget]
+        k = self.budget
+        self.position_slots[:, :, :k] = positions.gather(-1, idx)
+        self.key_slots[:, :, :k] = keys.gather(-2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        self.value_slots[:, :, :k] = values.gather(-2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+        self._set_fill(k)
+        self.n_pruned += 1
+
+    def prune(self) -> None:
+        """Prune the stored tokens back to ``budget`` now (``update`` does it on its own at ``budget + slack``)."""
+        self._prune_into_slots(self.keys, self.values, self.positions)   # each gather is read before it is written
+
+    def reset(self) -> None:
+        """Forget the stored tokens; the slots stay allocated for the next sequence."""
+        super().reset()
+        self.fill = 0
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            for slots in (self.key_slots, self.value_slots, self.position_slots):
+                slots.copy_(slots.index_select(0, beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Changes the batch size, so the slots are allocated anew."""
+        if self.is_initialized:
+            self.key_slots, self.value_slots, self.position_slots = (
+                s.repeat_interleave(repeats, dim=0) for s in (self.key_slots, self.value_slots, self.position_slots))
+            self._set_fill(self.fill)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Changes the batch size, so the slots are allocated anew."""
+        if self.is_initialized:
+            self.key_slots, self.value_slots, self.position_slots = (
+                s[indices, ...] for s in (self.key_slots, self.value_slots, self.position_slots))
+            self._set_fill(self.fill)
+
+
 class QueryTap:
     """Forward hooks on each attention's query projection of ``model``: hands a layer its new queries, rotated
     at their positions (``[B, H, T, D]``), for scorers that need them (SnapKV, H2O)."""
@@ -179,11 +326,13 @@ class CompressedCache(Cache):
     with ``keep_prompt``).
     ``snapkv`` and ``h2o`` look at the queries: pass ``model=`` (forward hooks are added to it; ``detach()``
     removes them).
+    ``fixed=True``: each layer keeps its tokens in buffers of ``budget + slack`` slots allocated once
+    (:class:`FixedBudgetLayer`) instead of growing by concatenation; same kept tokens, same outputs.
     """
 
     def __init__(self, method: str = "triattention", budget: int = 1024, stats: QueryStats | None = None,
                  window: int | None = None, keep_prompt: bool = False, slack: int = PRUNE_SLACK, model=None,
-                 **scorer_options):
+                 fixed: bool = False, **scorer_options):
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a positive int (tokens kept per layer), got {budget!r}")
         if window is None:
@@ -193,6 +342,7 @@ class CompressedCache(Cache):
         if not isinstance(slack, int) or slack < 1:
             raise ValueError(f"slack must be a positive int, got {slack!r}")
         self.method, self.budget, self.window, self.keep_prompt, self.slack = method, budget, window, keep_prompt, slack
+        self.fixed = bool(fixed)
         self.scorer = build_scorer(method, stats=stats, **scorer_options)
         if self.scorer.needs_queries and model is None:
             raise ValueError(f"method {method!r} looks at the queries: pass model=the model that will use the cache")
@@ -200,8 +350,9 @@ class CompressedCache(Cache):
         super().__init__(layer_class_to_replicate=self._new_layer)
 
     def _new_layer(self) -> CompressedLayer:
-        return CompressedLayer(len(self.layers), self.scorer, self.budget, self.window, self.keep_prompt, self.slack,
-                               self.query_tap)
+        layer_class = FixedBudgetLayer if self.fixed else CompressedLayer
+        return layer_class(len(self.layers), self.scorer, self.budget, self.window, self.keep_prompt, self.slack,
+                           self.query_tap)
 
     def detach(self) -> None:
         """Remove the query hooks this cache added to the model (snapkv, h2o)."""

@@ -3,7 +3,7 @@
 Work is split into cells — one needle prompt (length, depth, trial) or one perplexity window (length, sample) —
 each evaluated for every method and budget on one prefill. ``results.json`` is rewritten (atomically) after
 every cell; a rerun with the same settings skips the cells already there, so more lengths, depths, trials or
-samples can be added later.
+samples can be added later; a rerun with other settings on the same folder is refused (it would throw them away).
 """
 from __future__ import annotations
 
@@ -249,8 +249,13 @@ def run_kv_eval(model_dir: str | None = None, stats_path: str | None = None, met
             results["meta"]["started"] = old["meta"].get("started", results["meta"]["started"])
             if results["cells"]:
                 log(f"kv-eval: resuming, {len(results['cells'])} cells already done in {previous}")
-        else:
-            log(f"kv-eval: settings differ from {previous}; starting afresh")
+        else:   # continuing would throw the earlier cells away
+            differ = sorted(k for k in settings.keys() | old.get("settings", {}).keys()
+                            if settings.get(k) != old.get("settings", {}).get(k))
+            said = "; ".join(f"{k} {old.get('settings', {}).get(k)!r} there, {settings.get(k)!r} now"
+                             for k in differ[:4])
+            raise ValueError(f"{previous} holds a run with other settings ({said}): run with the same settings to "
+                             "continue it, or choose another --out")
 
     needle_lines = corpus_region(text, "needle")
     ppl_lines = corpus_region(text, "perplexity")

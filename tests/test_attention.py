@@ -27,7 +27,8 @@ def test_attention_matches_naive(causal, hq, hkv, tq, tk, dtype, gen):
     k = torch.randn(2, hkv, tk, 16, generator=gen, dtype=dtype)
     v = torch.randn(2, hkv, tk, 16, generator=gen, dtype=dtype)
     ref_o, ref_l = naive(q, k, v, causal)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    # measured over 6 seeds: float64 o <= 5.5e-16, lse <= 1.3e-16; float32 o <= 2.2e-7, lse <= 5.0e-8
+    tol = 1e-13 if dtype == torch.float64 else 5e-6
     assert rel_err(attention(q, k, v, causal=causal), ref_o) < tol
     o, lse = attention(q, k, v, causal=causal, return_lse=True)
     assert rel_err(o, ref_o) < tol and rel_err(lse, ref_l) < tol
@@ -39,6 +40,7 @@ def test_attention_bf16_and_scale(gen):
     ref_o, ref_l = naive(q, k, v, True, scale=0.3)
     o, lse = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, scale=0.3, return_lse=True)
     assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    # bf16 inputs and output (8-bit mantissa): measured o <= 3.6e-3, lse <= 7.7e-4 over 6 seeds
     assert rel_err(o, ref_o) < 2e-2 and rel_err(lse, ref_l) < 1e-2
 
 
@@ -51,6 +53,8 @@ def test_chunk_after_a_cache_in_bf16(gen):
     o = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
     o2, lse = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, return_lse=True)
     assert o.dtype == o2.dtype == torch.bfloat16 and o.shape == (2, 4, 24, 32)
+    # bf16 inputs and output: measured o <= 4.1e-3, lse <= 1.5e-4 over 6 seeds (lse: float32 of bf16-rounded
+    # q.k, one bf16 rounding; kept at 1e-2 as above)
     assert rel_err(o, ref_o) < 2e-2 and rel_err(o2, ref_o) < 2e-2 and rel_err(lse, ref_l) < 1e-2
 
 
@@ -84,13 +88,15 @@ def test_merge_of_two_key_blocks_is_exact(split, causal, gen):
     ref_o, ref_l = naive(q, k, v, causal)
     # Under the causal mask, rows < split see no key of the second block (lse = -inf there).
     o, lse = merge_attention(*partial(q, k, v, causal, 0, split), *partial(q, k, v, causal, split, 21))
-    assert rel_err(o, ref_o) < 1e-12 and rel_err(lse, ref_l) < 1e-12
+    # measured o <= 3.3e-16, lse <= 1.0e-16 over 6 seeds
+    assert rel_err(o, ref_o) < 1e-13 and rel_err(lse, ref_l) < 1e-13
 
 
 def test_merge_with_empty_side_takes_the_other():
     o = torch.randn(1, 1, 3, 4)
     l = torch.randn(1, 1, 3)
     out, lse = merge_attention(o, l, torch.zeros_like(o), torch.full_like(l, float("-inf")))
+    # measured exactly 0 (the empty side has weight exp(-inf) = 0); default allclose tolerances
     assert torch.allclose(out, o) and torch.allclose(lse, l)
 
 

@@ -37,7 +37,8 @@ def qkv(gen, B=2, hq=4, hkv=2, T=23, d=16, dtype=torch.float64):
 def test_full_attention_matches_naive(T, hq, hkv, gen):
     q, k, v = qkv(gen, hq=hq, hkv=hkv, T=T)
     m = make("full", hq, hkv)
-    assert rel_err(m(q, k, v), naive_window(q, k, v)) < 1e-12
+    # measured <= 2.2e-16 over 6 seeds
+    assert rel_err(m(q, k, v), naive_window(q, k, v)) < 1e-13
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 40])
@@ -45,7 +46,8 @@ def test_full_attention_matches_naive(T, hq, hkv, gen):
 def test_sliding_window_matches_naive(window, T, gen):
     q, k, v = qkv(gen, T=T)
     m = make("sliding_window", window=window)
-    assert rel_err(m(q, k, v), naive_window(q, k, v, window)) < 1e-12
+    # measured <= 2.0e-16 over 6 seeds
+    assert rel_err(m(q, k, v), naive_window(q, k, v, window)) < 1e-13
 
 
 @pytest.mark.parametrize("name", QKV_MECHANISMS)
@@ -62,6 +64,8 @@ def test_parallel_equals_stepwise(name, split, gen):
     for t in range(split, q.shape[2]):
         o, state = m.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
         outs.append(o)
+    # measured <= 3.0e-16 over 6 seeds; kept at 1e-10 because power4's folded state can be ill-conditioned (a query
+    # nearly orthogonal to its keys: up to ~1e-11 in tests/test_properties.py's search)
     assert rel_err(torch.cat(outs, 2), ref) < 1e-10
 
 
@@ -89,10 +93,12 @@ def test_kv_cache_appends_in_place_and_branches_stay_exact(gen):
     assert b.k.data_ptr() != a.k.data_ptr()
     out_a2, _ = m.step(q[:, :, 11:12], k[:, :, 11:12], v[:, :, 11:12], a)
     ref = naive_window(q, k, v)
-    assert rel_err(out_a, ref[:, :, 10:11]) < 1e-12 and rel_err(out_a2, ref[:, :, 11:12]) < 1e-12
+    # measured <= 4.0e-16 over 6 seeds
+    assert rel_err(out_a, ref[:, :, 10:11]) < 1e-13 and rel_err(out_a2, ref[:, :, 11:12]) < 1e-13
     kb, vb = torch.cat([k[:, :, :10], k2], 2), torch.cat([v[:, :, :10], v2], 2)
     qb = torch.cat([q[:, :, :10], q2], 2)
-    assert rel_err(out_b, naive_window(qb, kb, vb)[:, :, 10:]) < 1e-12
+    # measured <= 3.3e-16 over 6 seeds
+    assert rel_err(out_b, naive_window(qb, kb, vb)[:, :, 10:]) < 1e-13
     assert tensor_bytes(a) == m.state_bytes(11, batch=2, dtype=torch.float64)
 
 

@@ -30,7 +30,8 @@ def test_sympow_inner_product_is_the_power(d, deg, gen):
     x, y = torch.randn(7, d, generator=gen, dtype=torch.float64), torch.randn(7, d, generator=gen, dtype=torch.float64)
     fx, fy = sympow(x, deg), sympow(y, deg)
     assert fx.shape == (7, math.comb(d + deg - 1, deg)) == (7, expanded_dim(d, deg))
-    assert rel_err((fx * fy).sum(-1), (x * y).sum(-1) ** deg) < 1e-13
+    # measured <= 8e-14 over 18 seeds (sums of deg-th powers, deg up to 6; median far lower): was 1e-13, raised
+    assert rel_err((fx * fy).sum(-1), (x * y).sum(-1) ** deg) < 1e-12
 
 
 def test_expanded_dim_of_the_issue():
@@ -58,7 +59,8 @@ def test_chunked_equals_naive(deg, gated, T, chunk, hkv, gen):
     q, k, v, log_g = inputs(gen, hkv=hkv, T=T, gated=gated, positive=deg == 1)
     ref = power_retention_naive(q, k, v, log_g, deg)
     out = power_retention_chunk(q, k, v, log_g, deg, chunk_size=chunk)
-    assert out.shape == ref.shape and rel_err(out, ref) < 1e-12
+    # measured <= 1.5e-15 over 18 seeds
+    assert out.shape == ref.shape and rel_err(out, ref) < 5e-14
 
 
 @pytest.mark.parametrize("deg", [1, 2, 4])
@@ -81,7 +83,8 @@ def test_stepwise_decoding_equals_naive(deg, gated, chunk, switch_over, gen):
         assert state.seen == stop and state.k.shape[2] == recent_count(stop, chunk, switch_over)
         assert (state.S is None) == (stop < switch_over)
         start = stop
-    assert rel_err(torch.cat(outs, 2), ref) < 1e-11
+    # measured <= 3.8e-15 over 18 seeds
+    assert rel_err(torch.cat(outs, 2), ref) < 1e-13
     m = build_mechanism("power", 4, 2, 8, deg=deg, chunk_size=chunk, switch_over=switch_over,
                         gate="decay" if gated else "none")
     assert tensor_bytes(state) == m.state_bytes(T, batch=2, dtype=torch.float64)
@@ -108,10 +111,12 @@ def test_long_step_equals_token_by_token(deg, gated, chunk, switch_over, first, 
         return torch.cat(outs, 2), state
     o1, s1 = run(list(range(1, T + 1)))
     o2, s2 = run(list(range(1, first + 1)) + [T])
+    # measured <= 2.3e-13 (one seed in ~15; median 5e-16): heavy tail, so 1e-12 stays
     assert rel_err(o2, o1) < 1e-12
     assert s2.k.shape == s1.k.shape and s2.seen == s1.seen == T
     for a, b in ((s1.k, s2.k), (s1.v, s2.v), (s1.S, s2.S), (s1.z, s2.z)) + (((s1.g, s2.g),) if gated else ()):
-        assert a.shape == b.shape and (a.numel() == 0 or rel_err(b, a) < 1e-12)
+        # measured <= 5.5e-16 over 18 seeds
+        assert a.shape == b.shape and (a.numel() == 0 or rel_err(b, a) < 1e-13)
 
 
 def test_chunk_state_continues_the_sequence(gen):
@@ -121,7 +126,8 @@ def test_chunk_state_continues_the_sequence(gen):
     a, state = power_retention_chunk(q[:, :, :19], k[:, :, :19], v[:, :, :19], log_g[:, :, :19], 2, 8,
                                      return_state=True)
     b = power_retention_chunk(q[:, :, 19:], k[:, :, 19:], v[:, :, 19:], log_g[:, :, 19:], 2, 8, initial_state=state)
-    assert rel_err(torch.cat([a, b], 2), ref) < 1e-12
+    # measured <= 2.8e-16 over 6 seeds
+    assert rel_err(torch.cat([a, b], 2), ref) < 1e-13
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -141,6 +147,7 @@ def test_chunked_gradients_equal_naive(deg, gen):
     ref = torch.autograd.grad((power_retention_naive(*args, deg) * w).sum(), args)
     out = torch.autograd.grad((power_retention_chunk(*args, deg, chunk_size=8) * w).sum(), args)
     for a, b in zip(out, ref):
+        # measured <= 8.8e-14 over 6 seeds (48 checks; median 8e-16): heavy tail, so 1e-11 stays
         assert rel_err(a, b) < 1e-11
 
 
@@ -154,6 +161,7 @@ def test_64k_tokens_in_fp16_do_not_overflow(gen):
     assert z.max() > 3 * 65504
     out = power_retention_chunk(q.half(), k.half(), v.half(), None, 2, chunk_size=256)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    # fp16 inputs and output: measured 5.8e-4 over 6 seeds (about one fp16 rounding)
     assert rel_err(out, ref) < 2e-3
 
 
@@ -161,15 +169,18 @@ def test_rotary_option_equals_rotating_first(gen):
     q, k, v, log_g = inputs(gen, T=30)
     pos = torch.arange(30)
     ref = power_retention_chunk(apply_rope(q, pos), apply_rope(k, pos), v, log_g, 2, 8)
+    # measured exactly 0 over 6 seeds (same operations); 1e-12 allows a reordering
     assert rel_err(power_retention(q, k, v, log_g, 2, 8, rotary_base=10000.0), ref) < 1e-12
     m = build_mechanism("power", 4, 2, 8, rotary=True, switch_over=8, chunk_size=4).double()
     lg = m._log_g(q, 30)
+    # measured exactly 0 over 6 seeds (same operations); 1e-12 allows a reordering
     assert rel_err(m(q, k, v), power_retention_naive(apply_rope(q, pos), apply_rope(k, pos), v, lg)) < 1e-12
     state, outs = m.init_state(2, dtype=torch.float64), []
     for t0, t1 in [(0, 11), (11, 12), (12, 30)]:
         o, state = m.step(q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1], state)
         outs.append(o)
-    assert rel_err(torch.cat(outs, 2), m(q, k, v)) < 1e-12
+    # measured <= 3.8e-16 over 6 seeds
+    assert rel_err(torch.cat(outs, 2), m(q, k, v)) < 1e-13
 
 
 @pytest.mark.parametrize("name", ["power", "power4"])
@@ -180,7 +191,8 @@ def test_mechanism_long_input_uses_the_chunked_form(name, gen, monkeypatch):
     q, k, v, _ = inputs(gen, T=50, d=16, e=16)
     log_g = m._log_g(q, 50)
     assert log_g.shape == (2, 2, 50) and (log_g < 0).all()
-    assert rel_err(m(q, k, v), power_retention_naive(q, k, v, log_g, m.deg)) < 1e-12
+    # measured <= 7.1e-16 over 6 seeds
+    assert rel_err(m(q, k, v), power_retention_naive(q, k, v, log_g, m.deg)) < 2e-14
     (m(q, k, v) ** 2).sum().backward()
     assert m.decay_logit.grad is not None and m.decay_logit.grad.abs().sum() > 0
 
@@ -199,7 +211,8 @@ def test_forward_takes_the_quadratic_form_while_it_is_cheaper(gen, monkeypatch):
                         lambda q, *a, **kw: chunked.append(q.shape[2]) or real(q, *a, **kw))
     for T, expect in [(128, []), (320, [320])]:
         q, k, v, _ = inputs(gen, T=T, d=16, e=16)
-        assert rel_err(m(q, k, v), power_retention_naive(q, k, v, m._log_g(q, T), 2)) < 1e-12
+        # measured <= 4.1e-16 over 6 seeds
+        assert rel_err(m(q, k, v), power_retention_naive(q, k, v, m._log_g(q, T), 2)) < 1e-13
         assert chunked == expect
         chunked.clear()
 

@@ -36,12 +36,14 @@ def test_blocked_matches_naive_values_indices_and_gradients(T, q_offset, block_q
     assert out.shape == (2, 3, T, signal_width(8))
     assert torch.equal(idx, ref_idx)
     for name, ref_part in split_signals(ref, 8).items():
-        assert rel_err(split_signals(out, 8)[name], ref_part) < 1e-12, name
+        # measured <= 6.3e-16 over 6 seeds
+        assert rel_err(split_signals(out, 8)[name], ref_part) < 2e-14, name
     w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     g_ref = torch.autograd.grad((ref * w).sum(), (q, e, tau, log_gamma))
     g_out = torch.autograd.grad((out * w).sum(), (q, e, tau, log_gamma))
     for name, a, b in zip(["q", "e", "tau", "log_gamma"], g_out, g_ref):   # some are exactly 0 at T = 1
-        assert (a - b).norm() <= 1e-10 * max(b.norm().item(), 1.0), name
+        # measured <= 1.3e-13 over 6 seeds
+        assert (a - b).norm() <= 3e-12 * max(b.norm().item(), 1.0), name
 
 
 def test_gradcheck_blocked(gen):
@@ -53,10 +55,12 @@ def test_first_token_and_predecessor(gen):
     q, e, tau, log_gamma = inputs(gen, T=6)
     sig = split_signals(raytention_signals(q, e, tau, log_gamma, 0, 4, 4).detach(), 8)
     for name in ["centroid", "temporal", "top1", "top2"]:          # one visible key: all of these are e_0
+        # measured exactly 0 over 6 seeds (one visible key: weight 1); atol=1e-14 allows a reordering
         assert torch.allclose(sig[name][:, :, 0], e[:, None, 0].detach().expand(-1, 3, -1), atol=1e-14)
     assert torch.equal(sig["predecessor"][:, :, 0], torch.zeros(2, 3, 8, dtype=torch.float64))
     assert torch.equal(sig["predecessor"][:, :, 1:], e[:, None, :-1].detach().expand(-1, 3, -1, -1))
-    assert sig["entropy"][:, :, 0].abs().max() < 1e-14 and sig["spread"].min() >= 0
+    # entropy at token 0 measured exactly 0 over 6 seeds
+    assert sig["entropy"][:, :, 0].abs().max() < 1e-13 and sig["spread"].min() >= 0
 
 
 def brute_top2(d):
@@ -119,7 +123,8 @@ def test_gpt_forward_equals_stepwise_and_state_is_the_ids(split, gen):
     for t in range(split, idx.shape[1]):
         logits, state = model.step(idx[:, t:t + 1], state)
         outs.append(logits)
-    assert rel_err(torch.cat(outs, 1), ref) < 1e-10
+    # measured <= 1.9e-16 over 6 seeds
+    assert rel_err(torch.cat(outs, 1), ref) < 1e-13
     assert tensor_bytes(state) == model.state_bytes(29, batch=2) == 4 * 2 * 29
     assert all(s.ids is state.layers[0].ids for s in state.layers) and torch.equal(state.layers[0].ids, idx.int())
 
@@ -135,6 +140,7 @@ def test_state_from_ids_decodes_like_a_prefill(gen):
     _, prefilled = model.step(idx, model.init_state(2))
     direct = model.state_from_ids(idx)
     assert direct.seen == 21 and tensor_bytes(direct) == tensor_bytes(prefilled)
+    # measured exactly 0 over 6 seeds (same state); 1e-12 allows a reordering
     assert rel_err(model.step(nxt, direct)[0], model.step(nxt, prefilled)[0]) < 1e-12
     assert tiny_gpt(mechanism="full", mechanism_options={}).state_from_ids(idx) is None
 
@@ -166,6 +172,7 @@ def test_lookup_signals_equal_the_blocked_signals(q_offset, Tq, gen):
     tau, lg = torch.tensor([0.7, 1.0, 2.0], dtype=torch.float64), torch.tensor([-0.1, -0.5, -2.0], dtype=torch.float64)
     ref = raytention_signals(q, table[ids], tau, lg, q_offset, 4, 8)
     got = raytention_signals_lookup(q, ids, table, tau, lg, q_offset, 4, 8)
+    # measured exactly 0 over 6 seeds (same keys, same blocks); 1e-12 allows a reordering
     assert rel_err(got, ref) < 1e-12
     with pytest.raises(ValueError, match="ids must be"):
         raytention_signals_lookup(q, ids[:, 1:], table, tau, lg, q_offset, 4, 8)

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .mechanisms.base import check_capacity
+
 MODES = ("eager", "static", "graph")
 
 
@@ -61,21 +63,26 @@ class StepGraphs:
         return graph
 
 
-def greedy_decoder(model, state, tok: Tensor, graphs: bool) -> Callable[[int], None]:
-    """``run(n)``: ``n`` greedy one-token steps from the static ``state``, ``tok [B, 1]`` (the next input) updated in
-    place, each step replayed from a CUDA graph where ``graphs``; refuses to run past the state's capacity."""
-    def body(variant: tuple) -> None:
-        tok.copy_(model.decode_step(tok, state, variant)[:, -1:].argmax(-1))
-    step = StepGraphs(body) if graphs else body
+def decoder(model, state, body: Callable[[tuple], None], graphs: bool,
+            generator: torch.Generator | None = None) -> Callable[[int], None]:
+    """``run(n)``: ``n`` one-token steps ``body(variant)`` from the static ``state`` (``body`` calls
+    ``model.decode_step``), each replayed from a CUDA graph where ``graphs``; the host's count picks the variant
+    and advances; running past the state's capacity is refused."""
+    step = StepGraphs(body, generator) if graphs else body
 
     def run(n: int) -> None:
-        if state.seen + n > state.capacity:
-            raise ValueError(f"static decoding state capacity exceeded: {state.seen} tokens held + {n} steps > "
-                             f"capacity {state.capacity}")
+        check_capacity(state.seen, n, state.capacity)
         for _ in range(n):
             step(model.static_variant(state.seen))
             state.seen += 1
     return run
+
+
+def greedy_decoder(model, state, tok: Tensor, graphs: bool) -> Callable[[int], None]:
+    """``decoder`` of greedy steps, ``tok [B, 1]`` (the next input) updated in place."""
+    def body(variant: tuple) -> None:
+        tok.copy_(model.decode_step(tok, state, variant)[:, -1:].argmax(-1))
+    return decoder(model, state, body, graphs)
 
 
 def warm_steps(model, start: int) -> int:
@@ -118,8 +125,5 @@ def generate_static(model, idx: Tensor, max_new_tokens: int, temperature: float 
         out.index_copy_(1, slot, nxt)
         slot.add_(1)
 
-    run = StepGraphs(step, generator) if graphs else step
-    for _ in range(max_new_tokens - 1):
-        run(model.static_variant(state.seen))
-        state.seen += 1
+    decoder(model, state, step, graphs, generator)(max_new_tokens - 1)
     return torch.cat([idx, out], 1)

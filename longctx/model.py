@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mechanisms import build_mechanism, lookup
-from .mechanisms.base import check_int, check_state_bytes_args
+from .mechanisms.base import check_capacity, check_int, check_state_bytes_args
 from .rope import rope_table, rotate
 
 
@@ -285,8 +285,7 @@ class GPT(nn.Module):
         from .decoding import MODES, generate_static
 
         self._check_ids(idx)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 0)
         check_sampling(temperature, top_k)
         if mode is None:
             mode = ("graph" if self.capturable else "static") if idx.is_cuda else "eager"
@@ -338,9 +337,7 @@ class GPT(nn.Module):
             raise TypeError(f"state must be a StaticDecodeState (init_static_state), got {type(state).__name__}")
         if idx.shape[0] != state.batch:
             raise ValueError(f"idx has batch {idx.shape[0]}, the static state was made for batch {state.batch}")
-        if state.seen + idx.shape[1] > state.capacity:
-            raise ValueError(f"static decoding state capacity exceeded: {state.seen} tokens held + {idx.shape[1]} "
-                             f"new > capacity {state.capacity} (init_static_state(..., capacity=...))")
+        check_capacity(state.seen, idx.shape[1], state.capacity)
 
     @torch.no_grad()
     def prefill_static(self, idx: Tensor, state: StaticDecodeState) -> Tensor:
@@ -384,8 +381,8 @@ class GPT(nn.Module):
 def check_sampling(temperature: float, top_k: int | None) -> None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_k is not None:
+        check_int("top_k", top_k)
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -90,3 +90,17 @@ def test_a_damaged_results_file_is_refused_by_name(content, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "throughput.json is not a `longctx throughput` result" in err and "choose another --out" in err
     assert (tmp_path / "throughput.json").read_text() == content
+
+
+def test_fill_static_prefills_then_jumps_with_random_content():
+    """A synthetic fill: ``real`` tokens through the prefill, then the KV slots up to the context get random
+    content and both counters move to the context (the next step attends over all of them)."""
+    from longctx.bench.measure import fill_static
+    m = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, mechanism="full")).eval()
+    st = m.init_static_state(2, 64)
+    seconds = fill_static(m, st, 50, 12, 5, torch.Generator().manual_seed(0))
+    assert seconds > 0 and st.seen == 50 and int(st.pos) == 50
+    k = st.layers[0].k
+    assert (k[:, :, 12:50] != 0).all() and (k[:, :, 50:] == 0).all()
+    logits = m.step_static(torch.zeros(2, 1, dtype=torch.long), st)
+    assert torch.isfinite(logits).all() and st.seen == 51

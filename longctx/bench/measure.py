@@ -38,6 +38,27 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@torch.no_grad()
+def fill_static(model: GPT, state, context: int, real: int, chunk: int, gen: torch.Generator) -> float:
+    """Bring the static ``state`` to ``context`` tokens: a prefill of ``real`` random tokens, ``chunk`` a call, then
+    random content for the growing buffers up to ``context`` (a KV cache's slots, RayTention's ids: a decode step's
+    cost depends on their length, not their values) and the position moved there. Returns the prefill's seconds."""
+    device, vocab = state.pos.device, model.config.vocab_size
+
+    def prefill() -> None:
+        while state.seen < real:
+            n = min(chunk, real - state.seen)
+            model.prefill_static(torch.randint(0, vocab, (state.batch, n), generator=gen).to(device), state)
+    seconds = timed(device, prefill)
+    if context > state.seen:
+        for layer in state.layers:
+            if hasattr(layer, "fill_random"):
+                layer.fill_random(state.seen, context, vocab)
+        state.seen = context
+        state.pos.fill_(context)
+    return seconds
+
+
 def project_prefill(segments: list[tuple[int, int, float]], seen: int, n: int) -> float:
     """Seconds to prefill from ``seen`` to ``n`` tokens, from the timed ``(start, end, seconds)`` segments so far.
 
@@ -89,14 +110,7 @@ def measure_decode(model: GPT, contexts: list[int], decode_steps: int, batch: in
         state = model.init_static_state(batch, n + warm + decode_steps)
         sync(device)
         start = time.perf_counter()
-        if direct:   # the state is the token ids alone: draw all n and run nothing
-            for layer in state.layers:
-                layer.fill_random(0, n, vocab)
-            state.seen = n
-            state.pos.fill_(n)
-        while state.seen < n:
-            chunk = torch.randint(0, vocab, (batch, min(prefill_chunk, n - state.seen)), generator=g)
-            model.prefill_static(chunk.to(device), state)
+        fill_static(model, state, n, 0 if direct else n, prefill_chunk, g)   # ids alone: drawn, nothing run
         sync(device)
         segments.append((0, n, time.perf_counter() - start))
         held = tensor_bytes(model.eager_state(state).layers)

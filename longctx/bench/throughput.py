@@ -29,7 +29,7 @@ from ..atomic import atomic_write, atomic_write_json, not_a_result, read_json_re
 from ..decoding import greedy_decoder, warm_steps
 from ..mechanisms import registered
 from ..model import GPT, GPTConfig
-from .measure import DTYPES, device_name, sync, timed
+from .measure import DTYPES, device_name, fill_static, sync, timed
 
 PATHS = ("eager", "static", "graph")
 FILLS = ("prefill", "synthetic")
@@ -138,22 +138,9 @@ def build_model(s: ThroughputSettings, mechanism: str, device: torch.device) -> 
 @torch.no_grad()
 def fill_state(model: GPT, state, context: int, s: ThroughputSettings, gen: torch.Generator) -> float:
     """Bring ``state`` to ``context`` tokens (``s.fill``); returns the seconds of the real prefill."""
-    device, vocab = state.pos.device, model.config.vocab_size
     real = context if s.fill == "prefill" else min(context, s.prefix, max(1, s.prefix_tokens // state.batch))
-    sync(device)
-    start = time.perf_counter()
-    while state.seen < real:
-        n = min(s.prefill_chunk, real - state.seen, max(1, s.call_tokens // state.batch))
-        model.prefill_static(torch.randint(0, vocab, (state.batch, n), generator=gen).to(device), state)
-    sync(device)
-    seconds = time.perf_counter() - start
-    if context > real:
-        for layer in state.layers:
-            if hasattr(layer, "fill_random"):
-                layer.fill_random(real, context, vocab)
-        state.seen = context
-        state.pos.fill_(context)
-    return seconds
+    chunk = min(s.prefill_chunk, max(1, s.call_tokens // state.batch))
+    return fill_static(model, state, context, real, chunk, gen)
 
 
 @torch.no_grad()

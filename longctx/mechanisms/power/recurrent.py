@@ -77,24 +77,47 @@ def power_state_bytes(context_len: int, batch: int, n_kv: int, d: int, e: int, d
 
 def _fold(state: PowerState, n: int, deg: int) -> PowerState:
     """Fold the oldest ``n`` recent tokens into ``S, z``; the state's gate level moves to the last of them."""
-    ct = compute_dtype(state.k.dtype)
-    kf, vf = state.k[:, :, :n].to(ct), state.v[:, :, :n].to(ct)
-    B, Hkv, _, d = kf.shape
-    phik = sympow(kf, deg)                                                       # [B, Hkv, n, D]
-    S, z = state.S, state.z
-    if S is None:
-        D = expanded_dim(d, deg)
-        S = kf.new_zeros(B, Hkv, D, vf.shape[-1])
-        z = kf.new_zeros(B, Hkv, D)
-    g = state.g
-    if g is not None:
-        level = g[:, :, n - 1]
-        phik = phik * torch.exp(level[..., None] - g[:, :, :n])[..., None]
-        S, z = S * torch.exp(level)[..., None, None], z * torch.exp(level)[..., None]
-        g = g[:, :, n:] - level[..., None]
-    S = S + phik.transpose(-1, -2) @ vf
-    z = z + phik.sum(-2)
+    B, Hkv, _, d = state.k.shape
+    if state.S is None:
+        ct = compute_dtype(state.k.dtype)
+        S = torch.zeros(B, Hkv, expanded_dim(d, deg), state.v.shape[-1], device=state.k.device, dtype=ct)
+        z = torch.zeros(B, Hkv, S.shape[2], device=state.k.device, dtype=ct)
+    else:
+        S, z = state.S.clone(), state.z.clone()                  # the input state is not modified
+    g = None if state.g is None else state.g[:, :, :n]
+    level = _fold_into(state.k[:, :, :n], state.v[:, :, :n], g, S, z, deg)
+    g = None if state.g is None else state.g[:, :, n:] - level
     return PowerState(state.k[:, :, n:], state.v[:, :, n:], g, S, z, state.seen)
+
+
+def _fold_into(k: Tensor, v: Tensor, g: Tensor | None, S: Tensor, z: Tensor, deg: int) -> Tensor | None:
+    """Fold ``k [b, Hkv, n, d]``, ``v [b, Hkv, n, e]`` with their cumulative log-gates ``g [b, Hkv, n]`` (None:
+    ungated) into ``S [b, Hkv, D, e]``, ``z [b, Hkv, D]`` in place (``S`` contiguous). Returns the state's new gate
+    level ``[b, Hkv, 1]``, the last folded token's (None ungated): the gates of the tokens left are rebased on it."""
+    ct = S.dtype
+    phik = sympow(k.to(ct), deg)                                                    # [b, Hkv, n, D]
+    level = None
+    if g is not None:
+        level = g[:, :, -1:]
+        phik = phik * torch.exp(level - g)[..., None]
+        S.mul_(torch.exp(level)[..., None])
+        z.mul_(torch.exp(level))
+    b, Hkv, D, e = S.shape
+    n = k.shape[2]
+    S.view(b * Hkv, D, e).baddbmm_(phik.transpose(-1, -2).reshape(b * Hkv, D, n), v.to(ct).reshape(b * Hkv, n, e))
+    z.add_(phik.sum(-2))
+    return level
+
+
+def _read_folded(num: Tensor, den: Tensor, qg: Tensor, gq: Tensor | None, S: Tensor, z: Tensor, deg: int,
+                 scale: float) -> tuple[Tensor, Tensor]:
+    """``num [B, Hkv, G, T, e]``, ``den [B, Hkv, G, T]`` plus the folded state's part ``phi(q) . S``,
+    ``phi(q) . z`` for grouped queries ``qg [B, Hkv, G, T, d]`` with log-gates ``gq [B, Hkv, T]`` on the state's
+    level (None: ungated)."""
+    phiq = sympow(qg, deg) * scale ** deg
+    if gq is not None:
+        phiq = phiq * torch.exp(gq)[:, :, None, :, None]
+    return num + phiq @ S.unsqueeze(2), den + (phiq @ z[:, :, None, :, None]).squeeze(-1)
 
 
 def takes_decode_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, use_kernel: bool | None) -> bool:
@@ -129,11 +152,7 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
     num = w @ vals.to(ct).unsqueeze(2)
     den = w.sum(-1)
     if state.S is not None:
-        phiq = sympow(qg, deg) * scale ** deg
-        if gq is not None:
-            phiq = phiq * torch.exp(gq)[:, :, None, :, None]
-        num = num + phiq @ state.S.unsqueeze(2)
-        den = den + (phiq @ state.z[:, :, None, :, None]).squeeze(-1)
+        num, den = _read_folded(num, den, qg, gq, state.S, state.z, deg, scale)
     out = safe_ratio(num, den).reshape(B, Hq, Tp, -1).to(q.dtype)
     return out, PowerState(keys, vals, g, state.S, state.z, state.seen + Tp)
 
@@ -286,11 +305,7 @@ def _static_piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: 
     num = w @ torch.where(live[:, None], state.v.to(ct), 0.0).unsqueeze(2)        # [B, Hkv, G, 1, e]
     den = w.sum(-1)
     if folded:
-        phiq = sympow(qg, deg) * scale ** deg
-        if gq is not None:
-            phiq = phiq * torch.exp(gq)[:, :, None, :, None]
-        num = num + phiq @ state.S.unsqueeze(2)
-        den = den + (phiq @ state.z[:, :, None, :, None]).squeeze(-1)
+        num, den = _read_folded(num, den, qg, gq, state.S, state.z, deg, scale)
     return safe_ratio(num, den).reshape(B, Hq, 1, -1).to(q.dtype)
 
 
@@ -311,17 +326,8 @@ def _fold_static(state: StaticPowerState, n: int, deg: int) -> None:
 
 def _fold_rows(k: Tensor, v: Tensor, g: Tensor | None, S: Tensor, z: Tensor, n: int, deg: int) -> None:
     """``_fold_static`` on views of some batch rows."""
-    ct = S.dtype
-    phik = sympow(k[:, :, :n].to(ct), deg)                                          # [b, Hkv, n, D]
+    level = _fold_into(k[:, :, :n], v[:, :, :n], None if g is None else g[:, :, :n], S, z, deg)
     if g is not None:
-        level = g[:, :, n - 1:n]                                                    # [b, Hkv, 1]
-        phik = phik * torch.exp(level - g[:, :, :n])[..., None]
-        S.mul_(torch.exp(level)[..., None])
-        z.mul_(torch.exp(level))
         g[:, :, :-n] = g[:, :, n:] - level
-    b, Hkv, D, e = S.shape
-    S.view(b * Hkv, D, e).baddbmm_(phik.transpose(-1, -2).reshape(b * Hkv, D, n),
-                                   v[:, :, :n].to(ct).reshape(b * Hkv, n, e))
-    z.add_(phik.sum(-2))
     k[:, :, :-n] = k[:, :, n:].clone()
     v[:, :, :-n] = v[:, :, n:].clone()

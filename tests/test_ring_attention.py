@@ -259,7 +259,12 @@ def test_bad_arguments_are_named():
 # --- failures: bounded, with a clear error ------------------------------------------------------------------
 
 def _failing_job(rank: int, world_size: int, how: str) -> dict:
-    """Rank 1 fails (``how``: raise, exit, hang) before its ring call; rank 0 calls ring attention."""
+    """Rank 1 fails (``how``: raise, exit, hang) before its ring call; rank 0 calls ring attention.
+
+    Both ranks first meet at a barrier: a rank that exits while the other is still connecting the group fails
+    ``init_process_group`` on its peer, which is not the failure under test.
+    """
+    dist.barrier()
     if rank == 1:
         if how == "raise":
             raise RuntimeError("planted failure on rank 1")

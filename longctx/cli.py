@@ -99,10 +99,22 @@ def _add_throughput(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", default="throughput_out", help="output folder (default: throughput_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hf = p.add_argument_group("a transformers Llama with each KV cache (longctx.kv.throughput)")
+    hf.add_argument("--hf", choices=["tiny", "smollm2", "llama1b"],
+                    help="random-weight Llama of this shape instead of a longctx GPT: tiny (CPU), smollm2 "
+                         "(SmolLM2-135M), llama1b (16 layers, width 2048, 32/8 heads)")
+    hf.add_argument("--caches", help="comma-separated among dynamic, static-hf, static, triattention, streamingllm, "
+                                     "keynorm (default: dynamic, static-hf, static, triattention)")
+    hf.add_argument("--budgets", help="comma-separated fractions of the context a compressed cache keeps "
+                                      "(default 0.1,0.25,0.5; 0.5 with tiny)")
     p.set_defaults(func=_throughput)
 
 
 def _throughput(args) -> None:
+    if args.hf:
+        return _kv_throughput(args)
+    if args.caches or args.budgets:
+        raise SystemExit("--caches and --budgets go with --hf (a transformers model)")
     from .bench.throughput import run_throughput, settings_for
 
     over = {"steps": args.steps, "fill": args.fill}
@@ -119,6 +131,33 @@ def _throughput(args) -> None:
             if any(b != "max" for b in names) else []
     from .bench.throughput import summary
     print(summary(run_throughput(settings_for(args.preset, **over), args.device, args.out, not args.no_progress)))
+
+
+def _kv_throughput(args) -> None:
+    from .kv.throughput import run_kv_throughput, settings_for, summary
+
+    for flag in ("mechanisms", "paths", "fill"):
+        if getattr(args, flag):
+            raise SystemExit(f"--{flag} is for longctx's own GPT; with --hf use --caches and --budgets")
+    if args.preset != "cpu":
+        raise SystemExit("--preset is for longctx's own GPT; --hf names the model")
+    over = {"steps": args.steps}
+    if args.caches:
+        over["caches"] = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if args.budgets:
+        over["budgets"] = numbers(args.budgets, "--budgets", float)
+    if args.contexts:
+        over["contexts"] = numbers(args.contexts, "--contexts", int)
+    if args.batches:
+        names = [b.strip() for b in args.batches.split(",") if b.strip()]
+        over["max_batch"] = "max" in names
+        over["batches"] = numbers(",".join(b for b in names if b != "max"), "--batches", int) \
+            if any(b != "max" for b in names) else []
+    try:
+        s = settings_for(args.hf, **over)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(summary(run_kv_throughput(s, args.device, args.out, not args.no_progress)))
 
 
 def build_parser() -> argparse.ArgumentParser:

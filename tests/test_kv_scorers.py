@@ -157,13 +157,23 @@ def test_expected_logits_equal_mean_future_logit_plus_magnitude_term(gen):
     assert rel_err(rotating, want) > 0.05
 
 
-def test_triattention_scorer_ranks_by_standardised_expected_logit(gen):
-    b, n_kv, g, s, layer = 2, 2, 2, 7, 1
+@pytest.mark.parametrize("slice_bytes", [TriAttentionScorer.SLICE_BYTES, 1])   # one slice; a slice per batch row
+def test_triattention_scorer_ranks_by_standardised_expected_logit(gen, slice_bytes, monkeypatch):
+    b, n_kv, g, s, layer = 3, 2, 2, 7, 1
+    monkeypatch.setattr(TriAttentionScorer, "SLICE_BYTES", slice_bytes)
     samples = calibration_queries(gen, 2, n_kv * g)
     keys = random_keys(gen, b, n_kv, s)
     positions = positions_tensor(gen, b, n_kv, s, 400)
     t = 450
-    scores = TriAttentionScorer(calibrate_from(samples)).score(rotated(keys, positions), None, positions, t, layer)
+    scorer = TriAttentionScorer(calibrate_from(samples))
+    scores = scorer.score(rotated(keys, positions), None, positions, t, layer)
+    # the rotated-frame computation equals the paper's un-rotated formula (expected_logits), standardised and maxed
+    n = n_kv * g
+    stats = scorer.stats
+    paper = expected_logits(stats.mu[layer].view(n_kv, g, F), stats.abs_mean[layer].view(n_kv, g, F), keys,
+                            t - positions, SPEC.inv_freq, SCALE)
+    mean, std = paper.mean(-1, keepdim=True), paper.std(-1, keepdim=True, unbiased=False)
+    assert n == stats.n_heads and rel_err(scores, ((paper - mean) / std).amax(2)) < 1e-9
     want = torch.tensor([[ref_triattention([samples[layer, h * g + j].tolist() for j in range(g)], keys[i, h].tolist(),
                                            positions[i, h].tolist(), t) for h in range(n_kv)] for i in range(b)],
                         dtype=torch.float64)

@@ -127,7 +127,12 @@ class CompressedLayer(DynamicLayer):
         return self.keys.shape[-2] if self.is_initialized else 0
 
     def reset(self) -> None:
+        """Forget every stored token. (Not left to transformers: in 5.17 its ``reset`` zeroes the keys in place
+        and keeps them, which would leave zero keys of the old length to attend to.)"""
         super().reset()
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
         self.positions = None
         self.scorer_state = {}
         self.prompt_length = 0
@@ -172,14 +177,15 @@ class FixedBudgetLayer(CompressedLayer):
     The kept tokens, and so the logits, are those of a :class:`CompressedLayer` fed the same tokens: same
     scores on the same tensors in the same order, same selection (:meth:`CompressedLayer.select`).
 
-    Host syncs: none in the cache (counts are host ints, the protected count included). What remains is in
-    the scorers and the query tap: TriAttention's ``score`` and the query rotation copy their CPU stats and
-    rotary frequencies to the device at every call (synchronising host-to-device copies). What would still
-    stop capturing a step as a CUDA graph: the keys/values returned grow by ``n`` every step (so one graph per
-    ``fill``; returning all slots instead would need an explicit mask, as transformers' SDPA path drops the
-    mask of a one-token query and would attend to the empty slots), the new tokens' positions come from the
-    host's count, whether a step prunes is decided on the host (fine for a graph per variant, like
-    ``longctx.decoding.StepGraphs``), the copies above, and SnapKV/H2O grow their state by concatenation.
+    Host syncs: none in the cache (counts are host ints, the protected count included; TriAttention copies its
+    statistics to the device once).
+
+    *Static steps* (:meth:`bind`, used by ``longctx.kv.graphs.SlotDecoder``): a one-token ``update`` writes its
+    key, value and position into the slot whose index lives in device memory and returns every slot, so the
+    step has the same shapes and launches at every position and can be replayed from a CUDA graph; the
+    attention reads the valid slots only (its length is passed beside the slots). The host's counts then lag
+    behind: the decoder brings them up with :meth:`advance` before a prune and when it stops. Scorers that look
+    at the queries (SnapKV, H2O) do not take static steps.
     """
 
     def __init__(self, *args, **kwargs):
@@ -189,6 +195,7 @@ class FixedBudgetLayer(CompressedLayer):
         self.key_slots: Tensor | None = None
         self.value_slots: Tensor | None = None
         self.position_slots: Tensor | None = None
+        self.bound: tuple[Tensor, Tensor] | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Allocate the slots (or reuse those of before a ``reset`` if batch, heads, head size, dtype and device
@@ -214,6 +221,8 @@ class FixedBudgetLayer(CompressedLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Store ``key_states, value_states [B, Hkv, T, D]``; return the stored and new states for this forward
         (a view of the slots, or on a pruning step a temporary), pruning back to ``budget`` at ``budget + slack``."""
+        if self.bound is not None:
+            return self._write_bound(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.prompt_length = key_states.shape[-2]
@@ -242,6 +251,58 @@ class FixedBudgetLayer(CompressedLayer):
             self._prune_into_slots(keys, values, positions)
         return keys, values
 
+    def bind(self, slot: Tensor | None, position: Tensor | None = None) -> None:
+        """Static steps: from now on ``update`` takes one token and writes it into slot ``slot`` at position
+        ``position`` (int64 ``[1]`` tensors on the cache's device, advanced by the caller) and returns all slots;
+        host counts are not touched (:meth:`advance`). ``bind(None)`` goes back to ordinary updates."""
+        if slot is None:
+            self.bound = None
+            return
+        if not self.is_initialized:
+            raise ValueError(f"layer {self.layer_idx}: prefill the cache before static steps")
+        if self.scorer.needs_queries:
+            raise ValueError(f"method {self.scorer.name!r} looks at every query, which static steps do not pass; "
+                             "use triattention, streamingllm or keynorm")
+        for name, t in (("slot", slot), ("position", position)):
+            if not isinstance(t, Tensor) or t.shape != (1,) or t.dtype != torch.long or t.device != self.device:
+                raise ValueError(f"{name} must be an int64 tensor of shape [1] on {self.device}, got "
+                                 f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else ''} on "
+                                 f"{t.device if isinstance(t, Tensor) else '-'}")
+        self.bound = (slot, position)
+
+    def _write_bound(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        b, h, n = key_states.shape[:3]
+        if n != 1 or (b, h) != tuple(self.key_slots.shape[:2]):
+            raise ValueError(f"layer {self.layer_idx}: a static step takes one token of batch "
+                             f"{self.key_slots.shape[0]} and {self.key_slots.shape[1]} KV heads, got key_states of "
+                             f"shape {tuple(key_states.shape)}")
+        slot, position = self.bound
+        self.key_slots.index_copy_(2, slot, key_states)
+        self.value_slots.index_copy_(2, slot, value_states)
+        self.position_slots.index_copy_(2, slot, position.expand(b, h, 1))
+        return self.key_slots, self.value_slots
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` static steps on the host: ``n`` more tokens seen and stored."""
+        if self.fill + n > self.capacity:
+            raise ValueError(f"layer {self.layer_idx}: {n} static steps from fill {self.fill} overflow the "
+                             f"{self.capacity} slots")
+        self.cumulative_length += n
+        self._set_fill(self.fill + n)
+
+    @torch.no_grad()
+    def fill_random(self, seen: int) -> None:
+        """Benchmarks: every slot gets random keys and values (standard normal) and the latest ``capacity``
+        positions before ``seen``, as if ``seen`` tokens had gone through and the next step were to prune."""
+        if not self.is_initialized or seen < self.capacity:
+            raise ValueError(f"fill_random needs an initialised layer and seen >= {self.capacity} slots, got {seen}")
+        self.key_slots.normal_()
+        self.value_slots.normal_()
+        self.position_slots.copy_(torch.arange(seen - self.capacity, seen, device=self.device))
+        self.cumulative_length = seen
+        self._set_fill(self.capacity)
+
     @torch.no_grad()
     def _prune_into_slots(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Gather the tokens :meth:`select` keeps out of ``keys, values [B, Hkv, S, D]`` at ``positions [B, Hkv, S]``
@@ -262,6 +323,7 @@ class FixedBudgetLayer(CompressedLayer):
         """Forget the stored tokens; the slots stay allocated for the next sequence."""
         super().reset()
         self.fill = 0
+        self.bound = None
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         if self.is_initialized:

@@ -77,3 +77,15 @@ def load_model(model: str | Path | None = None, device: str = "cpu", dtype: torc
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return lm.to(device).eval(), tokenizer
+
+
+def random_llama(config: dict, device, dtype: torch.dtype):
+    """``LlamaForCausalLM`` with random weights (seed 0) from a transformers Llama config dict (SDPA attention):
+    for speed and memory measurements, where the weights do not matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"model_type must be 'llama', got {config['model_type']!r}")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()

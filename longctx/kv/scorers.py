@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .calibration import QueryStats
-from .rope import to_complex, unrotate
+from .rope import to_complex
 
 #: Future offsets δ at which TriAttention predicts attention: 1, 2, 4, …, 2^16.
 FUTURE_OFFSETS = tuple(2 ** i for i in range(17))
@@ -73,7 +73,8 @@ class KeyNormScorer(Scorer):
 
 def expected_logits(mu: Tensor, abs_mean: Tensor, keys_unrot: Tensor, distance: Tensor, inv_freq: Tensor,
                     attention_scaling: float, offsets=FUTURE_OFFSETS) -> Tensor:
-    """TriAttention's estimate of the logit a future query will give each key, averaged over ``offsets``.
+    """TriAttention's estimate of the logit a future query will give each key, averaged over ``offsets``, as the
+    paper writes it, in the un-rotated frame (:class:`TriAttentionScorer` computes the same in the rotated one).
 
     ``mu [Hkv, G, F]`` complex query centres and ``abs_mean [Hkv, G, F]`` = E|q_f| of the G query heads sharing
     each KV head; ``keys_unrot [B, Hkv, S, D]`` un-rotated keys; ``distance [B, Hkv, S]`` = t − p.
@@ -102,9 +103,21 @@ class TriAttentionScorer(Scorer):
 
     Scores are z-normalised per query head over the stored tokens; each KV head takes the maximum over the
     query heads that read it (grouped-query attention).
+
+    Computed in the keys' rotated frame, where it is two matrix products. A key cached at position ``p`` is
+    ``k = s·e^{ipω}·u`` (``u`` un-rotated), so in :func:`expected_logits` ``conj(u_f)·e^{i(t−p)ω_f} =
+    conj(k_f)·e^{itω_f} / s`` and ``|u_f| = |k_f| / s``: the position cancels, and for each query head
+
+        logit = s · (Σ_f Re(c_f · conj(k_f)) + Σ_f w_f |k_f|),   c_f = μ_f · mean_δ e^{iδω_f} · e^{itω_f},  w_f = a_f − |μ_f|
+
+    where ``Re(c·conj(k)) = c.re·k.re + c.im·k.im`` is a dot product with the cached key vector itself
+    (rotate-half pairing). Same value as :func:`expected_logits` on the un-rotated keys (the tests check both
+    against a pure-Python reference), without a ``[B, Hkv, G, S, D/2]`` complex temporary: float64 in batch slices
+    of at most ``SLICE_BYTES`` of keys, so pruning a large batch needs little memory.
     """
 
     name = "triattention"
+    SLICE_BYTES = 256 * 2 ** 20
 
     def __init__(self, stats: QueryStats, offsets=FUTURE_OFFSETS):
         if not isinstance(stats, QueryStats):
@@ -112,21 +125,41 @@ class TriAttentionScorer(Scorer):
                              f"got {type(stats).__name__}")
         self.stats = stats
         self.offsets = tuple(offsets)
+        self._on_device: dict = {}
+
+    def _query_side(self, layer_idx: int, n_kv: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mu·mean_δ e^{iδω} [Hkv, G, F] complex128, w [Hkv, G, F] float64, ω [F] float64)`` on ``device``,
+        copied there once per layer (no host-to-device copy per call)."""
+        key = (layer_idx, n_kv, device)
+        if key not in self._on_device:
+            stats = self.stats
+            omega = stats.rope.inv_freq.to(torch.float64)
+            delta = torch.tensor(self.offsets, dtype=torch.float64)
+            mean_phase = torch.polar(torch.ones_like(omega), delta[:, None] * omega).mean(0)            # [F]
+            mu = stats.mu[layer_idx].view(n_kv, stats.n_heads // n_kv, -1)
+            w = stats.abs_mean[layer_idx].view_as(mu.real) - mu.abs()
+            self._on_device[key] = (mu * mean_phase).to(device), w.to(device), omega.to(device)
+        return self._on_device[key]
 
     def score(self, keys, values, positions, t, layer_idx, state=None):
         stats = self.stats
-        n_kv = keys.shape[1]
-        if layer_idx >= stats.n_layers or stats.n_heads % n_kv or keys.shape[-1] != stats.rope.head_dim:
+        b, n_kv, s, d = keys.shape
+        if layer_idx >= stats.n_layers or stats.n_heads % n_kv or d != stats.rope.head_dim:
             raise ValueError(f"stats ({stats.n_layers} layers, {stats.n_heads} query heads, head_dim "
                              f"{stats.rope.head_dim}) do not match the cache (layer {layer_idx}, {n_kv} KV heads, "
-                             f"head_dim {keys.shape[-1]}); calibrate on this model")
-        g = stats.n_heads // n_kv
-        mu = stats.mu[layer_idx].to(keys.device).view(n_kv, g, -1)
-        abs_mean = stats.abs_mean[layer_idx].to(keys.device).view(n_kv, g, -1)
-        k = unrotate(keys.to(torch.float64), positions, stats.rope)
-        logits = expected_logits(mu, abs_mean, k, t - positions, stats.rope.inv_freq, stats.rope.attention_scaling,
-                                 self.offsets)
-        return znorm(logits).amax(dim=2)
+                             f"head_dim {d}); calibrate on this model")
+        centre, w, omega = self._query_side(layer_idx, n_kv, keys.device)
+        c = centre * torch.polar(torch.ones_like(omega), t * omega)                                 # [Hkv, G, F]
+        rotating = torch.cat([c.real, c.imag], dim=-1).transpose(-1, -2)                           # [Hkv, D, G]
+        magnitude = w.transpose(-1, -2)                                                            # [Hkv, F, G]
+        rows = max(1, self.SLICE_BYTES // max(1, n_kv * s * d * 8))
+        out = []
+        for i in range(0, b, rows):
+            k = keys[i:i + rows].to(torch.float64)                                                 # [b', Hkv, S, D]
+            k_abs = torch.linalg.vector_norm(torch.stack(k.chunk(2, dim=-1)), dim=0)               # [b', Hkv, S, F]
+            logits = stats.rope.attention_scaling * (k @ rotating + k_abs @ magnitude)             # [b', Hkv, S, G]
+            out.append(znorm(logits, dim=-2).amax(dim=-1))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 class SnapKVScorer(Scorer):

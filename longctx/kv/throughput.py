@@ -1,0 +1,309 @@
+"""``longctx throughput --hf MODEL``: decode speed of a transformers Llama with each KV cache, as a server sees it.
+
+Caches, for every context x batch (a random-weight model built from a config: speed and memory depend on the
+shapes, not on the weights):
+
+- ``dynamic``: transformers' ``DynamicCache`` stepped eagerly, transformers' SDPA attention: what ``generate``
+  does by default (the cache grows by concatenation, so each step copies it);
+- ``static-hf``: transformers' ``StaticCache`` stepped eagerly with its SDPA attention and masks;
+- ``static``: the same ``StaticCache`` decoded by ``longctx.kv.graphs.SlotDecoder`` (a CUDA graph per step on
+  CUDA, the slot attention): the full cache at the speed the graphs allow, the baseline a compressed cache must beat;
+- ``triattention``, ``streamingllm``, ``keynorm``: ``CompressedCache(fixed=True)`` at each budget (a fraction of
+  the context), decoded by ``SlotDecoder``; the prunes every ``slack`` steps are inside the timed steps, and the
+  first prune is also timed on its own (``prune_ms``: every layer, scoring included).
+
+With ``max`` among the batches, the largest batch whose cache fits in the GPU's free memory is estimated from
+the cache's bytes per sequence (lowered on out-of-memory) for ``max_batch_caches``: compression exists to serve
+more sequences at once, so the comparison that matters is tokens/s at each cache's own largest batch.
+
+Filling: one real token goes through each layer's ``update`` (so transformers allocates the cache as it would),
+then the slots up to the context get random keys and values and the counts move to the context; a compressed
+cache's slots are all filled, as just before a prune. A step's cost depends on the shapes and the position, not
+on the values, and a real prefill of hundreds of 32K-token sequences would take longer than the measurement.
+
+TriAttention's statistics come from a calibration forward of random token ids (the weights are random anyway).
+Results: ``kv_throughput.json`` in ``out`` (rewritten atomically after every row).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_write_json
+from ..bench.measure import DTYPES, device_name, sync, timed
+from .cache import CompressedCache
+from .evaluate import budget_tokens, forward_with
+from .model import random_llama
+
+CACHES = ("dynamic", "static-hf", "static", "triattention", "streamingllm", "keynorm")
+COMPRESSED = ("triattention", "streamingllm", "keynorm")
+EAGER = ("dynamic", "static-hf")
+WARM = 3                  # untimed steps first: an eager one, the capture, a replay
+
+TINY_LLAMA = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+# SmolLM2-135M-Instruct's architecture (the package's config.json) and a Llama-3.2-1B-like one
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
+                "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+                "max_position_embeddings": 8192, "tie_word_embeddings": True}
+LLAMA_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+            "max_position_embeddings": 131072, "tie_word_embeddings": True}
+MODELS = {"tiny": TINY_LLAMA, "smollm2": SMOLLM2_135M, "llama1b": LLAMA_1B}
+
+
+@dataclass
+class KVThroughputSettings:
+    model: str = "tiny"
+    caches: list = field(default_factory=lambda: ["dynamic", "static-hf", "static", "triattention"])
+    budgets: list = field(default_factory=lambda: [0.5])     # fractions of the context kept (compressed caches)
+    contexts: list = field(default_factory=lambda: [192])
+    batches: list = field(default_factory=lambda: [2])
+    max_batch: bool = False
+    max_batch_caches: list = field(default_factory=lambda: ["static", "triattention"])
+    steps: int = 40                   # timed steps of the slot decoder (over two prunes with the default slack)
+    eager_steps: int = 16             # timed steps of the eager caches
+    slack: int = 16                   # a compressed cache prunes every slack steps
+    dtype: str = "float32"
+    memory_fraction: float = 0.85     # of the GPU's free memory that the max-batch estimate may fill
+    max_batch_cap: int = 4096
+
+
+PRESETS = {
+    "cpu": KVThroughputSettings(),
+    "gpu": KVThroughputSettings(model="smollm2", caches=["dynamic", "static-hf", "static", "triattention"],
+                                budgets=[0.1, 0.25, 0.5], contexts=[8192, 32768, 131072], batches=[1, 16],
+                                max_batch=True, max_batch_caches=["dynamic", "static", "triattention"], steps=256,
+                                eager_steps=32, slack=128, dtype="bfloat16"),
+}
+
+
+def settings_for(model: str, **overrides) -> KVThroughputSettings:
+    """The GPU preset for ``model`` (``tiny``: the CPU preset), with the overrides that are not None."""
+    base = PRESETS["cpu"] if model == "tiny" else replace(PRESETS["gpu"], model=model)
+    s = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    check_settings(s)
+    return s
+
+
+def check_settings(s: KVThroughputSettings) -> None:
+    if s.model not in MODELS:
+        raise ValueError(f"--hf must be one of {', '.join(MODELS)}, got {s.model!r}")
+    for name in [*s.caches, *s.max_batch_caches]:
+        if name not in CACHES:
+            raise ValueError(f"unknown cache {name!r}; expected some of {', '.join(CACHES)}")
+    if not s.budgets or not all(0 < b <= 1 for b in s.budgets):
+        raise ValueError(f"budgets must be fractions in (0, 1], got {s.budgets}")
+    if min([*s.contexts, *s.batches, s.steps, s.eager_steps, s.slack, 1]) < 1:
+        raise ValueError("contexts, batches, steps, eager_steps and slack must be >= 1")
+    if s.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
+
+
+def variants(s: KVThroughputSettings, batch_label) -> list[tuple[str, float | None]]:
+    """(cache, budget fraction) pairs measured at one batch label."""
+    names = s.max_batch_caches if batch_label == "max" else s.caches
+    return [(c, b) for c in names for b in (s.budgets if c in COMPRESSED else [None])]
+
+
+def kv_token_bytes(config, dtype: torch.dtype) -> int:
+    """Key and value bytes of one token over all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def slots_for(cache: str, context: int, budget: int | None, s: KVThroughputSettings) -> int:
+    """Token slots one sequence holds while decoding (the growing cache: twice its length, old and new copy of
+    one layer aside, is what ``cat`` needs at its peak; counted once here)."""
+    if cache in COMPRESSED:
+        return budget + s.slack
+    return context + WARM + max(s.steps, s.eager_steps) + 1
+
+
+def build_cache(model, name: str, batch: int, context: int, budget: int | None, s: KVThroughputSettings, stats):
+    """An empty cache of kind ``name`` (see the module docstring) for ``batch`` sequences of ``context`` tokens."""
+    from transformers import DynamicCache, StaticCache
+
+    if name == "dynamic":
+        return DynamicCache()
+    if name in ("static-hf", "static"):
+        return StaticCache(config=model.config, max_cache_len=slots_for(name, context, None, s))
+    return CompressedCache(name, budget=budget, slack=s.slack, fixed=True,
+                           **({"stats": stats} if name == "triattention" else {}))
+
+
+@torch.no_grad()
+def fill_cache(model, cache, batch: int, context: int) -> None:
+    """One real token through every layer's ``update``, then random keys and values up to ``context`` tokens (a
+    compressed cache: every slot, as just before a prune)."""
+    from transformers import DynamicCache, StaticCache
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    one = torch.zeros(batch, cfg.num_key_value_heads, 1, head_dim, device=model.device, dtype=model.dtype)
+    for i in range(cfg.num_hidden_layers):
+        if isinstance(cache, DynamicCache):
+            kv = torch.randn(batch, cfg.num_key_value_heads, context, head_dim, device=model.device, dtype=model.dtype)
+            cache.update(kv, torch.randn_like(kv), i)
+            continue
+        cache.update(one, one, i)
+        layer = cache.layers[i]
+        if isinstance(cache, StaticCache):
+            layer.keys[:, :, :context].normal_()
+            layer.values[:, :, :context].normal_()
+            layer.cumulative_length.fill_(context)
+        else:
+            layer.fill_random(context)
+
+
+def time_steps(model, cache, name: str, batch: int, context: int, s: KVThroughputSettings) -> dict:
+    """Greedy one-token steps after ``WARM`` untimed ones: tok/s over the batch, ms a step, peak memory."""
+    from .graphs import SlotDecoder
+
+    device = model.device
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    if name in EAGER:
+        seen = context
+
+        def run(n: int) -> None:
+            nonlocal seen
+            for _ in range(n):
+                tok.copy_(forward_with(model, cache, tok, seen, logits_to_keep=1)[:, -1:].argmax(-1))
+                seen += 1
+        steps, graphs = s.eager_steps, False
+    else:
+        graphs = device.type == "cuda"
+        decoder = SlotDecoder(model, cache, context, tok, graphs=graphs)
+        run, steps = decoder.run, s.steps
+    with torch.no_grad():
+        run(WARM)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(device, lambda: run(steps))
+    row = {"path": "graph" if graphs else "eager", "steps": steps, "ms_per_step": 1000 * seconds / steps,
+           "tokens_per_s": batch * steps / seconds}
+    if device.type == "cuda":
+        row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return row
+
+
+def measure(model, name: str, fraction: float | None, context: int, batch: int, s: KVThroughputSettings,
+            stats) -> dict:
+    """One row: fill the cache, time a first prune (compressed caches), time the steps."""
+    budget = budget_tokens(fraction, context) if fraction is not None else None
+    row = {"cache": name, "budget_fraction": fraction, "budget_tokens": budget, "context": context, "batch": batch}
+    cache = build_cache(model, name, batch, context, budget, s, stats)
+    fill_cache(model, cache, batch, context)
+    if name in COMPRESSED:
+        row["prune_ms"] = 1000 * timed(model.device, lambda: [layer.prune() for layer in cache.layers])
+    row["cache_bytes"] = cache_bytes(cache)
+    row.update(time_steps(model, cache, name, batch, context, s))
+    return row
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the key/value (and position) buffers the cache holds, measured from its tensors."""
+    total = 0
+    for layer in cache.layers:
+        for attr in ("key_slots", "value_slots", "position_slots") if hasattr(layer, "key_slots") else ("keys", "values"):
+            t = getattr(layer, attr, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def largest_batch(model, name: str, context: int, budget: int | None, s: KVThroughputSettings) -> int:
+    """The batch whose cache fills ``memory_fraction`` of the free memory (lowered on out-of-memory)."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    per_seq = kv_token_bytes(model.config, model.dtype) * slots_for(name, context, budget, s)
+    per_seq *= 1.15 if name == "dynamic" else 1.05     # the growing cache copies a layer while it appends
+    return max(1, min(s.max_batch_cap, int(s.memory_fraction * free / per_seq)))
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run_kv_throughput(s: KVThroughputSettings, device: str | None, out: str | Path, progress: bool = True) -> dict:
+    """Measure every row, writing ``out/kv_throughput.json`` after each; returns the results."""
+    from tqdm.auto import tqdm
+
+    from .calibration import calibrate
+
+    check_settings(s)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if s.max_batch and dev.type != "cuda":
+        raise ValueError("the max-batch search needs a GPU's memory; leave 'max' out of --batches on the CPU")
+    dtype = DTYPES[s.dtype]
+    model = random_llama(MODELS[s.model], dev, dtype)
+    stats = None
+    if "triattention" in [*s.caches, *s.max_batch_caches]:
+        ids = torch.randint(0, model.config.vocab_size, (1, 4096 if dev.type == "cuda" else 256),
+                            generator=torch.Generator().manual_seed(2)).to(dev)
+        stats = calibrate(model, ids, f"random-weight {s.model}")
+    results = {"settings": asdict(s), "model_config": MODELS[s.model], "device": device_name(dev),
+               "torch": torch.__version__, "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+               "kv_bytes_per_token": kv_token_bytes(model.config, dtype), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "rows": []}
+    import transformers
+    results["transformers"] = transformers.__version__
+    path = Path(out) / "kv_throughput.json"
+    work = [(c, label, name, frac) for c in s.contexts for label in [*s.batches, *(["max"] if s.max_batch else [])]
+            for name, frac in variants(s, label)]
+    for context, label, name, frac in tqdm(work, desc="kv throughput", disable=not progress):
+        budget = budget_tokens(frac, context) if frac is not None else None
+        batch = label if label != "max" else largest_batch(model, name, context, budget, s)
+        for attempt in range(4):
+            try:
+                row = measure(model, name, frac, context, batch, s, stats)
+                break
+            except RuntimeError as err:
+                if not is_oom(err):
+                    raise
+                row = {"cache": name, "budget_fraction": frac, "context": context, "batch": batch,
+                       "error": "out of memory"}
+            if label != "max":
+                break
+            batch = max(1, int(batch * 0.8))          # after the except block: the failed attempt's tensors are free
+            torch.cuda.empty_cache()
+        row["batch_label"] = label
+        results["rows"].append(row)
+        atomic_write_json(path, results)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    add_ratios(results["rows"])
+    atomic_write_json(path, results)
+    return results
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_static``: tok/s over the ``static`` row's at the same context and batch label (at ``max``: each at its
+    own largest batch)."""
+    base = {(r["context"], r["batch_label"]): r["tokens_per_s"] for r in rows
+            if r["cache"] == "static" and "tokens_per_s" in r}
+    for r in rows:
+        ref = base.get((r["context"], r["batch_label"]))
+        if ref and "tokens_per_s" in r:
+            r["vs_static"] = r["tokens_per_s"] / ref
+
+
+def summary(results: dict) -> str:
+    """A markdown table of the rows."""
+    lines = ["| context | batch | cache | budget | tok/s | ms/step | vs static | prune ms | cache GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['batch']} | {r['cache']} | {r.get('budget_fraction') or ''} | "
+                         f"{r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['context']} | {r['batch']}{' (max)' if r['batch_label'] == 'max' else ''} | {r['cache']} | "
+                     f"{r['budget_fraction'] or ''} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
+                     f"{r.get('vs_static', float('nan')):.2f} | {r.get('prune_ms', float('nan')):.1f} | "
+                     f"{r['cache_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines)

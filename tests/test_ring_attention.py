@@ -88,9 +88,9 @@ def results_of(statuses: list[dict]) -> list:
 
 # --- the cases each world size runs ------------------------------------------------------------------------
 
-def _case(name, dtype="float64", causal=True, layout="zigzag", hq=4, hkv=2, d=64, per_rank=6, batch=2):
+def _case(name, dtype="float64", causal=True, layout="zigzag", hq=4, hkv=2, d=64, per_rank=6, batch=2, docs=False):
     return dict(name=name, dtype=dtype, causal=causal, layout=layout, hq=hq, hkv=hkv, d=d, per_rank=per_rank,
-                batch=batch)
+                batch=batch, docs=docs)
 
 
 CASES = [
@@ -104,6 +104,9 @@ CASES = [
     _case("f32 causal contiguous gqa", dtype="float32", layout="contiguous", per_rank=8),
     _case("f32 noncausal zigzag gqa", dtype="float32", causal=False),
     _case("f32 noncausal contiguous gqa", dtype="float32", causal=False, layout="contiguous"),
+    _case("f64 causal zigzag gqa packed", docs=True, per_rank=10),
+    _case("f64 causal contiguous mqa packed", layout="contiguous", hq=4, hkv=1, docs=True, per_rank=7),
+    _case("f32 noncausal zigzag gqa packed", dtype="float32", causal=False, docs=True),
 ]
 TOL = {"float64": 1e-12, "float32": 2e-6}
 
@@ -118,6 +121,25 @@ def rank_inputs(seed: int, shape_q, shape_kv, dtype=torch.float64):
     return q, k, v, dout
 
 
+def packed_documents(seed: int, batch: int, total: int) -> torch.Tensor:
+    """``[B, T]`` document numbers: each row cut at 3 random places (documents of any length, 1 included)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    starts = torch.zeros(batch, total, dtype=torch.int64)
+    for b in range(batch):
+        starts[b, torch.randperm(total - 1, generator=g)[:3] + 1] = 1
+    return starts.cumsum(1)
+
+
+def masked_reference(q, k, v, docs, causal):
+    """Float64 softmax attention where a query sees the keys of its own document (and, causal, not later)."""
+    rep = q.shape[1] // k.shape[1]
+    scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
+    mask = docs[:, :, None] == docs[:, None, :]
+    if causal:
+        mask &= torch.ones(mask.shape[1:], dtype=torch.bool).tril()
+    return scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1) @ v.repeat_interleave(rep, 1)
+
+
 def _run_case(rank: int, world_size: int, case: dict, seed: int) -> dict:
     """Ring attention on this rank's shard vs the float64 oracle on the full sequence: relative errors."""
     dt, lay = getattr(torch, case["dtype"]), case["layout"]
@@ -125,11 +147,16 @@ def _run_case(rank: int, world_size: int, case: dict, seed: int) -> dict:
     B, hq, hkv, d = case["batch"], case["hq"], case["hkv"], case["d"]
     q, k, v, dout = rank_inputs(seed, (B, hq, T, d), (B, hkv, T, d))
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_out, _ = attention_reference(*ref_in, causal=case["causal"])
+    docs = packed_documents(seed, B, T) if case["docs"] else None
+    if docs is None:
+        ref_out, _ = attention_reference(*ref_in, causal=case["causal"])
+    else:
+        ref_out = masked_reference(*ref_in, docs, case["causal"])
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
 
     local = [shard(t, world_size, rank, lay).to(dt).requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*local, causal=case["causal"], layout=lay)
+    local_docs = shard(docs, world_size, rank, lay, dim=1) if docs is not None else None
+    out = ring_attention(*local, causal=case["causal"], layout=lay, document_ids=local_docs)
     grads = torch.autograd.grad(out, local, shard(dout, world_size, rank, lay).to(dt))
     err = {"out": rel_err(out, shard(ref_out, world_size, rank, lay)),
            "gathered": rel_err(gather(out.detach(), layout=lay), ref_out)}

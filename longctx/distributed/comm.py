@@ -35,6 +35,13 @@ class RingComm:
             self.next_rank = dist.get_global_rank(g, (self.rank + 1) % self.world_size)
             self.prev_rank = dist.get_global_rank(g, (self.rank - 1) % self.world_size)
 
+    @classmethod
+    def alone(cls) -> "RingComm":
+        """A ring of this process only, whether or not ``torch.distributed`` is initialised."""
+        comm = cls.__new__(cls)
+        comm.group, comm.rank, comm.world_size = None, 0, 1
+        return comm
+
     def send_recv(self, send: Tensor, recv: Tensor) -> list:
         """Post: ``send`` to the next rank, ``recv`` from the previous one. Returns the pending works."""
         ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group),

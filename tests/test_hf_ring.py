@@ -3,7 +3,8 @@
 With 1, 2 and 4 gloo ranks on CPU: a tiny random Llama and SmolLM2 truncated to 2 layers (from its package), float32;
 the logits (gathered), the loss and every parameter's gradient of one training step with ``longctx_ring`` equal those
 of the single-process model with transformers' SDPA attention; packed rows equal their documents run one by one;
-bad inputs give the same clear error on every rank. One spawn per world size runs every case.
+bad inputs give the same clear error on every rank; with 4 ranks, two data-parallel replicas (DDP) of 2-rank rings
+give the mean gradient of their rows. One spawn per world size runs every case.
 """
 import importlib.util
 import tempfile
@@ -71,6 +72,25 @@ def compare(model_factory, ids, docs=None) -> dict:
             "grads": max(rel_err(got[2][n], want[2][n]) for n in want[2])}
 
 
+def data_parallel_case(rank: int, ids) -> dict:
+    """4 ranks as 2 data-parallel replicas (DDP over ranks {0, 2} and {1, 3}) of 2-rank rings ({0, 1}, {2, 3}):
+    replica d trains on row d; the gradients must be the mean of the two rows' single-process gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    rings = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    replicas = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    row = rank // 2
+    sp = hf.SequenceParallel(rings[row])
+    model = tiny_llama("longctx_ring")
+    ddp = DistributedDataParallel(model, process_group=replicas[rank % 2])
+    inputs, targets = sp.shard(ids[row:row + 1])
+    sp.loss(ddp(**inputs).logits, targets).backward()
+    sp.reduce_gradients(model)
+    refs = [reference_step(tiny_llama("sdpa"), ids[r:r + 1])[2] for r in range(2)]
+    return {"grads": max(rel_err(p.grad, (refs[0][n] + refs[1][n]) / 2) for n, p in model.named_parameters())}
+
+
 def _job(rank: int, world_size: int, smollm2: str | None) -> dict:
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, TINY["vocab_size"], (2, 37), generator=gen)          # odd: padded to 2N inside
@@ -80,6 +100,8 @@ def _job(rank: int, world_size: int, smollm2: str | None) -> dict:
         def smol(attn):
             return LlamaForCausalLM.from_pretrained(smollm2, attn_implementation=attn).eval()
         out["smollm2"] = compare(smol, torch.randint(0, 2000, (1, 44), generator=gen))
+    if world_size == 4:
+        out["data parallel"] = data_parallel_case(rank, ids)
     errors = {}
     model = tiny_llama("longctx_ring")
     sp = hf.SequenceParallel()
@@ -122,7 +144,7 @@ def ranks(request, smollm2_2_layers):
 def test_ring_step_equals_the_single_process_model(ranks):
     world_size, results = ranks
     for rank, r in enumerate(results):
-        for case in ("plain", "packed", "smollm2"):
+        for case in ("plain", "packed", "smollm2", "data parallel"):
             if case in r:
                 assert max(r[case].values()) < TOL, (world_size, rank, case, r[case])
 

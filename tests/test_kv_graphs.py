@@ -162,12 +162,11 @@ def test_throughput_harness_measures_every_cache(tmp_path):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["batch"] == 2 and r["context"] == 96
         assert r["vs_static"] == pytest.approx(r["tokens_per_s"] / rows[2]["tokens_per_s"])
-        if r["budget_fraction"] is not None:                      # slots: budget + slack, keys and values + positions
+        if r["budget_fraction"] is not None:                      # slots: budget + slack
             assert r["budget_tokens"] == int(96 * r["budget_fraction"])
-            positions_bytes = 4 * 2 * 8                           # layers x KV heads x int64, per slot
-            assert r["cache_bytes"] == 2 * (r["budget_tokens"] + 4) * (per_token + positions_bytes)
+            assert r["kv_bytes"] == 2 * (r["budget_tokens"] + 4) * per_token
             assert r["prune_ms"] > 0 and r["path"] == "eager"
-    assert rows[2]["cache_bytes"] == 2 * (96 + 3 + 12 + 1) * per_token
+    assert rows[2]["kv_bytes"] == 2 * (96 + 3 + 12 + 1) * per_token
     assert json.loads((tmp_path / "kv_throughput.json").read_text())["rows"] == rows
     assert "| 96 | 2 | triattention | 0.25 |" in summary(results)
 
@@ -179,3 +178,15 @@ def test_throughput_harness_measures_every_cache(tmp_path):
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         check_settings(settings_for("tiny").__class__(**{**settings_for("tiny").__dict__, **bad}))
+
+
+def test_kv_bytes_counts_the_slots_a_fixed_cache_holds(tiny):
+    """The slot buffers are held whole from the first forward: kv_bytes counts them, not the slots in use."""
+    from longctx.kv.evaluate import kv_bytes
+
+    model, stats = tiny
+    fixed = make_cache("keynorm", model, stats, budget=12, slack=5, fixed=True)
+    with torch.no_grad():
+        forward_with(model, fixed, prompt(7, batch=2), 0, 1)
+    per_token = 2 * 2 * 2 * 16 * 4                          # layers x K,V x KV heads x head dim x float32
+    assert fixed.stored_length() == 7 and kv_bytes(fixed) == 2 * 17 * per_token

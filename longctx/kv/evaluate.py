@@ -70,9 +70,14 @@ def budget_tokens(budget: float | int, length: int) -> int:
 # --- memory ---------------------------------------------------------------------------------------------------
 
 def kv_bytes(cache) -> int:
-    """Bytes of the key and value tensors a cache holds, summed over layers (measured from the tensors)."""
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers if getattr(layer, "is_initialized", False))
+    """Bytes of the key and value tensors a cache holds, summed over layers (measured from the tensors; for a
+    fixed-budget layer its slot buffers, allocated whole, not the view of the slots in use)."""
+    total = 0
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            keys, values = getattr(layer, "key_slots", layer.keys), getattr(layer, "value_slots", layer.values)
+            total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+    return total
 
 
 def bookkeeping_bytes(cache) -> int:

@@ -35,7 +35,7 @@ import torch
 from ..atomic import atomic_write_json
 from ..bench.measure import DTYPES, device_name, sync, timed
 from .cache import CompressedCache
-from .evaluate import budget_tokens, forward_with
+from .evaluate import budget_tokens, forward_with, kv_bytes
 from .model import random_llama
 
 CACHES = ("dynamic", "static-hf", "static", "triattention", "streamingllm", "keynorm")
@@ -201,20 +201,9 @@ def measure(model, name: str, fraction: float | None, context: int, batch: int, 
     fill_cache(model, cache, batch, context)
     if name in COMPRESSED:
         row["prune_ms"] = 1000 * timed(model.device, lambda: [layer.prune() for layer in cache.layers])
-    row["cache_bytes"] = cache_bytes(cache)
+    row["kv_bytes"] = kv_bytes(cache)
     row.update(time_steps(model, cache, name, batch, context, s))
     return row
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of the key/value (and position) buffers the cache holds, measured from its tensors."""
-    total = 0
-    for layer in cache.layers:
-        for attr in ("key_slots", "value_slots", "position_slots") if hasattr(layer, "key_slots") else ("keys", "values"):
-            t = getattr(layer, attr, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def largest_batch(model, name: str, context: int, budget: int | None, s: KVThroughputSettings) -> int:
@@ -295,7 +284,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def summary(results: dict) -> str:
     """A markdown table of the rows."""
-    lines = ["| context | batch | cache | budget | tok/s | ms/step | vs static | prune ms | cache GiB |",
+    lines = ["| context | batch | cache | budget | tok/s | ms/step | vs static | prune ms | KV GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if "error" in r:
@@ -305,5 +294,5 @@ def summary(results: dict) -> str:
         lines.append(f"| {r['context']} | {r['batch']}{' (max)' if r['batch_label'] == 'max' else ''} | {r['cache']} | "
                      f"{r['budget_fraction'] or ''} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
                      f"{r.get('vs_static', float('nan')):.2f} | {r.get('prune_ms', float('nan')):.1f} | "
-                     f"{r['cache_bytes'] / 2**30:.2f} |")
+                     f"{r['kv_bytes'] / 2**30:.2f} |")
     return "\n".join(lines)

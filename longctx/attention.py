@@ -21,8 +21,9 @@ Edges, the same in every function here:
   ``-inf``. NaN or inf in a value reaches ``out`` in the rows that see it, and may reach rows a causal mask
   hides it from (kernels and the matrix form alike multiply it by a weight of 0, which IEEE makes NaN).
   No value is checked on CUDA (that would synchronise with the host; what CUDA's fused kernels do with a
-  row of NaN scores is not yet verified); on CPU two small checks steer round the one place where the flash
-  kernel differs (``_cpu_kernel_exact``).
+  row of NaN scores is not yet verified); on CPU small checks steer round the one place where the flash
+  kernel differs, rows whose every score is NaN or ``-inf`` (non-finite inputs, or finite ones whose
+  scores overflow: ``_cpu_kernel_exact``).
 - ``scale`` must be finite and positive (ValueError).
 """
 from __future__ import annotations
@@ -93,12 +94,21 @@ def _empty(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3])
 
 
-def _cpu_kernel_exact(q: Tensor, *keys: Tensor) -> bool:
+def _cpu_kernel_exact(q: Tensor, scale: float, *keys: Tensor) -> bool:
     """Whether PyTorch's CPU flash kernel gives the definition's result, NaN included. It takes a row whose
     every score is NaN or -inf for a row with no key (out 0, lse 0), where the definition gives NaN; that
-    cannot happen when the queries are finite and so are ``keys``, which every row sees. (A host check:
-    on CPU only.)"""
-    return q.device.type != "cpu" or all(bool(torch.isfinite(t).all()) for t in (q, *keys))
+    cannot happen when the queries are finite and so are ``keys``, which every row sees, and their scores
+    cannot overflow to -inf: ``max|q| · max|k| · D · scale`` stays below the largest float of the kernel's
+    accumulation (float32; float64 for float64). (Host checks: on CPU only.)"""
+    if q.device.type != "cpu":
+        return True
+    if not all(bool(torch.isfinite(t).all()) for t in (q, *keys)):
+        return False
+    if q.numel() == 0 or not any(t.numel() for t in keys):
+        return True
+    largest = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+    bound = float(q.abs().max()) * max(float(t.abs().max()) for t in keys if t.numel()) * q.shape[-1] * scale
+    return bound < largest
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -156,7 +166,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_ca
         return attention_reference(q, k, v, scale=scale)[0]
     # Without a mask every row sees key 0 (top-left causal too). With a mask the CPU kernel adds it to the
     # scores and keeps NaN (tests/test_attention_edges.py checks that).
-    if attn_mask is None and not _cpu_kernel_exact(q, k[:, :, :1]):
+    if attn_mask is None and not _cpu_kernel_exact(q, scale, k[:, :, :1]):
         sees = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if is_causal else None
         return _matrix_form(q, k, v, sees, scale)[0]
     return _sdpa(q, k, v, attn_mask, is_causal, scale)
@@ -231,7 +241,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
     causal = causal and q.shape[2] > 1  # one query (decoding) sees every key: no mask needed
     # Every row sees key 0, and the first row of a bottom-right causal mask sees key Tk - Tq first.
     first = k.shape[2] - q.shape[2] if causal else 0
-    if _empty(q, k, v) or not _cpu_kernel_exact(q, k[:, :, :1], k[:, :, first:first + 1]):
+    if _empty(q, k, v) or not _cpu_kernel_exact(q, scale, k[:, :, :1], k[:, :, first:first + 1]):
         out, lse = attention_reference(q, k, v, causal, scale)
         return (out, lse) if return_lse else out
     # Fused kernels align a causal mask top-left; with Tq < Tk we need bottom-right: without gradients the

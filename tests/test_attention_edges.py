@@ -296,6 +296,20 @@ def test_non_finite_inputs_follow_the_definition(where, value, causal, gen):
                 assert_like_definition(lse, ref_l, case + " (lse)")
 
 
+@pytest.mark.parametrize("sign", [-1.0, 1.0], ids=["to -inf", "to +inf"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_finite_inputs_whose_scores_overflow_follow_the_definition(sign, causal, gen):
+    """Finite q and k whose products overflow float32 (|q|, |k| ~ 1e20): a row whose every score is -inf has no
+    softmax (NaN, lse -inf), not the out 0, lse 0 that the CPU flash kernel gives; +inf scores give NaN."""
+    q, k, v = qkv(gen, b=1, hq=2, hkv=1, tq=4, tk=4, d=4)
+    k = torch.full_like(k, sign * 1e20)
+    q[0, 0, 1] = 1e20                                           # row 1: every score is 2e40 * sign in float32: ±inf
+    for edge, (out, lse) in results(q, k, v, causal).items():
+        assert out[0, 0, 1].isnan().all(), (edge, out[0, 0, 1])
+        if lse is not None:
+            assert not torch.isfinite(lse[0, 0, 1]) and (sign > 0 or lse[0, 0, 1] == -INF), (edge, lse[0, 0, 1])
+
+
 @pytest.mark.parametrize("where", ["q", "k"])
 def test_sdpa_with_a_mask_keeps_nan(where, gen):
     """With a mask any key may be a row's only one: a NaN query gives a NaN row, a NaN key NaN in every row that

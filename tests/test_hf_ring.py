@@ -190,8 +190,8 @@ def test_example_trains_under_torchrun_and_saves_a_loadable_checkpoint(tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(root / "examples" / "train_ring_hf.py"),
-           "--seq-len", "64", "--steps", "2", "--layers", "2", "--docs", "3", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           str(root / "examples" / "train_ring_hf.py"), "--seq-len", "64", "--steps", "2", "--layers", "2", "--docs", "3", "--out", str(out)]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "saved" in done.stdout and (out / "model.safetensors").is_file()

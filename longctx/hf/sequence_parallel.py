@@ -120,8 +120,9 @@ class SequenceParallel:
         names = ("batch", "tokens", "input_ids", "labels", "position_ids", "document_ids")
         differ = [n for i, n in enumerate(names) if len({int(t[i]) for t in table}) > 1]
         if differ:
-            raise ValueError(f"SequenceParallel.shard: the {self.world_size} ranks hold different rows ({', '.join(differ)} "
-                             "differ); every rank must pass the same full rows and shard them itself")
+            raise ValueError(f"SequenceParallel.shard: the {self.world_size} ranks hold different rows "
+                             f"({', '.join(differ)} differ); every rank must pass the same full rows and shard them "
+                             "itself")
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy (float32) of this rank's ``logits [B, L, V]`` against ``targets [B, L]``, as a share of

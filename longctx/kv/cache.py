@@ -382,10 +382,10 @@ class QueryTap:
 class CompressedCache(Cache):
     """KV cache for ``model.generate(..., past_key_values=CompressedCache(...))`` that keeps ``budget`` tokens.
 
-    ``method``: ``triattention`` (needs ``stats``), ``streamingllm``, ``keynorm``, ``snapkv``, ``h2o``. Whenever a layer stores
-    ``budget + slack`` tokens it is pruned back to ``budget``: per batch row and KV head its own selection (same
-    count), always keeping the ``window`` most recent tokens (default ``min(64, budget // 2)``; and the prompt
-    with ``keep_prompt``).
+    ``method``: ``triattention`` (needs ``stats``), ``streamingllm``, ``keynorm``, ``snapkv``, ``h2o``. Whenever a
+    layer stores ``budget + slack`` tokens it is pruned back to ``budget``: per batch row and KV head its own
+    selection (same count), always keeping the ``window`` most recent tokens (default ``min(64, budget // 2)``;
+    and the prompt with ``keep_prompt``).
     ``snapkv`` and ``h2o`` look at the queries: pass ``model=`` (forward hooks are added to it; ``detach()``
     removes them).
     ``fixed=True``: each layer keeps its tokens in buffers of ``budget + slack`` slots allocated once

@@ -75,7 +75,8 @@ class SlotDecoder:
             raise ValueError(f"graphs=True needs a CUDA device, tok is on {device}")
         self.model, self.cache, self.tok, self.seen = model, cache, tok, seen
         if not isinstance(cache, (CompressedCache, StaticCache)):
-            raise ValueError(f"SlotDecoder takes a StaticCache or CompressedCache(fixed=True), got {type(cache).__name__}")
+            raise ValueError("SlotDecoder takes a StaticCache or CompressedCache(fixed=True), got "
+                             f"{type(cache).__name__}")
         if isinstance(cache, CompressedCache) and not cache.fixed:
             raise ValueError("SlotDecoder needs CompressedCache(fixed=True): a growing cache changes shape")
         if not cache.layers or not cache.layers[0].is_initialized:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_json
-from ..bench.measure import DTYPES, device_name, sync, timed
+from ..bench.measure import DTYPES, device_name, timed
 from .cache import CompressedCache
 from .evaluate import budget_tokens, forward_with, kv_bytes
 from .model import random_llama
@@ -236,8 +236,9 @@ def run_kv_throughput(s: KVThroughputSettings, device: str | None, out: str | Pa
         ids = torch.randint(0, model.config.vocab_size, (1, 4096 if dev.type == "cuda" else 256),
                             generator=torch.Generator().manual_seed(2)).to(dev)
         stats = calibrate(model, ids, f"random-weight {s.model}")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     results = {"settings": asdict(s), "model_config": MODELS[s.model], "device": device_name(dev),
-               "torch": torch.__version__, "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+               "torch": torch.__version__, "weights_bytes": weights,
                "kv_bytes_per_token": kv_token_bytes(model.config, dtype), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "rows": []}
     import transformers

@@ -50,17 +50,22 @@ def main(argv=None) -> int:
     stats = calibrate(model, torch.randint(0, 512, (1, 256), generator=gen).to(dev), "tiny")
     want = eager_greedy(model, DynamicCache(), ids, 64)
     got = generate_slots(model, ids, 64, StaticCache(config=model.config, max_cache_len=400))
-    checks.append({"case": "tiny fp32: StaticCache graphs vs DynamicCache eager", "tokens_equal": torch.equal(got, want)})
-    for method in ("triattention", "streamingllm", "keynorm"):
+    checks.append({"case": "tiny fp32: StaticCache graphs vs DynamicCache eager",
+                   "tokens_equal": torch.equal(got, want)})
+    for method in ("triattention", "streamingllm", "keynorm", "snapkv", "h2o"):
         extra = {"stats": stats} if method == "triattention" else {}
+        if method in ("snapkv", "h2o"):
+            extra["model"] = model
         grow = CompressedCache(method, budget=96, slack=16, **extra)
         fixed = CompressedCache(method, budget=96, slack=16, fixed=True, **extra)
         want = eager_greedy(model, grow, ids, 64)
         got = generate_slots(model, ids, 64, fixed)
-        checks.append({"case": f"tiny fp32: {method} fixed graphs vs growing eager", "tokens_equal": torch.equal(got, want),
+        checks.append({"case": f"tiny fp32: {method} fixed graphs vs growing eager",
+                       "tokens_equal": torch.equal(got, want),
                        "positions_equal": all(torch.equal(a.positions, b.positions)
                                               for a, b in zip(grow.layers, fixed.layers)),
                        "prunes": fixed.layers[0].n_pruned})
+        grow.detach(), fixed.detach()
     model = random_llama(SMOLLM2_135M, dev, torch.bfloat16)
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (4, 1000), generator=gen).to(dev)
     stats = calibrate(model, ids[:1], "smollm2-shaped")

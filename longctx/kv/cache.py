@@ -9,6 +9,8 @@ Assumes unpadded batches: token ``i`` of the stream has rotary position ``i`` in
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
@@ -185,7 +187,8 @@ class FixedBudgetLayer(CompressedLayer):
     step has the same shapes and launches at every position and can be replayed from a CUDA graph; the
     attention reads the valid slots only (its length is passed beside the slots). The host's counts then lag
     behind: the decoder brings them up with :meth:`advance` before a prune and when it stops. Scorers that look
-    at the queries (SnapKV, H2O) do not take static steps.
+    at the queries keep their state in fixed buffers meanwhile (``Scorer.bind_static``: SnapKV a ring of its last
+    queries, H2O one accumulated attention per slot, updated from the new query over every valid slot).
     """
 
     def __init__(self, *args, **kwargs):
@@ -256,19 +259,20 @@ class FixedBudgetLayer(CompressedLayer):
         ``position`` (int64 ``[1]`` tensors on the cache's device, advanced by the caller) and returns all slots;
         host counts are not touched (:meth:`advance`). ``bind(None)`` goes back to ordinary updates."""
         if slot is None:
+            if self.bound is not None:
+                self.scorer.unbind_static(self.scorer_state, self.fill)
             self.bound = None
             return
         if not self.is_initialized:
             raise ValueError(f"layer {self.layer_idx}: prefill the cache before static steps")
-        if self.scorer.needs_queries:
-            raise ValueError(f"method {self.scorer.name!r} looks at every query, which static steps do not pass; "
-                             "use triattention, streamingllm or keynorm")
         for name, t in (("slot", slot), ("position", position)):
             if not isinstance(t, Tensor) or t.shape != (1,) or t.dtype != torch.long or t.device != self.device:
                 raise ValueError(f"{name} must be an int64 tensor of shape [1] on {self.device}, got "
                                  f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else ''} on "
                                  f"{t.device if isinstance(t, Tensor) else '-'}")
+        if self.bound is None:
+            self.scorer.bind_static(self.scorer_state, self.capacity, self.fill)
         self.bound = (slot, position)
 
     def _write_bound(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,6 +285,9 @@ class FixedBudgetLayer(CompressedLayer):
         self.key_slots.index_copy_(2, slot, key_states)
         self.value_slots.index_copy_(2, slot, value_states)
         self.position_slots.index_copy_(2, slot, position.expand(b, h, 1))
+        if self.scorer.needs_queries:
+            q, scaling = self.queries.take(self.layer_idx, position)
+            self.scorer.observe_static(self.scorer_state, q, position, self.key_slots, slot, scaling)
         return self.key_slots, self.value_slots
 
     def advance(self, n: int) -> None:
@@ -290,6 +297,8 @@ class FixedBudgetLayer(CompressedLayer):
                              f"{self.capacity} slots")
         self.cumulative_length += n
         self._set_fill(self.fill + n)
+        if "slots" in self.scorer_state:                            # H2O's accumulated attention, one per slot
+            self.scorer_state["per_token"] = self.scorer_state["slots"][:, :, :self.fill]
 
     @torch.no_grad()
     def fill_random(self, seen: int) -> None:
@@ -314,6 +323,8 @@ class FixedBudgetLayer(CompressedLayer):
         self.value_slots[:, :, :k] = values.gather(-2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
         self._set_fill(k)
         self.n_pruned += 1
+        if self.bound is not None:
+            self.scorer.after_prune_static(self.scorer_state, k)
 
     def prune(self) -> None:
         """Prune the stored tokens back to ``budget`` now (``update`` does it on its own at ``budget + slack``)."""
@@ -368,9 +379,13 @@ class QueryTap:
         return hook
 
     def take(self, layer_idx: int, positions: Tensor) -> tuple[Tensor, float]:
+        """The queries of ``layer_idx``'s last forward rotated at ``positions [T]`` (device; the rotary
+        frequencies are copied to the device once, so a static step copies nothing from the host)."""
         q = self.pending.pop(layer_idx, None)
         if q is None or q.shape[2] != positions.shape[0]:
             raise RuntimeError(f"no queries captured for layer {layer_idx}: was the cache built with this model?")
+        if self.spec.inv_freq.device != q.device:
+            self.spec = replace(self.spec, inv_freq=self.spec.inv_freq.to(q.device))
         return rotate(q, positions, self.spec), self.scaling[layer_idx]
 
     def remove(self) -> None:

@@ -62,9 +62,9 @@ class SlotDecoder:
     """Greedy one-token steps of ``model`` from ``cache`` after ``seen`` prefilled tokens, each replayed from a CUDA
     graph where ``graphs`` (CUDA only); ``tok [B, 1]`` is the next input and is overwritten with each new token.
 
-    ``cache``: transformers ``StaticCache`` (room for every token) or ``CompressedCache(fixed=True)`` with a
-    scorer that does not look at queries. ``run(n)`` takes ``n`` steps; ``close()`` hands the cache back to
-    ordinary (eager) updates, its host counts brought up to date.
+    ``cache``: transformers ``StaticCache`` (room for every token) or ``CompressedCache(fixed=True)`` with any
+    scorer (SnapKV after a prompt of at least its ``observation`` tokens). ``run(n)`` takes ``n`` steps;
+    ``close()`` hands the cache back to ordinary (eager) updates, its host counts brought up to date.
     """
 
     def __init__(self, model, cache, seen: int, tok: Tensor, graphs: bool = True):

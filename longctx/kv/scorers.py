@@ -35,6 +35,21 @@ class Scorer:
               state: dict | None = None) -> Tensor:
         raise NotImplementedError
 
+    # Static steps (``FixedBudgetLayer.bind``): the state in buffers of fixed shape, updated in place.
+    def bind_static(self, state: dict, capacity: int, fill: int) -> None:
+        """Move ``state`` into fixed buffers for a layer of ``capacity`` slots, ``fill`` of them stored."""
+
+    def observe_static(self, state: dict, query: Tensor, position: Tensor, key_slots: Tensor, slot: Tensor,
+                       scaling: float) -> None:
+        """See one rotated ``query [B, H, 1, D]`` at ``position [1]`` (device) after its key was written into
+        ``key_slots [B, Hkv, C, D]`` at ``slot [1]``; slots after ``slot`` hold no token. Shapes never change."""
+
+    def after_prune_static(self, state: dict, kept: int) -> None:
+        """The layer was pruned to its first ``kept`` slots (``state`` as ``select`` left it)."""
+
+    def unbind_static(self, state: dict, fill: int) -> None:
+        """Back to the eager form, ``fill`` slots stored."""
+
 
 def attention_weights(queries: Tensor, query_positions: Tensor, keys: Tensor, positions: Tensor,
                       scaling: float) -> Tensor:
@@ -108,7 +123,7 @@ class TriAttentionScorer(Scorer):
     ``k = s·e^{ipω}·u`` (``u`` un-rotated), so in :func:`expected_logits` ``conj(u_f)·e^{i(t−p)ω_f} =
     conj(k_f)·e^{itω_f} / s`` and ``|u_f| = |k_f| / s``: the position cancels, and for each query head
 
-        logit = s · (Σ_f Re(c_f · conj(k_f)) + Σ_f w_f |k_f|),   c_f = μ_f · mean_δ e^{iδω_f} · e^{itω_f},  w_f = a_f − |μ_f|
+        logit = s · (Σ_f Re(c_f · conj(k_f)) + Σ_f w_f |k_f|),  c_f = μ_f · mean_δ e^{iδω_f} · e^{itω_f},  w_f = a_f − |μ_f|
 
     where ``Re(c·conj(k)) = c.re·k.re + c.im·k.im`` is a dot product with the cached key vector itself
     (rotate-half pairing). Same value as :func:`expected_logits` on the un-rotated keys (the tests check both
@@ -182,6 +197,25 @@ class SnapKVScorer(Scorer):
         state["query_positions"] = query_positions[-self.observation:]
         state["scaling"] = scaling
 
+    def bind_static(self, state, capacity, fill):
+        """The last ``observation`` queries in a ring buffer: position ``p`` in entry ``p % observation``."""
+        n = state["queries"].shape[2] if "queries" in state else 0
+        if n < self.observation:
+            raise ValueError(f"method 'snapkv' takes static steps after at least observation={self.observation} "
+                             f"tokens; the prompt gave {n}")
+        entry = state["query_positions"] % self.observation
+        state["queries"] = state["queries"].index_copy(2, entry, state["queries"])
+        state["query_positions"] = state["query_positions"].index_copy(0, entry, state["query_positions"])
+
+    def observe_static(self, state, query, position, key_slots, slot, scaling):
+        entry = position % self.observation
+        state["queries"].index_copy_(2, entry, query)
+        state["query_positions"].index_copy_(0, entry, position)
+
+    def unbind_static(self, state, fill):
+        order = state["query_positions"].argsort()
+        state["queries"], state["query_positions"] = state["queries"][:, :, order], state["query_positions"][order]
+
     def score(self, keys, values, positions, t, layer_idx, state=None):
         if not state or "queries" not in state:
             raise ValueError("method 'snapkv' needs the queries: build the cache with CompressedCache(..., model=model)")
@@ -209,6 +243,31 @@ class H2OScorer(Scorer):
                                   scaling)
             acc += w.sum((2, 3))
         state["per_token"] = acc
+
+    def bind_static(self, state, capacity, fill):
+        """The accumulated attention in a buffer of one entry per slot (``"slots"``); ``"per_token"`` is the
+        view of the stored slots."""
+        acc = state["per_token"]
+        state["slots"] = acc.new_zeros(*acc.shape[:2], capacity)
+        state["slots"][:, :, :fill] = acc
+        state["per_token"] = state["slots"][:, :, :fill]
+
+    def observe_static(self, state, query, position, key_slots, slot, scaling):
+        acc = state["slots"]
+        acc.index_fill_(2, slot, 0.0)                             # a new token: nothing received yet
+        b, h, _, d = query.shape
+        n_kv, capacity = key_slots.shape[1], key_slots.shape[2]
+        q = query.to(torch.float32).view(b, n_kv, h // n_kv, 1, d)
+        logits = torch.einsum("bkgtd,bksd->bkgts", q, key_slots.to(torch.float32)) * scaling
+        empty = torch.arange(capacity, device=slot.device) > slot                    # slots past the new token
+        acc += logits.masked_fill(empty, float("-inf")).softmax(-1).sum((2, 3))
+
+    def after_prune_static(self, state, kept):
+        state["slots"][:, :, :kept] = state["per_token"]
+        state["per_token"] = state["slots"][:, :, :kept]
+
+    def unbind_static(self, state, fill):
+        state["per_token"] = state.pop("slots")[:, :, :fill]
 
     def score(self, keys, values, positions, t, layer_idx, state=None):
         if not state or "per_token" not in state:

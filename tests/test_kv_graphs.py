@@ -49,6 +49,28 @@ def test_static_cache_slots_give_the_dynamic_caches_tokens(tiny):
     assert torch.equal(generate_slots(model, ids, 30, StaticCache(config=model.config, max_cache_len=60)), want)
 
 
+def test_sampled_tokens_follow_the_generator_like_the_eager_loop(tiny):
+    """temperature / top_k through the slot decoder: the eager loop's draws from the same generator (one race per
+    step, in the same order)."""
+    from longctx.model import sample
+
+    model, _ = tiny
+    ids = prompt(11, batch=2, seed=8)
+    with torch.no_grad():
+        cache, gen = DynamicCache(), torch.Generator().manual_seed(3)
+        tok = sample(forward_with(model, cache, ids, 0, 1)[:, -1], 0.9, 20, gen)
+        want, seen = [tok], ids.shape[1]
+        for _ in range(15):
+            tok = sample(forward_with(model, cache, tok, seen, 1)[:, -1], 0.9, 20, gen)
+            want.append(tok)
+            seen += 1
+    got = generate_slots(model, ids, 16, StaticCache(config=model.config, max_cache_len=40), temperature=0.9, top_k=20,
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, torch.cat([ids, *want], 1))
+    greedy = generate_slots(model, ids, 16, StaticCache(config=model.config, max_cache_len=40))
+    assert not torch.equal(got, greedy)                      # the draws are not greedy at this temperature
+
+
 @pytest.mark.parametrize("method", SCORERS)
 @pytest.mark.parametrize("prompt_len", [9, 37])      # below the budget; above budget + slack (pruned at prefill)
 def test_compressed_slots_keep_the_growing_caches_tokens(tiny, method, prompt_len):
@@ -122,6 +144,11 @@ def test_bad_use_is_refused_with_the_reason(tiny):
         SlotDecoder(model, DynamicCache(), 8, tok, graphs=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         SlotDecoder(model, StaticCache(config=model.config, max_cache_len=16), 8, tok, graphs=True)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        SlotDecoder(model, StaticCache(config=model.config, max_cache_len=16), 8, tok, graphs=False, temperature=-1)
+    with pytest.raises(ValueError, match="out must be int64 \\[batch=2, N\\]"):
+        SlotDecoder(model, StaticCache(config=model.config, max_cache_len=16), 8, tok, graphs=False,
+                    out=torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="int64 \\[batch, 1\\]"):
         SlotDecoder(model, StaticCache(config=model.config, max_cache_len=16), 8, tok[:, 0], graphs=False)
     snap = make_cache("snapkv", model, stats, budget=8, fixed=True)
@@ -136,6 +163,9 @@ def test_bad_use_is_refused_with_the_reason(tiny):
     dec = SlotDecoder(model, static, 8, tok, graphs=False)
     with pytest.raises(ValueError, match="overflow the StaticCache's 10 slots"):
         dec.run(3)
+    dec = SlotDecoder(model, static, 8, tok, graphs=False, out=torch.zeros(2, 2, dtype=torch.long), out_start=1)
+    with pytest.raises(ValueError, match="would write past out's 2 columns \\(next: 1\\)"):
+        dec.run(2)
     fixed = make_cache("keynorm", model, stats, budget=8, slack=4, fixed=True)
     for empty in (fixed, StaticCache(config=model.config, max_cache_len=16)):
         with pytest.raises(ValueError, match="prefill the cache"):

@@ -59,21 +59,36 @@ def attention_implementation(model, name: str):
 
 
 class SlotDecoder:
-    """Greedy one-token steps of ``model`` from ``cache`` after ``seen`` prefilled tokens, each replayed from a CUDA
-    graph where ``graphs`` (CUDA only); ``tok [B, 1]`` is the next input and is overwritten with each new token.
+    """One-token steps of ``model`` from ``cache`` after ``seen`` prefilled tokens, each replayed from a CUDA graph
+    where ``graphs`` (CUDA only); ``tok [B, 1]`` is the next input and is overwritten with each new token, drawn by
+    ``longctx.model.sample`` (greedy with ``temperature=0``, the default). With ``out [B, N]`` every new token is
+    also written into the next column of ``out``, from ``out_start`` on (inside the step: nothing per token on the
+    host).
 
     ``cache``: transformers ``StaticCache`` (room for every token) or ``CompressedCache(fixed=True)`` with any
     scorer (SnapKV after a prompt of at least its ``observation`` tokens). ``run(n)`` takes ``n`` steps;
     ``close()`` hands the cache back to ordinary (eager) updates, its host counts brought up to date.
     """
 
-    def __init__(self, model, cache, seen: int, tok: Tensor, graphs: bool = True):
+    def __init__(self, model, cache, seen: int, tok: Tensor, graphs: bool = True, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None, out: Tensor | None = None,
+                 out_start: int = 0):
+        from ..model import check_sampling
+
         device = tok.device
         if tok.dim() != 2 or tok.shape[1] != 1 or tok.dtype != torch.long:
             raise ValueError(f"tok must be int64 [batch, 1], got {tok.dtype} {tuple(tok.shape)}")
         if graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs a CUDA device, tok is on {device}")
+        check_sampling(temperature, top_k)
+        if out is not None and (out.dim() != 2 or out.shape[0] != tok.shape[0] or out.dtype != torch.long
+                                or out.device != device or not 0 <= out_start <= out.shape[1]):
+            raise ValueError(f"out must be int64 [batch={tok.shape[0]}, N] on {device} with 0 <= out_start <= N, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}, out_start={out_start}")
         self.model, self.cache, self.tok, self.seen = model, cache, tok, seen
+        self.temperature, self.top_k, self.generator = temperature, top_k, generator
+        self.out, self.written = out, out_start
+        self.column = torch.tensor([out_start], dtype=torch.long, device=device) if out is not None else None
         if not isinstance(cache, (CompressedCache, StaticCache)):
             raise ValueError("SlotDecoder takes a StaticCache or CompressedCache(fixed=True), got "
                              f"{type(cache).__name__}")
@@ -95,12 +110,17 @@ class SlotDecoder:
         if self.fill >= self.capacity:
             raise ValueError(f"the cache's {self.capacity} slots are full ({self.fill} stored)")
         self.length = torch.tensor([self.fill + 1], dtype=torch.long, device=device)   # valid slots during a step
-        self.step = StepGraphs(self._step) if graphs else self._step
+        self.step = StepGraphs(self._step, generator) if graphs else self._step
 
     def _step(self, _variant=None) -> None:
+        from ..model import sample
+
         logits = self.model(self.tok, position_ids=self.position_ids, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1, slot_length=self.length).logits
-        self.tok.copy_(logits[:, -1:].argmax(-1))
+        self.tok.copy_(sample(logits[:, -1], self.temperature, self.top_k, self.generator))
+        if self.out is not None:
+            self.out.index_copy_(1, self.column, self.tok)
+            self.column.add_(1)
         self.position_ids.add_(1)
         self.length.add_(1)
         if self.slot is not None:
@@ -108,10 +128,13 @@ class SlotDecoder:
 
     @torch.no_grad()
     def run(self, n: int) -> None:
-        """``n`` greedy steps; a compressed cache is pruned after the step that fills its slots."""
+        """``n`` steps; a compressed cache is pruned after the step that fills its slots."""
         compressed = self.slot is not None
         if not compressed and self.fill + n > self.capacity:
             raise ValueError(f"{n} steps after {self.fill} tokens overflow the StaticCache's {self.capacity} slots")
+        if self.out is not None and self.written + n > self.out.shape[1]:
+            raise ValueError(f"{n} steps would write past out's {self.out.shape[1]} columns (next: {self.written})")
+        self.written += n
         with attention_implementation(self.model, SLOT_ATTENTION):
             for _ in range(n):
                 self.step(None)
@@ -142,19 +165,23 @@ class SlotDecoder:
 
 
 @torch.no_grad()
-def generate_slots(model, ids: Tensor, max_new_tokens: int, cache, graphs: bool | None = None) -> Tensor:
-    """Greedy ``[B, T + max_new_tokens]``: prefill ``ids [B, T]`` eagerly into ``cache`` (an empty ``StaticCache``
-    or ``CompressedCache(fixed=True)``), then one-token steps from a :class:`SlotDecoder` (CUDA graphs by default
-    on CUDA)."""
+def generate_slots(model, ids: Tensor, max_new_tokens: int, cache, graphs: bool | None = None,
+                   temperature: float = 0.0, top_k: int | None = None,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """``[B, T + max_new_tokens]``: prefill ``ids [B, T]`` eagerly into ``cache`` (an empty ``StaticCache`` or
+    ``CompressedCache(fixed=True)``), then one-token steps from a :class:`SlotDecoder` (CUDA graphs by default on
+    CUDA), greedy unless ``temperature > 0`` (``longctx.model.sample``)."""
+    from ..model import sample
+
     if max_new_tokens < 1:
         return ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
     logits = model(ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    tok = logits[:, -1:].argmax(-1)
-    out = [tok.clone()]
-    decoder = SlotDecoder(model, cache, ids.shape[1], tok, ids.is_cuda if graphs is None else graphs)
-    for _ in range(max_new_tokens - 1):
-        decoder.run(1)
-        out.append(tok.clone())
+    tok = sample(logits[:, -1], temperature, top_k, generator)
+    out = torch.empty(ids.shape[0], max_new_tokens, dtype=torch.long, device=ids.device)
+    out[:, :1] = tok
+    decoder = SlotDecoder(model, cache, ids.shape[1], tok, ids.is_cuda if graphs is None else graphs, temperature,
+                          top_k, generator, out=out, out_start=1)
+    decoder.run(max_new_tokens - 1)
     decoder.close()
-    return torch.cat([ids, *out], dim=1)
+    return torch.cat([ids, out], dim=1)

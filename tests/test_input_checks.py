@@ -106,3 +106,25 @@ def test_gpt_refuses_ids_outside_the_vocabulary_and_empty_prompts():
                 call()
     with pytest.raises(ValueError, match="context_len"):
         m.state_bytes(-3)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("-inf"), float("inf")], ids=["positive", "nan", "-inf", "inf"])
+def test_power_gates_must_be_finite_and_not_positive(bad, gen):
+    """A log gate that is positive, NaN or infinite is refused by every power-retention form (before it gave NaN,
+    or a state growing without bound, silently); 0 and large negative gates are fine."""
+    from longctx.mechanisms.power import init_power_state, power_retention, power_retention_step
+    from longctx.mechanisms.power.naive import power_retention_naive
+
+    q = torch.randn(1, 2, 6, 8, generator=gen)
+    k, v = q[:, :1].clone(), q[:, 1:].clone()
+    log_g = -torch.rand(1, 1, 6, generator=gen)
+    log_g[0, 0, 0] = 0.0
+    log_g[0, 0, 1] = -80.0
+    power_retention(q, k, v, log_g, chunk_size=4)
+    log_g[0, 0, 3] = bad
+    calls = {"chunked": lambda: power_retention(q, k, v, log_g, chunk_size=4),
+             "naive": lambda: power_retention_naive(q, k, v, log_g),
+             "step": lambda: power_retention_step(q, k, v, init_power_state(1, 1, 8, 8, gated=True), log_g)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="log_g must be finite and <= 0 .* 1 of 6 values are not"):
+            call()

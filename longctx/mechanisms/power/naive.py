@@ -25,6 +25,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_gate(log_g: Tensor | None, k: Tensor) -> None:
+    """``log_g [B, Hkv, T]`` on k's device, and (on CPU) every value finite and ``<= 0``: the log of a forget gate
+    in ``(0, 1]``. A positive gate grows the state without bound and ``-inf`` turns the chunked form's gate
+    differences into NaN, silently. On CUDA the values are not checked: reading the result would synchronise
+    with the host on every call (the models make their gates with ``logsigmoid``, finite and ``<= 0``)."""
     if log_g is None:
         return
     B, Hkv, T = k.shape[:3]
@@ -32,6 +36,11 @@ def check_gate(log_g: Tensor | None, k: Tensor) -> None:
         raise ValueError(f"log_g must be [batch, kv_heads, seq] = {(B, Hkv, T)}, got {tuple(log_g.shape)}")
     if log_g.device != k.device:
         raise ValueError(f"log_g is on {log_g.device}, k on {k.device}")
+    if log_g.device.type == "cpu" and log_g.numel():
+        bad = ~(torch.isfinite(log_g) & (log_g <= 0))
+        if bool(bad.any()):
+            raise ValueError(f"log_g must be finite and <= 0 (the log of a forget gate in (0, 1]); {int(bad.sum())} "
+                             f"of {log_g.numel()} values are not, e.g. {log_g[bad].flatten()[0].item()}")
 
 
 def default_scale(d: int, scale: float | None) -> float:

@@ -25,7 +25,7 @@ from torch import Tensor
 from ...attention import check_qkv
 from .chunk import check_chunk_size, kernel_choice
 from .expand import check_deg, expanded_dim, sympow
-from .naive import compute_dtype, default_scale, group_queries, power_weights, safe_ratio
+from .naive import check_gate, compute_dtype, default_scale, group_queries, power_weights, safe_ratio
 
 
 @dataclass
@@ -169,8 +169,7 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
     check_schedule(chunk_size, switch_over)
     if (log_g is None) != (state.g is None):
         raise ValueError("log_g must be given exactly when the state was made gated (init_power_state gated=True)")
-    if log_g is not None and tuple(log_g.shape) != tuple(k.shape[:3]):
-        raise ValueError(f"log_g must be [batch, kv_heads, T_new] = {tuple(k.shape[:3])}, got {tuple(log_g.shape)}")
+    check_gate(log_g, k)
     scale = default_scale(q.shape[-1], scale)
     if q.shape[2] >= switch_over:   # pieces would be at most chunk_size tokens each, every one over all recent keys
         return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)

@@ -102,7 +102,8 @@ def _disagreement_probes(rank: int) -> dict:
     odd = rank == 1
 
     def call(hq=4, hkv=2, L=6, d=8, dtype=torch.float32, gated=True, **kw):
-        q, k, v = torch.randn(1, hq, L, d, dtype=dtype), torch.randn(1, hkv, L, d, dtype=dtype), torch.randn(1, hkv, L, d)
+        q, k = torch.randn(1, hq, L, d, dtype=dtype), torch.randn(1, hkv, L, d, dtype=dtype)
+        v = torch.randn(1, hkv, L, d)
         log_g = -torch.rand(1, hkv, L) if gated else None
         return lambda: sharded_power_retention(q, k, v.to(dtype), log_g, **kw)
 
@@ -288,7 +289,8 @@ def test_shard_state_is_the_chunked_forms_final_state(gen):
 def test_without_a_process_group_it_is_the_chunked_form(gen):
     q = torch.randn(1, 2, 9, 4, generator=gen, dtype=torch.float64)
     log_g = -torch.rand(1, 2, 9, generator=gen, dtype=torch.float64)
-    assert torch.equal(sharded_power_retention(q, q, q, log_g, chunk_size=4), power_retention_chunk(q, q, q, log_g, 2, 4))
+    assert torch.equal(sharded_power_retention(q, q, q, log_g, chunk_size=4),
+                       power_retention_chunk(q, q, q, log_g, 2, 4))
 
 
 def test_relay_bytes_is_one_state():

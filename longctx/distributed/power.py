@@ -43,10 +43,12 @@ outputs wait for its incoming state. Per token and KV head, the chunked form cos
 ``2 D (e + 1) (1 + R) + 2 c R (d + e)`` flops (``R = Hq / Hkv``, ``c`` the chunk), the shard state of step 1
 another ``2 D (e + 1)`` (computed twice: once here, once inside the chunked form). So efficiency ``E(N) ~ 1 / (1
 + 1 / (1 + R + c R (d + e) / (D (e + 1))) + (N - 1) hop / t_chunk(L))``. ``d = e = 64, c = 64``: ``R = 1`` gives
-about 0.66 before communication, ``R = 4`` about 0.84; one hop of 4.3 MB at ~100 GB/s is ~45 us, against
-milliseconds of chunked form for ``L = 32K`` (1.4e11 flops per layer at ``R = 1``), so at ``N = 8`` communication
-should cost a few percent and the doubled state pass dominates the loss. A log-depth scan and folding step 1 into
-the chunked form's own chunk states are the two improvements left.
+about 0.67 before communication, ``R = 4`` about 0.84. One hop of 4.3 MB at ~100 GB/s is ~45 us, 7 hops at
+``N = 8`` ~0.3 ms, against 1.5e11 flops of chunked form per layer for ``L = 32K`` at ``R = 1`` (1.5 ms at 100
+TFLOP/s, several ms in the PyTorch chunked form this runs: the Triton kernel takes no initial state), so the relay
+should cost 5-20% and the doubled state pass a third (R = 1) to a sixth (R = 4). Improvements left: the Triton
+kernel with an initial state, step 1 folded into the chunked form's own chunk states (no second pass), and a
+log-depth scan for large ``N``.
 
 The ``power`` / ``power4`` mechanisms use this with ``sequence_parallel=True`` when ``torch.distributed`` is
 initialised with more than one rank (an option, not a new name: a data-parallel job, whose ranks hold different

@@ -48,10 +48,12 @@ class RingComm:
     def post(self, send: Tensor | None, recv: Tensor | None, backward: bool = False) -> list:
         """Post ``send`` to the next rank and a receive into ``recv`` from the previous one (``backward``: to
         the previous, from the next); either may be None. Returns the pending works (``wait`` them)."""
+        if send is None and recv is None:
+            return []
         to, frm = (self.prev_rank, self.next_rank) if backward else (self.next_rank, self.prev_rank)
         ops = ([dist.P2POp(dist.isend, send, to, self.group)] if send is not None else []) + \
               ([dist.P2POp(dist.irecv, recv, frm, self.group)] if recv is not None else [])
-        return dist.batch_isend_irecv(ops) if ops else []
+        return dist.batch_isend_irecv(ops)
 
     def all_gather(self, t: Tensor, what: str) -> Tensor:
         """Every rank's ``t``, stacked in rank order: ``[world_size, *t.shape]``. A collective: every rank of

@@ -13,7 +13,7 @@ here as one tensor ``X = [S | z]`` of ``[B, Hkv, D, e + 1]``):
    ``r - 1`` and sends ``I_(r+1) = exp(a_r) I_r + X_r`` to ``r + 1``;
 3. each rank runs the chunked form on its shard from ``I_r``.
 
-Backward (``_StateRelay``): autograd through 3 gives ``dI_r``, the gradient of this rank's own outputs with
+Backward (``relay.relay_state``): autograd through 3 gives ``dI_r``, the gradient of this rank's own outputs with
 respect to its incoming state; relayed the other way, rank ``r`` receives ``Λ_(r+1)`` (the whole gradient of the
 state leaving its shard, ``Λ_N = 0``) from ``r + 1`` and sends ``Λ_r = dI_r + exp(a_r) Λ_(r+1)`` to ``r - 1``;
 then ``dX_r = Λ_(r+1)``, ``da_r = exp(a_r) <I_r, Λ_(r+1)>``, and autograd through 1 finishes the q, k, v and gate
@@ -70,6 +70,7 @@ from ..mechanisms.power.chunk import check_chunk_size, power_retention_chunk
 from ..mechanisms.power.expand import check_deg, expanded_dim, sympow
 from ..mechanisms.power.naive import check_gate, compute_dtype, default_scale
 from .comm import RingComm, by_rank, check_agreement
+from .relay import relay_state
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # What every rank must share (the shard length need not), in the order of the agreement check's int64 row.
@@ -96,37 +97,6 @@ def shard_state(k: Tensor, v: Tensor, log_g: Tensor | None, deg: int) -> tuple[T
         phik = phik * torch.exp(log_decay[..., None] - G)[..., None]
     v1 = torch.cat([v.to(ct), v.new_ones(*v.shape[:3], 1, dtype=ct)], -1)         # the ones column sums z
     return phik.transpose(-1, -2) @ v1, log_decay
-
-
-class _StateRelay(torch.autograd.Function):
-    """``I_r``, the state entering rank ``r``'s shard, from the shard states ``X`` and log-decays ``a`` of the
-    ranks before it (module docstring); backward relays the state gradients the other way."""
-
-    @staticmethod
-    def forward(ctx, local: Tensor, log_decay: Tensor, comm: RingComm) -> Tensor:
-        incoming = torch.zeros_like(local)
-        if comm.rank > 0:
-            comm.wait(comm.post(None, incoming), "the state entering its shard")
-        if comm.rank < comm.world_size - 1:
-            leaving = torch.exp(log_decay)[..., None, None] * incoming + local
-            comm.wait(comm.post(leaving, None), "the state leaving its shard")
-        ctx.save_for_backward(incoming, log_decay)
-        ctx.comm = comm
-        return incoming
-
-    @staticmethod
-    def backward(ctx, grad_incoming: Tensor):
-        incoming, log_decay = ctx.saved_tensors
-        comm = ctx.comm
-        grad_leaving = torch.zeros_like(incoming)
-        if comm.rank < comm.world_size - 1:
-            comm.wait(comm.post(None, grad_leaving, backward=True), "the gradient of the state leaving its shard")
-        decay = torch.exp(log_decay)[..., None, None]
-        if comm.rank > 0:
-            grad = (grad_incoming + decay * grad_leaving).contiguous()
-            comm.wait(comm.post(grad, None, backward=True), "the gradient of the state entering its shard")
-        grad_log_decay = (decay * incoming * grad_leaving).sum((-2, -1))
-        return grad_leaving, grad_log_decay, None
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, chunk_size: int,
@@ -199,7 +169,7 @@ def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | Non
     if comm.world_size == 1:
         return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
     check_agreement(comm, AGREED, facts, q.device, _decode, _explain)
-    incoming = _StateRelay.apply(*shard_state(k, v, log_g, deg), comm)
+    incoming = relay_state(*shard_state(k, v, log_g, deg), comm)
     e = v.shape[-1]
     return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale,
                                  initial_state=(incoming[..., :e], incoming[..., e]))

@@ -20,6 +20,7 @@ from longctx.distributed import power as sharded
 from longctx.distributed.comm import RingComm
 from longctx.mechanisms import build_mechanism
 from longctx.mechanisms.power import power_retention_chunk, power_retention_naive
+from longctx.mechanisms.power.chunk import cut_chunks
 from longctx.model import GPT, GPTConfig
 from test_ring_attention import results_of, run_ranks
 
@@ -280,7 +281,7 @@ def test_shard_state_is_the_chunked_forms_final_state(gen):
                                                                                      dtype=torch.float64)
     log_g = -torch.rand(2, 2, 11, generator=gen, dtype=torch.float64)
     _, (S, z) = power_retention_chunk(q, k, v, log_g, 2, 4, return_state=True)
-    X, a = sharded.shard_state(k, v, log_g, 2)
+    X, a = sharded.shard_state(cut_chunks(q, k, v, log_g, 2, 4, None))
     # measured <= 2.4e-16 over 50 seeds (the same sums in another order)
     assert rel_err(X[..., :3], S) < 1e-13 and rel_err(X[..., 3], z) < 1e-13
     assert rel_err(a, log_g.sum(-1)) < 1e-13

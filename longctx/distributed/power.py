@@ -7,17 +7,18 @@ chunk). A rank needs no other rank's keys, only the state the tokens before its 
 (``power.chunk``: ``S = sum_j g_(end, j) phi(k_j) v_j^T [D, e]``, ``z = sum_j g_(end, j) phi(k_j) [D]``, kept
 here as one tensor ``X = [S | z]`` of ``[B, Hkv, D, e + 1]``):
 
-1. each rank computes its shard's own state ``X_r`` (from zero) and its decay across the shard,
-   ``a_r = sum log_g`` over the shard (``[B, Hkv]``);
+1. each rank cuts its shard into chunks (``power.chunk.cut_chunks``: the weights inside each chunk and each
+   chunk's own state, all that does not depend on the state before) and scans the chunks' states from zero:
+   its shard's own state ``X_r`` and its decay across the shard, ``a_r = sum log_g`` (``[B, Hkv]``);
 2. relay in rank order: rank ``r`` receives the state entering its shard, ``I_r`` (``I_0 = 0``), from
    ``r - 1`` and sends ``I_(r+1) = exp(a_r) I_r + X_r`` to ``r + 1``;
-3. each rank runs the chunked form on its shard from ``I_r``.
+3. each rank reads its chunks from ``I_r`` (``read_chunks``): its outputs.
 
 Backward (``relay.relay_state``): autograd through 3 gives ``dI_r``, the gradient of this rank's own outputs with
 respect to its incoming state; relayed the other way, rank ``r`` receives ``Λ_(r+1)`` (the whole gradient of the
 state leaving its shard, ``Λ_N = 0``) from ``r + 1`` and sends ``Λ_r = dI_r + exp(a_r) Λ_(r+1)`` to ``r - 1``;
-then ``dX_r = Λ_(r+1)``, ``da_r = exp(a_r) <I_r, Λ_(r+1)>``, and autograd through 1 finishes the q, k, v and gate
-gradients. The result is the single-process chunked form's, up to the order of sums.
+then ``dX_r = Λ_(r+1)``, ``da_r = exp(a_r) <I_r, Λ_(r+1)>``, and autograd through 1 and 3 finishes the q, k, v
+and gate gradients. The result is the single-process chunked form's, up to the order of sums.
 
 Bytes moved per call (``relay_bytes``: ``B x Hkv x D x (e + 1)`` numbers in the arithmetic dtype, float32 for
 fp16/bf16/float32 inputs, ``D = C(d + deg - 1, deg)``), independent of the shard length: forward, every rank but
@@ -37,18 +38,16 @@ power4 (deg 4, D = 766480)  1.6 GB                       1.6 GB
 Deg 2 sends less than the ring from ``(N - 1) L > D (e + 1) x 4 / (2 d x 2) ~ 2100`` tokens on; deg 4 at
 ``d = 64`` only beyond ~780K (its state is what makes it costly anywhere; at the bench's ``d = 16``, ``D = 3876``).
 
-Scaling efficiency, a prediction (nothing measured: no GPU this session). The relay is sequential: its latency
-is ``(N - 1)`` hops of one state, ``(N - 1) (t_lat + relay_bytes / BW)``, on the critical path, since a rank's
-outputs wait for its incoming state. Per token and KV head, the chunked form costs about
-``2 D (e + 1) (1 + R) + 2 c R (d + e)`` flops (``R = Hq / Hkv``, ``c`` the chunk), the shard state of step 1
-another ``2 D (e + 1)`` (computed twice: once here, once inside the chunked form). So efficiency ``E(N) ~ 1 / (1
-+ 1 / (1 + R + c R (d + e) / (D (e + 1))) + (N - 1) hop / t_chunk(L))``. ``d = e = 64, c = 64``: ``R = 1`` gives
-about 0.67 before communication, ``R = 4`` about 0.84. One hop of 4.3 MB at ~100 GB/s is ~45 us, 7 hops at
-``N = 8`` ~0.3 ms, against 1.5e11 flops of chunked form per layer for ``L = 32K`` at ``R = 1`` (1.5 ms at 100
-TFLOP/s, several ms in the PyTorch chunked form this runs: the Triton kernel takes no initial state), so the relay
-should cost 5-20% and the doubled state pass a third (R = 1) to a sixth (R = 4). Improvements left: the Triton
-kernel with an initial state, step 1 folded into the chunked form's own chunk states (no second pass), and a
-log-depth scan for large ``N``.
+Scaling efficiency, a prediction (nothing measured: no GPU this session). The work is the single-process chunked
+form's, cut in ``N``: the chunks' own states are computed once, and scanned twice (from zero in step 1, from
+``I_r`` in step 3), ``2 L / c`` elementwise steps of one state against ``~2 D (e + 1) (1 + R) + 2 c R (d + e)``
+flops a token (``R = Hq / Hkv``, ``c`` the chunk). What is added is the relay, sequential and on the critical
+path (a rank's outputs wait for its incoming state): ``(N - 1)`` hops of one state forward and again backward,
+``(N - 1) (t_lat + relay_bytes / BW)`` each way. So ``E(N) ~ 1 / (1 + (N - 1) hop / t_chunk(L))``. With ``B = 1,
+Hkv = 8, d = e = 64, c = 64, R = 1``: one hop of 4.3 MB at ~100 GB/s is ~45 us, 7 hops at ``N = 8`` ~0.3 ms,
+against 1.5e11 flops of chunked form per layer forward for ``L = 32K`` (1.5 ms at 100 TFLOP/s, several ms in the
+PyTorch chunked form this runs: the Triton kernel takes no initial state), so ``E(8)`` ~ 0.85-0.95 at ``L =
+32K``, rising with ``L`` and ``R``, falling as ``N`` grows (a log-depth scan would make it ``log2 N`` hops).
 
 The ``power`` / ``power4`` mechanisms use this with ``sequence_parallel=True`` when ``torch.distributed`` is
 initialised with more than one rank (an option, not a new name: a data-parallel job, whose ranks hold different
@@ -66,8 +65,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..attention import check_qkv
-from ..mechanisms.power.chunk import check_chunk_size, power_retention_chunk
-from ..mechanisms.power.expand import check_deg, expanded_dim, sympow
+from ..mechanisms.power.chunk import (Chunks, check_chunk_size, chunks_state, cut_chunks, power_retention_chunk,
+                                      read_chunks)
+from ..mechanisms.power.expand import check_deg, expanded_dim
 from ..mechanisms.power.naive import check_gate, compute_dtype, default_scale
 from .comm import RingComm, by_rank, check_agreement
 from .relay import relay_state
@@ -84,19 +84,12 @@ def relay_bytes(batch: int, n_kv: int, d: int, e: int, deg: int, dtype: torch.dt
     return batch * n_kv * expanded_dim(d, check_deg(deg)) * (e + 1) * compute_dtype(dtype).itemsize
 
 
-def shard_state(k: Tensor, v: Tensor, log_g: Tensor | None, deg: int) -> tuple[Tensor, Tensor]:
+def shard_state(chunks: Chunks) -> tuple[Tensor, Tensor]:
     """The state a shard leaves from zero, ``X [B, Hkv, D, e + 1]`` (``[S | z]``, on the gate level of its last
-    token), and its log-decay ``a [B, Hkv]``, both in the arithmetic dtype."""
-    ct = compute_dtype(k.dtype)
-    phik = sympow(k.to(ct), deg)                                                   # [B, Hkv, L, D]
-    if log_g is None:
-        log_decay = k.new_zeros(k.shape[:2], dtype=ct)
-    else:
-        G = torch.cumsum(log_g.to(ct), -1)
-        log_decay = G[..., -1]
-        phik = phik * torch.exp(log_decay[..., None] - G)[..., None]
-    v1 = torch.cat([v.to(ct), v.new_ones(*v.shape[:3], 1, dtype=ct)], -1)         # the ones column sums z
-    return phik.transpose(-1, -2) @ v1, log_decay
+    token), and its log-decay ``a [B, Hkv]``, from its chunks (``cut_chunks``): a scan of ``n`` elementwise steps,
+    the chunks' own states being computed once for this and for the outputs."""
+    S, z = chunks_state(chunks, torch.zeros_like(chunks.dS[:, :, 0]), torch.zeros_like(chunks.dz[:, :, 0]))
+    return torch.cat([S, z.unsqueeze(-1)], -1), chunks.log_decay
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, chunk_size: int,
@@ -169,10 +162,10 @@ def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | Non
     if comm.world_size == 1:
         return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
     check_agreement(comm, AGREED, facts, q.device, _decode, _explain)
-    incoming = relay_state(*shard_state(k, v, log_g, deg), comm)
+    chunks = cut_chunks(q, k, v, log_g, deg, chunk_size, scale)
+    incoming = relay_state(*shard_state(chunks), comm)
     e = v.shape[-1]
-    return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale,
-                                 initial_state=(incoming[..., :e], incoming[..., e]))
+    return read_chunks(chunks, incoming[..., :e], incoming[..., e])[0]
 
 
 __all__ = ["sharded_power_retention", "shard_state", "relay_bytes", "AGREED"]

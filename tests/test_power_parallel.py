@@ -227,9 +227,9 @@ def test_gpt_with_sequence_parallel_power_trains_like_one_process(power_runs, wo
     for rank, res in enumerate(results):
         r = res["gpt"]
         for step, (sp_loss, one_loss) in enumerate(r["losses"]):
-            # measured <= 1.3e-7 relative over 4 seeds (float32 sums in another order)
+            # measured <= 1.6e-7 relative over 5 seeds (float32 sums in another order)
             assert abs(sp_loss - one_loss) <= 2e-6 * abs(one_loss), (rank, step, seed, r["losses"])
-        assert r["weight_err"] < 1e-4, (rank, seed, r["weight_err"])     # measured <= 3.0e-6 over 4 seeds
+        assert r["weight_err"] < 1e-4, (rank, seed, r["weight_err"])     # measured <= 4.0e-6 over 5 seeds
     assert results[0]["gpt"]["losses"][-1][0] < results[0]["gpt"]["losses"][0][0]   # it did train
 
 
@@ -282,9 +282,8 @@ def test_shard_state_is_the_chunked_forms_final_state(gen):
     log_g = -torch.rand(2, 2, 11, generator=gen, dtype=torch.float64)
     _, (S, z) = power_retention_chunk(q, k, v, log_g, 2, 4, return_state=True)
     X, a = sharded.shard_state(cut_chunks(q, k, v, log_g, 2, 4, None))
-    # measured <= 2.4e-16 over 50 seeds (the same sums in another order)
-    assert rel_err(X[..., :3], S) < 1e-13 and rel_err(X[..., 3], z) < 1e-13
-    assert rel_err(a, log_g.sum(-1)) < 1e-13
+    assert torch.equal(X[..., :3], S) and torch.equal(X[..., 3], z)          # the same operations
+    assert rel_err(a, log_g.sum(-1)) < 1e-13       # a cumulative sum's last entry: measured <= 2.4e-16, 50 seeds
 
 
 def test_without_a_process_group_it_is_the_chunked_form(gen):

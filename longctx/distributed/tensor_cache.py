@@ -22,10 +22,11 @@ Bytes per rank and call, independent of ``L``: forward, the halo ``B x Hkv x W x
 memory ``B x Hkv x D x D`` (float32, float64 for float64 inputs), each sent by every rank but the last; backward
 the same two the other way; plus the agreement check's ``all_gather`` of ``1 + len(AGREED)`` int64. For ``W = 32,
 D = 64``, bf16, ``B = 1``, ``Hkv = 8``: 65 KB of halo and 131 KB of memory, against ring attention's
-``(N - 1) x 2 x B x Hkv x L x D`` elements (8 MB per step at ``L = 4096``, ``N = 8``). The halo goes in parallel;
-the memory relay is sequential, ``N - 1`` hops of 131 KB (a few microseconds each on NVLink), so the prediction
-(not measured) is a scaling efficiency close to 1 once ``L >> W``: the extra work is the halo's ``W`` queries'
-worth of window attention and one ``L x D x D`` read per query head.
+``(N - 1) x 2 x B x Hkv x L x D`` elements (58.7 MB forward at ``L = 4096``, ``N = 8``). The halo goes in
+parallel; the memory relay is sequential, ``N - 1`` hops of 131 KB (microseconds each on NVLink) on the critical
+path. The prediction (not measured: no GPU this session) is a scaling efficiency close to 1 once ``L >> W``: the
+work beyond one process's share is the halo's ``W`` extra keys in the window attention and one ``L x D x D``
+read of the incoming memory per query head.
 """
 from __future__ import annotations
 

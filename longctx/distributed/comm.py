@@ -5,7 +5,7 @@ send of the current slot and the receive into the spare one (``batch_isend_irecv
 on the current slot meanwhile, and ``finish()`` waits and swaps the slots. On CUDA the transfer runs on
 NCCL's stream, ordered after the work already queued, so the next buffer arrives while the current one is
 being used. ``RingComm.post`` sends one way only, to the next rank or (``backward``) to the previous one: the
-relay of sharded power retention's state. A failed or timed-out transfer (a peer that raised, died or hangs)
+state relay and the halo of the sharded fixed-state mechanisms (``relay.py``). A failed or timed-out transfer (a peer that raised, died or hangs)
 raises ``RingCommError``. ``RingComm.all_gather`` is the one collective: every rank's small tensor, for
 ``check_agreement``, which makes every rank raise the same error where the ranks' inputs disagree.
 """

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from conftest import rel_err
 from longctx.attention import attention_reference
 from longctx.distributed import ring_attention, shard
-from longctx.distributed.ring import _by_rank
+from longctx.distributed.comm import by_rank
 from test_ring_attention import rank_inputs, results_of, run_ranks
 
 JOB_TIMEOUT_S = 90
@@ -204,5 +204,5 @@ def test_a_group_of_one_works_without_a_collective(agreement_runs, world_size):
 
 
 def test_rank_lists_are_short():
-    assert _by_rank([4, 8, 4]) == "4 on ranks 0, 2 vs 8 on rank 1"
-    assert _by_rank([2] * 6 + [1, 2]) == "2 on ranks 0-5, 7 vs 1 on rank 6"
+    assert by_rank([4, 8, 4]) == "4 on ranks 0, 2 vs 8 on rank 1"
+    assert by_rank([2] * 6 + [1, 2]) == "2 on ranks 0-5, 7 vs 1 on rank 6"

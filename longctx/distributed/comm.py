@@ -4,10 +4,14 @@
 send of the current slot and the receive into the spare one (``batch_isend_irecv``), the caller computes
 on the current slot meanwhile, and ``finish()`` waits and swaps the slots. On CUDA the transfer runs on
 NCCL's stream, ordered after the work already queued, so the next buffer arrives while the current one is
-being used. A failed or timed-out transfer (a peer that raised, died or hangs) raises ``RingCommError``.
-``RingComm.all_gather`` is the one collective: every rank's small tensor, for the ranks to check agreement.
+being used. ``RingComm.post`` sends one way only, to the next rank or (``backward``) to the previous one: the
+state relay and the halo of the sharded fixed-state mechanisms (``relay.py``). A failed or timed-out transfer (a peer that raised, died or hangs)
+raises ``RingCommError``. ``RingComm.all_gather`` is the one collective: every rank's small tensor, for
+``check_agreement``, which makes every rank raise the same error where the ranks' inputs disagree.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,10 +24,10 @@ class RingCommError(RuntimeError):
 
 class RingComm:
     """The ring over the ranks of ``group`` (default: the default process group; one rank when
-    ``torch.distributed`` is not initialised)."""
+    ``torch.distributed`` is not initialised). ``who`` names the operation in error messages."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None = None, who: str = "ring attention"):
+        self.group, self.who = group, who
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         elif group is not None:
@@ -39,13 +43,23 @@ class RingComm:
     def alone(cls) -> "RingComm":
         """A ring of this process only, whether or not ``torch.distributed`` is initialised."""
         comm = cls.__new__(cls)
-        comm.group, comm.rank, comm.world_size = None, 0, 1
+        comm.group, comm.who, comm.rank, comm.world_size = None, "ring attention", 0, 1
         return comm
 
     def send_recv(self, send: Tensor, recv: Tensor) -> list:
         """Post: ``send`` to the next rank, ``recv`` from the previous one. Returns the pending works."""
         ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group),
                dist.P2POp(dist.irecv, recv, self.prev_rank, self.group)]
+        return dist.batch_isend_irecv(ops)
+
+    def post(self, send: Tensor | None, recv: Tensor | None, backward: bool = False) -> list:
+        """Post ``send`` to the next rank and a receive into ``recv`` from the previous one (``backward``: to
+        the previous, from the next); either may be None. Returns the pending works (``wait`` them)."""
+        if send is None and recv is None:
+            return []
+        to, frm = (self.prev_rank, self.next_rank) if backward else (self.next_rank, self.prev_rank)
+        ops = ([dist.P2POp(dist.isend, send, to, self.group)] if send is not None else []) + \
+              ([dist.P2POp(dist.irecv, recv, frm, self.group)] if recv is not None else [])
         return dist.batch_isend_irecv(ops)
 
     def all_gather(self, t: Tensor, what: str) -> Tensor:
@@ -58,7 +72,7 @@ class RingComm:
             dist.all_gather(parts, t, group=self.group)
         except RuntimeError as e:  # as in ``wait``: a peer that raised before joining, died or hangs
             raise RingCommError(
-                f"ring attention: rank {self.rank} of {self.world_size} could not gather {what} from the other "
+                f"{self.who}: rank {self.rank} of {self.world_size} could not gather {what} from the other "
                 f"ranks: a peer raised, died or timed out ({type(e).__name__}: {e})") from e
         return torch.stack(parts)
 
@@ -68,7 +82,7 @@ class RingComm:
                 w.wait()
         except RuntimeError as e:  # gloo and NCCL report peer failures and timeouts as RuntimeError subclasses
             raise RingCommError(
-                f"ring attention: rank {self.rank} of {self.world_size} could not exchange {what} with ranks "
+                f"{self.who}: rank {self.rank} of {self.world_size} could not exchange {what} with ranks "
                 f"{self.prev_rank} (previous) / {self.next_rank} (next): a peer raised, died or timed out "
                 f"({type(e).__name__}: {e})") from e
 
@@ -104,4 +118,49 @@ class RingShift:
         return self.current
 
 
-__all__ = ["RingComm", "RingShift", "RingCommError"]
+def check_agreement(comm: RingComm, names: tuple[str, ...], facts: list[int] | None, device: torch.device,
+                    decode: Callable[[str, int], object], explain: Callable[[list[dict]], str]) -> None:
+    """Raise the same ValueError on every rank unless all ranks of ``comm`` hold the same ``facts`` (one int64
+    code per name of ``names``); ``facts=None``: this rank refused its inputs (it raises its own error; the
+    others learn it here and raise at once).
+
+    One ``all_gather`` of ``1 + len(names)`` int64 per rank on ``device`` (CPU for gloo, CUDA for NCCL, where
+    reading the result back is one host synchronisation). The message names what differs and which ranks hold
+    which value (``decode(name, code)``), then ``explain(rows)``, ``rows`` every rank's decoded facts."""
+    row = [1, *facts] if facts is not None else [0] * (1 + len(names))
+    table = comm.all_gather(torch.tensor(row, dtype=torch.int64, device=device), "the shapes of their shards")
+    table = table.tolist()
+    if facts is None:
+        return
+    refused = [r for r, t in enumerate(table) if not t[0]]
+    if refused:
+        their = "its" if len(refused) == 1 else "their"
+        raise ValueError(f"{comm.who}: {ranks_text(refused)} of the group refused {their} inputs (see the error "
+                         f"raised there), so every rank stops")
+    differ = [i for i, _ in enumerate(names) if len({t[1 + i] for t in table}) > 1]
+    if not differ:
+        return
+    rows = [dict(zip(names, (decode(name, c) for name, c in zip(names, t[1:])))) for t in table]
+    what = "; ".join(f"{names[i]}: {by_rank([r[names[i]] for r in rows])}" for i in differ)
+    raise ValueError(f"{comm.who}: the {len(table)} ranks of the group disagree on {what}. {explain(rows)}")
+
+
+def ranks_text(ranks: list[int]) -> str:
+    """``"rank 3"``, ``"ranks 0, 2"``, ``"ranks 0-5, 7"``."""
+    runs, start = [], ranks[0]
+    for a, b in zip(ranks, [*ranks[1:], None]):
+        if b != a + 1:
+            runs.append(str(a) if a == start else f"{start}-{a}")
+            start = b
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(runs)
+
+
+def by_rank(values: list) -> str:
+    """``"4 on ranks 0, 2 vs 8 on rank 1"``: each value and the ranks holding it, in order of first rank."""
+    holders: dict = {}
+    for r, x in enumerate(values):
+        holders.setdefault(x, []).append(r)
+    return " vs ".join(f"{x} on {ranks_text(rs)}" for x, rs in holders.items())
+
+
+__all__ = ["RingComm", "RingShift", "RingCommError", "check_agreement", "by_rank", "ranks_text"]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import check_qkv, repeat_kv
-from .comm import RingComm, RingShift
+from .comm import RingComm, RingShift, by_rank, check_agreement
 from .layout import LAYOUTS, check_layout, required_multiple
 
 aten = torch.ops.aten
@@ -363,53 +363,17 @@ def _decode(name: str, code: int):
     return code
 
 
-def _ranks(ranks: list[int]) -> str:
-    """``"rank 3"``, ``"ranks 0, 2"``, ``"ranks 0-5, 7"``."""
-    runs, start = [], ranks[0]
-    for a, b in zip(ranks, [*ranks[1:], None]):
-        if b != a + 1:
-            runs.append(str(a) if a == start else f"{start}-{a}")
-            start = b
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(runs)
-
-
-def _by_rank(values: list) -> str:
-    """``"4 on ranks 0, 2 vs 8 on rank 1"``: each value and the ranks holding it, in order of first rank."""
-    holders: dict = {}
-    for r, x in enumerate(values):
-        holders.setdefault(x, []).append(r)
-    return " vs ".join(f"{x} on {_ranks(rs)}" for x, rs in holders.items())
-
-
 def _check_agreement(comm: RingComm, facts: list[int] | None, device: torch.device) -> None:
-    """Raise the same ValueError on every rank unless all ranks hold the same ``AGREED`` facts; ``facts=None``:
-    this rank refused its inputs (it raises its own error; the others learn it here and raise at once).
-
-    One ``all_gather`` of ``1 + len(AGREED)`` int64 per rank, on ``device`` (q's: CPU for gloo, CUDA for NCCL,
-    where reading the result back is one host synchronisation)."""
-    row = [1, *facts] if facts is not None else [0] * (1 + len(AGREED))
-    table = comm.all_gather(torch.tensor(row, dtype=torch.int64, device=device), "the shapes of their shards")
-    table = table.tolist()
-    if facts is None:
-        return
-    refused = [r for r, t in enumerate(table) if not t[0]]
-    if refused:
-        their = "its" if len(refused) == 1 else "their"
-        raise ValueError(f"ring attention: {_ranks(refused)} of the group refused {their} inputs (see the error "
-                         f"raised there), so every rank stops")
-    differ = [i for i, _ in enumerate(AGREED) if len({t[1 + i] for t in table}) > 1]
-    if not differ:
-        return
-    rows = [dict(zip(AGREED, (_decode(name, c) for name, c in zip(AGREED, t[1:])))) for t in table]
-    what = "; ".join(f"{AGREED[i]}: {_by_rank([r[AGREED[i]] for r in rows])}" for i in differ)
-    shards = _by_rank([f"q {[r['batch size'], r['query heads'], r['shard length'], r['head_dim']]}, "
-                       f"k {[r['batch size'], r['key/value heads'], r['shard length'], r['head_dim']]}, "
-                       f"v {[r['batch size'], r['key/value heads'], r['shard length'], r['value head_dim']]} "
-                       f"({r['dtype']})" for r in rows])
-    raise ValueError(f"ring attention: the {len(table)} ranks of the group disagree on {what}. Every rank must "
-                     f"pass its shard of one sequence (q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] of one "
-                     f"dtype and the same sizes on every rank) and the same causal, layout and scale; the shards "
-                     f"are {shards}")
+    """``comm.check_agreement`` on the ``AGREED`` facts of ring attention (``None``: this rank refused its own)."""
+    def explain(rows: list[dict]) -> str:
+        shards = by_rank([f"q {[r['batch size'], r['query heads'], r['shard length'], r['head_dim']]}, "
+                          f"k {[r['batch size'], r['key/value heads'], r['shard length'], r['head_dim']]}, "
+                          f"v {[r['batch size'], r['key/value heads'], r['shard length'], r['value head_dim']]} "
+                          f"({r['dtype']})" for r in rows])
+        return (f"Every rank must pass its shard of one sequence (q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, "
+                f"Dv] of one dtype and the same sizes on every rank) and the same causal, layout and scale; the "
+                f"shards are {shards}")
+    check_agreement(comm, AGREED, facts, device, _decode, explain)
 
 
 class _RingAttention(torch.autograd.Function):

@@ -11,10 +11,16 @@ denominator. Arithmetic is float32 (float64 for float64 inputs) whatever the inp
 ungated 1M-token sequence holds sums of ~1e6 terms of size ``|k|^(2p)``, far inside float32's range, so
 fp16/bf16 inputs never overflow (fp16's own range, 65504, would not survive 64K tokens).
 
+Two halves: ``cut_chunks`` computes all that does not depend on the state entering the sequence (the weights
+inside each chunk, each chunk's own state), ``read_chunks`` scans the chunks' states from a given one and reads
+them; sharded power retention (``longctx.distributed.power``) relays the state between the two.
+
 Differentiable through autograd. This is also the reference the Triton kernel
 (``longctx.kernels.power_retention``) is tested against.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +55,36 @@ def power_retention_chunk(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None 
     after the last token (arithmetic dtype, on the gate level of the last token). ``T`` need not be a
     multiple of ``chunk_size``.
     """
+    chunks = cut_chunks(q, k, v, log_g, deg, chunk_size, scale)
+    B, Hkv, _, D, e = chunks.dS.shape
+    if initial_state is None:
+        S, z = empty_state(B, Hkv, chunks.qc.shape[-1], e, deg, q.device, chunks.dS.dtype)
+    else:
+        S, z = _check_state(initial_state, B, Hkv, D, e, chunks.dS.dtype)
+    o, state = read_chunks(chunks, S, z)
+    return (o, state) if return_state else o
+
+
+class Chunks(NamedTuple):
+    """What the chunked form computes before it needs the state entering the sequence (arithmetic dtype;
+    ``n`` chunks of ``c`` tokens, the last zero-padded; ``R = Hq / Hkv``, ``D`` the expanded dim)."""
+    num: Tensor        # [B, Hkv, R, n, c, e]   numerators inside each chunk
+    den: Tensor        # [B, Hkv, R, n, c]      their normalisers
+    qc: Tensor         # [B, Hkv, R, n, c, d]   queries
+    r: Tensor          # [B, Hkv, 1, n, c]      scale^deg x the decay from each chunk's start to each token
+    dS: Tensor         # [B, Hkv, n, D, e]      each chunk's own state, on the level of its last token
+    dz: Tensor         # [B, Hkv, n, D]
+    gamma: Tensor      # [B, Hkv, n]            decay across each chunk
+    log_decay: Tensor  # [B, Hkv]               log-decay across the whole sequence
+    deg: int
+    T: int
+    dtype: torch.dtype  # q's: the output's
+
+
+def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, chunk_size: int,
+               scale: float | None) -> Chunks:
+    """The state-independent part of ``power_retention_chunk`` (shapes there): the attention-like weights inside
+    each chunk and each chunk's own state."""
     check_qkv(q, k, v)
     check_gate(log_g, k)
     check_deg(deg)
@@ -77,32 +113,42 @@ def power_retention_chunk(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None 
     num = torch.einsum("bhrncs,bhnse->bhrnce", w, vc)
     den = w.sum(-1)
 
-    # the state entering each chunk
+    # each chunk's own state
     G_end = G[..., -1]                                                            # [B, Hkv, n]
     G_start = F.pad(G_end[..., :-1], (1, 0))                                      # level just before each chunk
     phik = sympow(kc, deg) * torch.exp(G_end[..., None] - G)[..., None]          # [B, Hkv, n, c, D]
     dS = torch.einsum("bhncD,bhnce->bhnDe", phik, vc)
     dz = phik.sum(-2)
     gamma = torch.exp(G_end - G_start)
-    if initial_state is None:
-        S, z = empty_state(B, Hkv, d, e, deg, q.device, ct)
-    else:
-        S, z = _check_state(initial_state, B, Hkv, expanded_dim(d, deg), e, ct)
+    # queries read the state through r (deg-homogeneity of phi carries the scale and the gate)
+    r = (scale ** deg) * torch.exp(G - G_start[..., None]).unsqueeze(2)          # [B, Hkv, 1, n, c]
+    return Chunks(num, den, qc, r, dS, dz, gamma, G_end[..., -1], deg, T, q.dtype)
+
+
+def chunks_state(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """The state after the last chunk from ``(S [B,Hkv,D,e], z [B,Hkv,D])`` before the first."""
+    for m in range(chunks.gamma.shape[-1]):
+        S = chunks.gamma[..., m, None, None] * S + chunks.dS[:, :, m]
+        z = chunks.gamma[..., m, None] * z + chunks.dz[:, :, m]
+    return S, z
+
+
+def read_chunks(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``o [B, Hq, T, e]`` from the state ``(S [B,Hkv,D,e], z [B,Hkv,D])`` entering the sequence, and the
+    state after its last token."""
     S_in, z_in = [], []
-    for m in range(n):
+    for m in range(chunks.gamma.shape[-1]):
         S_in.append(S)
         z_in.append(z)
-        S = gamma[..., m, None, None] * S + dS[:, :, m]
-        z = gamma[..., m, None] * z + dz[:, :, m]
+        S = chunks.gamma[..., m, None, None] * S + chunks.dS[:, :, m]
+        z = chunks.gamma[..., m, None] * z + chunks.dz[:, :, m]
     S_in, z_in = torch.stack(S_in, 2), torch.stack(z_in, 2)                      # [B, Hkv, n, D, (e)]
-
-    # queries read the state (deg-homogeneity of phi carries the scale and the gate)
-    r = (scale ** deg) * torch.exp(G - G_start[..., None]).unsqueeze(2)          # [B, Hkv, 1, n, c]
-    phiq = sympow(qc, deg)                                                        # [B, Hkv, R, n, c, D]
-    num = num + r[..., None] * torch.einsum("bhrncD,bhnDe->bhrnce", phiq, S_in)
-    den = den + r * torch.einsum("bhrncD,bhnD->bhrnc", phiq, z_in)
-    o = safe_ratio(num, den).reshape(B, Hq, n * c, e)[:, :, :T].to(q.dtype)
-    return (o, (S, z)) if return_state else o
+    phiq = sympow(chunks.qc, chunks.deg)                                          # [B, Hkv, R, n, c, D]
+    num = chunks.num + chunks.r[..., None] * torch.einsum("bhrncD,bhnDe->bhrnce", phiq, S_in)
+    den = chunks.den + chunks.r * torch.einsum("bhrncD,bhnD->bhrnc", phiq, z_in)
+    B, Hkv, R, n, c, e = num.shape
+    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T].to(chunks.dtype)
+    return o, (S, z)
 
 
 def _check_state(state, B: int, Hkv: int, D: int, e: int, ct: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -17,12 +17,19 @@ Defaults suit the CPU bench's tiny GPT (head_dim 16, block 128): ``power`` folds
 of 32 (its state, 136 x 17 floats per KV head, equals about 72 tokens of K/V at head_dim 16); ``power4``'s
 state is 3876 x 17 floats per KV head (about 2000 tokens of K/V), so it stays on plain K/V up to 1024 tokens
 and folds in chunks of 64.
+
+Sequence parallel. With ``sequence_parallel=True`` and ``torch.distributed`` initialised with more than one rank,
+``forward`` takes this rank's contiguous stretch of every sequence and runs ``distributed.power``'s sharded form
+over the default process group (each rank passes its shard's global ``positions`` to ``GPT.forward`` for RoPE);
+otherwise the option changes nothing. It is off by default: in data-parallel training the ranks hold different
+sequences, which must not be chained. Decoding (``step``) stays single-process.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -54,13 +61,17 @@ class PowerRetention(Mechanism):
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, deg: int = 2, chunk_size: int = 32,
                  switch_over: int = 64, gate: str = "decay", scale: float | None = None, rotary: bool = False,
-                 rope_base: float = 10000.0, use_kernel: bool | None = None):
+                 rope_base: float = 10000.0, use_kernel: bool | None = None, sequence_parallel: bool = False):
         super().__init__(n_head, n_kv_head, head_dim)
         check_deg(deg)
         check_schedule(chunk_size, switch_over)
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if sequence_parallel and rotary:
+            raise ValueError("rotary=True rotates at positions 0..T-1 of the shard; with sequence_parallel=True apply "
+                             "RoPE at the global positions before the mechanism (the GPT does, with positions=...)")
         self.deg, self.chunk_size, self.switch_over, self.gate = deg, chunk_size, switch_over, gate
+        self.sequence_parallel = bool(sequence_parallel)
         self.scale, self.rotary, self.rope_base, self.use_kernel = scale, rotary, rope_base, use_kernel
         if gate == "decay":
             spread = torch.linspace(0, 1, n_kv_head) if n_kv_head > 1 else torch.zeros(1)
@@ -89,6 +100,9 @@ class PowerRetention(Mechanism):
         T = q.shape[2]
         q, k = self._rotate(q, k, 0)
         log_g = self._log_g(q, T)
+        if self.sequence_parallel and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from ...distributed.power import sharded_power_retention   # distributed imports the mechanisms
+            return sharded_power_retention(q, k, v, log_g, self.deg, self.chunk_size, self.scale)
         if T <= self.switch_over or (not takes_kernel(q, k, v, self.deg, self.chunk_size, self.use_kernel)
                                      and prefers_quadratic(T, q.shape[-1], v.shape[-1], self.deg, self.chunk_size)):
             return power_retention_naive(q, k, v, log_g, self.deg, self.scale)
@@ -161,4 +175,5 @@ class PowerRetention(Mechanism):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", deg={self.deg}, chunk_size={self.chunk_size}, "
-                f"switch_over={self.switch_over}, gate={self.gate!r}, rotary={self.rotary}")
+                f"switch_over={self.switch_over}, gate={self.gate!r}, rotary={self.rotary}"
+                + (", sequence_parallel=True" if self.sequence_parallel else ""))

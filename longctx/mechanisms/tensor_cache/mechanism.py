@@ -1,10 +1,16 @@
 """The registered ``"tensor_cache"`` mechanism: sliding-window attention (L1) plus an associative memory (L2)
-written by the tokens that leave the window, mixed by a learned per-head gate. Definition: ``naive``."""
+written by the tokens that leave the window, mixed by a learned per-head gate. Definition: ``naive``.
+
+With ``sequence_parallel=True`` (``write="exact"``) and ``torch.distributed`` initialised with more than one rank,
+``forward`` takes this rank's contiguous stretch of every sequence and runs ``distributed.tensor_cache``'s sharded
+form over the default process group (a halo of ``window`` tokens and the memory come from the ranks before);
+otherwise the option changes nothing. Off by default: data-parallel ranks hold different sequences."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..base import Mechanism, check_int, check_state_bytes_args, dtype_bytes, register
@@ -37,7 +43,7 @@ class TensorCache(Mechanism):
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, window: int = 32, feature: str = "identity",
                  write: str = "exact", chunk: int = 64, decay_init: float = 0.99, eta_init: float = 1.0,
-                 gate_init: float = 0.0):
+                 gate_init: float = 0.0, sequence_parallel: bool = False):
         super().__init__(n_head, n_kv_head, head_dim)
         check_int("window", window)
         check_int("chunk", chunk)
@@ -51,7 +57,11 @@ class TensorCache(Mechanism):
             raise ValueError(f"eta_init must be a finite number > 0, got {eta_init}")
         if not math.isfinite(gate_init):
             raise ValueError(f"gate_init must be finite, got {gate_init}")
+        if sequence_parallel and write != "exact":
+            raise ValueError(f"sequence_parallel=True needs write='exact' (chunk-mean writes are grouped from the "
+                             f"start of the sequence), got write={write!r}")
         self.window, self.feature, self.write, self.chunk = window, feature, write, chunk
+        self.sequence_parallel = bool(sequence_parallel)
         self.decay_logit0 = math.log(decay_init / (1 - decay_init))
         self.eta_raw0 = math.log(math.expm1(eta_init))
         self.gate0 = float(gate_init)
@@ -95,6 +105,9 @@ class TensorCache(Mechanism):
         self.check(q, k, v)
         if q.shape[2] == 0:
             return self.empty_output(q, v)
+        if self.sequence_parallel and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from ...distributed.tensor_cache import sharded_tensor_cache   # distributed imports the mechanisms
+            return sharded_tensor_cache(self, q, k, v)
         T, W = q.shape[2], self.window
         l1 = blocked_window_attention(q, k, v, W)
         dt = memory_dtype(q.dtype)
@@ -187,4 +200,4 @@ class TensorCache(Mechanism):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", window={self.window}, feature={self.feature!r}, write={self.write!r}, "
-                f"chunk={self.chunk}")
+                f"chunk={self.chunk}" + (", sequence_parallel=True" if self.sequence_parallel else ""))

@@ -1,0 +1,171 @@
+"""Power retention with the sequence split over the ranks of a process group (sequence parallelism).
+
+Layout: contiguous. Rank ``r`` of ``N`` holds the ``r``-th stretch of the sequence, ``q [B, Hq, L_r, d]``,
+``k [B, Hkv, L_r, d]``, ``v [B, Hkv, L_r, e]``, ``log_g [B, Hkv, L_r]``; ``layout.shard(x, N, r, "contiguous")``
+cuts equal stretches, but the lengths may differ by rank (any ``L_r >= 1``: the chunked form pads a partial last
+chunk). A rank needs no other rank's keys, only the state the tokens before its shard leave behind
+(``power.chunk``: ``S = sum_j g_(end, j) phi(k_j) v_j^T [D, e]``, ``z = sum_j g_(end, j) phi(k_j) [D]``, kept
+here as one tensor ``X = [S | z]`` of ``[B, Hkv, D, e + 1]``):
+
+1. each rank cuts its shard into chunks (``power.chunk.cut_chunks``: the weights inside each chunk and each
+   chunk's own state, all that does not depend on the state before) and scans the chunks' states from zero:
+   its shard's own state ``X_r`` and its decay across the shard, ``a_r = sum log_g`` (``[B, Hkv]``);
+2. relay in rank order: rank ``r`` receives the state entering its shard, ``I_r`` (``I_0 = 0``), from
+   ``r - 1`` and sends ``I_(r+1) = exp(a_r) I_r + X_r`` to ``r + 1``;
+3. each rank reads its chunks from ``I_r`` (``read_chunks``): its outputs.
+
+Backward (``relay.relay_state``): autograd through 3 gives ``dI_r``, the gradient of this rank's own outputs with
+respect to its incoming state; relayed the other way, rank ``r`` receives ``Λ_(r+1)`` (the whole gradient of the
+state leaving its shard, ``Λ_N = 0``) from ``r + 1`` and sends ``Λ_r = dI_r + exp(a_r) Λ_(r+1)`` to ``r - 1``;
+then ``dX_r = Λ_(r+1)``, ``da_r = exp(a_r) <I_r, Λ_(r+1)>``, and autograd through 1 and 3 finishes the q, k, v
+and gate gradients. The result is the single-process chunked form's, up to the order of sums.
+
+Bytes moved per call (``relay_bytes``: ``B x Hkv x D x (e + 1)`` numbers in the arithmetic dtype, float32 for
+fp16/bf16/float32 inputs, ``D = C(d + deg - 1, deg)``), independent of the shard length: forward, every rank but
+the last sends one state and every rank but the first receives one, plus one ``all_gather`` of ``1 +
+len(AGREED)`` int64 per rank (the agreement check); backward, the same one state the other way, no collective.
+Ring attention moves ``(N - 1) x 2 x B x Hkv x L x d`` elements per rank forward (input dtype), and backward
+those again plus ``N x 2 x B x Hkv x L x d`` float32 gradients. With ``B = 1, Hkv = 8, d = e = 64``, bf16:
+
+==========================  ===========================  ==========================================
+per rank and layer          forward                      backward
+==========================  ===========================  ==========================================
+power (deg 2, D = 2080)     4.3 MB, any L, any N         4.3 MB
+ring, L = 4096, N = 8       58.7 MB                      58.7 MB + 134 MB
+power4 (deg 4, D = 766480)  1.6 GB                       1.6 GB
+==========================  ===========================  ==========================================
+
+Deg 2 sends less than the ring from ``(N - 1) L > D (e + 1) x 4 / (2 d x 2) ~ 2100`` tokens on; deg 4 at
+``d = 64`` only beyond ~780K (its state is what makes it costly anywhere; at the bench's ``d = 16``, ``D = 3876``).
+
+Scaling efficiency, a prediction (nothing measured: no GPU this session). The work is the single-process chunked
+form's, cut in ``N``: the chunks' own states are computed once, and scanned twice (from zero in step 1, from
+``I_r`` in step 3), ``2 L / c`` elementwise steps of one state against ``~2 D (e + 1) (1 + R) + 2 c R (d + e)``
+flops a token (``R = Hq / Hkv``, ``c`` the chunk). What is added is the relay, sequential and on the critical
+path (a rank's outputs wait for its incoming state): ``(N - 1)`` hops of one state forward and again backward,
+``(N - 1) (t_lat + relay_bytes / BW)`` each way. So ``E(N) ~ 1 / (1 + (N - 1) hop / t_chunk(L))``. With ``B = 1,
+Hkv = 8, d = e = 64, c = 64, R = 1``: one hop of 4.3 MB at ~100 GB/s is ~45 us, 7 hops at ``N = 8`` ~0.3 ms,
+against 1.5e11 flops of chunked form per layer forward for ``L = 32K`` (1.5 ms at 100 TFLOP/s, several ms in the
+PyTorch chunked form this runs: the Triton kernel takes no initial state), so ``E(8)`` ~ 0.85-0.95 at ``L =
+32K``, rising with ``L`` and ``R``, falling as ``N`` grows (a log-depth scan would make it ``log2 N`` hops).
+
+The ``power`` / ``power4`` mechanisms use this with ``sequence_parallel=True`` when ``torch.distributed`` is
+initialised with more than one rank (an option, not a new name: a data-parallel job, whose ranks hold different
+sequences, must not have them chained by default). A group of one runs the chunked form with no communication.
+A rank that raises, dies or hangs makes the others raise ``RingCommError`` at their next transfer, within the
+process group's timeout.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..attention import check_qkv
+from ..mechanisms.power.chunk import (Chunks, check_chunk_size, chunks_state, cut_chunks, power_retention_chunk,
+                                      read_chunks)
+from ..mechanisms.power.expand import check_deg, expanded_dim
+from ..mechanisms.power.naive import check_gate, compute_dtype, default_scale
+from .comm import RingComm, by_rank, check_agreement
+from .relay import relay_state
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What every rank must share (the shard length need not), in the order of the agreement check's int64 row.
+AGREED = ("dtype", "batch size", "query heads", "key/value heads", "head_dim", "value head_dim", "deg", "gated",
+          "scale", "needs gradients")
+
+
+def relay_bytes(batch: int, n_kv: int, d: int, e: int, deg: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the one state a rank sends per call (forward; the backward sends as many): ``B x Hkv x D x (e+1)``
+    in the arithmetic dtype of ``dtype`` inputs."""
+    return batch * n_kv * expanded_dim(d, check_deg(deg)) * (e + 1) * compute_dtype(dtype).itemsize
+
+
+def shard_state(chunks: Chunks) -> tuple[Tensor, Tensor]:
+    """The state a shard leaves from zero, ``X [B, Hkv, D, e + 1]`` (``[S | z]``, on the gate level of its last
+    token), and its log-decay ``a [B, Hkv]``, from its chunks (``cut_chunks``): a scan of ``n`` elementwise steps,
+    the chunks' own states being computed once for this and for the outputs."""
+    S, z = chunks_state(chunks, torch.zeros_like(chunks.dS[:, :, 0]), torch.zeros_like(chunks.dz[:, :, 0]))
+    return torch.cat([S, z.unsqueeze(-1)], -1), chunks.log_decay
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, chunk_size: int,
+                  scale: float | None) -> tuple[float, list[int]]:
+    """This rank's own checks, no peer involved: ``(scale, facts)``, ``facts`` coding ``AGREED``."""
+    check_qkv(q, k, v)
+    check_gate(log_g, k)
+    check_deg(deg)
+    check_chunk_size(chunk_size)
+    if q.dtype not in DTYPES:
+        raise TypeError(f"sharded power retention takes float16, bfloat16, float32 or float64 inputs, got {q.dtype}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must hold the same tokens (one shard), got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("sharded power retention needs at least one token on every rank, got a shard of 0")
+    scale = default_scale(q.shape[-1], scale)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k, v, log_g))
+    (B, hq, _, d), hkv, e = q.shape, k.shape[1], v.shape[3]
+    facts = [DTYPES.index(q.dtype), B, hq, hkv, d, e, deg, int(log_g is not None),
+             struct.unpack("<q", struct.pack("<d", scale))[0], int(grads)]
+    return scale, facts
+
+
+def _decode(name: str, code: int):
+    if name == "dtype":
+        return DTYPES[code]
+    if name in ("gated", "needs gradients"):
+        return bool(code)
+    if name == "scale":
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    return code
+
+
+def _explain(rows: list[dict]) -> str:
+    shards = by_rank([f"q [{r['batch size']}, {r['query heads']}, L, {r['head_dim']}], k [{r['batch size']}, "
+                      f"{r['key/value heads']}, L, {r['head_dim']}], v [.., {r['value head_dim']}] ({r['dtype']})"
+                      for r in rows])
+    return (f"Every rank must pass its shard of one sequence (q [B, Hq, L, d], k [B, Hkv, L, d], v [B, Hkv, L, e] of "
+            f"one dtype and the same sizes but L on every rank), log_g on all ranks or none, and the same deg and "
+            f"scale, with gradients on all ranks or none; the shards are {shards}")
+
+
+def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None, deg: int = 2,
+                            chunk_size: int = 64, scale: float | None = None,
+                            group: dist.ProcessGroup | None = None) -> Tensor:
+    """Power retention over a sequence split contiguously across the ranks of ``group``; this rank's outputs.
+
+    Call it on every rank of ``group`` (default: the default process group; without ``torch.distributed``
+    initialised it runs on this process alone) with this rank's stretch of the sequence, in rank order:
+    ``q [B, Hq, L, d]``, ``k [B, Hkv, L, d]``, ``v [B, Hkv, L, e]``, ``log_g [B, Hkv, L]`` (optional gate,
+    ``<= 0``), ``L >= 1`` (it may differ by rank). ``deg``, ``chunk_size``, ``scale`` as in
+    ``power_retention_chunk``; q and k already rotated at their global positions if RoPE is wanted. Returns
+    ``o [B, Hq, L, e]`` in q's dtype, equal to power retention over the whole sequence restricted to this rank's
+    queries; differentiable in ``q, k, v, log_g``.
+
+    The ranks first check that they agree (one ``all_gather`` of ``1 + len(AGREED)`` int64 per rank): where their
+    dtype, ``B, Hq, Hkv, d, e``, ``deg``, gating, ``scale`` or need of gradients differ, or a rank refuses its own
+    inputs, every rank raises the same ValueError. Then one state of ``relay_bytes`` moves between neighbours
+    forward and one backward; a peer that raised, died or hangs makes the wait raise ``RingCommError``.
+    """
+    comm = RingComm(group, who="sharded power retention")
+    try:
+        scale, facts = _check_inputs(q, k, v, log_g, deg, chunk_size, scale)
+    except (TypeError, ValueError):
+        if comm.world_size > 1:   # tell the others, so that they raise now rather than wait for this rank
+            dev = q.device if isinstance(q, Tensor) and q.device.type in ("cpu", "cuda") else torch.device("cpu")
+            with contextlib.suppress(Exception):   # this rank's own error is the one to raise here
+                check_agreement(comm, AGREED, None, dev, _decode, _explain)
+        raise
+    if comm.world_size == 1:
+        return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
+    check_agreement(comm, AGREED, facts, q.device, _decode, _explain)
+    chunks = cut_chunks(q, k, v, log_g, deg, chunk_size, scale)
+    incoming = relay_state(*shard_state(chunks), comm)
+    e = v.shape[-1]
+    return read_chunks(chunks, incoming[..., :e], incoming[..., e])[0]
+
+
+__all__ = ["sharded_power_retention", "shard_state", "relay_bytes", "AGREED"]

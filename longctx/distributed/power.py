@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..attention import check_qkv
-from ..mechanisms.power.chunk import (Chunks, check_chunk_size, chunks_state, cut_chunks, power_retention_chunk,
+from ..mechanisms.power.chunk import (Chunks, check_chunk_size, chunks_state, cut_chunks, power_retention,
                                       read_chunks)
 from ..mechanisms.power.expand import check_deg, expanded_dim
 from ..mechanisms.power.naive import check_gate, compute_dtype, default_scale
@@ -159,8 +159,8 @@ def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | Non
             with contextlib.suppress(Exception):   # this rank's own error is the one to raise here
                 check_agreement(comm, AGREED, None, dev, _decode, _explain)
         raise
-    if comm.world_size == 1:
-        return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
+    if comm.world_size == 1:       # nothing to relay: the one-process path, Triton kernel included where it applies
+        return power_retention(q, k, v, log_g, deg, chunk_size, scale)
     check_agreement(comm, AGREED, facts, q.device, _decode, _explain)
     chunks = cut_chunks(q, k, v, log_g, deg, chunk_size, scale)
     incoming = relay_state(*shard_state(chunks), comm)

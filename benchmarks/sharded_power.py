@@ -1,0 +1,88 @@
+"""Sequence-parallel power retention (``longctx.distributed.sharded_power_retention``) against one GPU.
+
+Runs unchanged on one process or under ``torchrun --nproc-per-node N`` (NCCL, one GPU per rank):
+
+    PYTHONPATH=. python benchmarks/sharded_power.py --out benchmarks/results/sharded_power.json
+    PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/sharded_power.py --out benchmarks/results/sharded_power_4.json
+
+For every ``L`` (tokens per rank): forward + backward of ``sharded_power_retention`` over ``N x L`` tokens, and on
+each rank alone ``power_retention`` over ``L`` tokens through the Triton kernel and through the PyTorch chunked
+form (what the sharded path runs when ``N > 1``). Weak scaling: the sharded step does each rank's work plus the
+relay, so ``efficiency = single L / sharded`` against each baseline. bf16, B = 1, 8 heads, d = e = 64, deg 2, gated,
+chunk 128; 2 untimed and ``--reps`` timed steps, synchronised over the ranks. Rank 0 writes the JSON atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from longctx.atomic import atomic_write_json
+from longctx.bench.measure import device_name
+from longctx.distributed.power import relay_bytes, sharded_power_retention
+from longctx.mechanisms.power import power_retention
+
+
+def timed_step(fn, reps: int, device) -> float:
+    """Seconds of one forward + backward of ``fn()`` (the slowest rank's, after a barrier)."""
+    for _ in range(2):
+        fn().float().sum().backward()
+    torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn().float().sum().backward()
+    torch.cuda.synchronize(device)
+    seconds = torch.tensor([(time.perf_counter() - start) / reps], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return float(seconds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="4096,16384,65536", help="tokens per rank")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results/sharded_power.json")
+    args = p.parse_args(argv)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    torch.cuda.set_device(device)
+    result = {"device": device_name(device), "ranks": world, "torch": torch.__version__,
+              "shape": "B=1, H=8, d=e=64, deg 2, gated, chunk 128, bf16", "reps": args.reps,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    gen = torch.Generator(device=device).manual_seed(rank)
+    for L in [int(x) for x in args.lengths.split(",")]:
+        q, k, v = (torch.randn(1, 8, L, 64, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+                   for _ in range(3))
+        log_g = torch.nn.functional.logsigmoid(torch.randn(1, 8, L, device=device, generator=gen) + 4)
+        log_g.requires_grad_()
+        row = {"tokens_per_rank": L, "total_tokens": L * world,
+               "relay_bytes": relay_bytes(1, 8, 64, 64, 2) if world > 1 else 0}
+        row["sharded_ms"] = 1000 * timed_step(lambda: sharded_power_retention(q, k, v, log_g, chunk_size=128),
+                                              args.reps, device)
+        row["kernel_ms"] = 1000 * timed_step(lambda: power_retention(q, k, v, log_g, chunk_size=128), args.reps, device)
+        row["chunked_ms"] = 1000 * timed_step(lambda: power_retention(q, k, v, log_g, chunk_size=128, use_kernel=False),
+                                              args.reps, device)
+        row["efficiency_vs_kernel"] = row["kernel_ms"] / row["sharded_ms"]
+        row["efficiency_vs_chunked"] = row["chunked_ms"] / row["sharded_ms"]
+        result["rows"].append(row)
+        if rank == 0:
+            print(row, flush=True)
+            atomic_write_json(Path(args.out), result)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

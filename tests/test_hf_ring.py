@@ -172,6 +172,8 @@ def test_exact_attention_and_packing_on_one_process(gen):
     assert torch.equal(hf.document_ids(position_ids=positions), docs)
     assert positions[0].tolist() == [*range(6), *range(14), *range(9)]
     got = model(ids, position_ids=positions, document_ids=docs).logits
+    with pytest.raises(ValueError, match="position_ids restart inside a row"):   # packed, but no documents given
+        model(ids, position_ids=positions)
     model.config._attn_implementation = "sdpa"
     pieces = torch.cat([model(ids[:, a:b]).logits for a, b in ((0, 6), (6, 20), (20, 29))], 1)
     assert rel_err(got, pieces) < 1e-5                                # masked matrix form vs SDPA; measured <= 6e-7

@@ -21,21 +21,10 @@ from transformers import DynamicCache, StaticCache
 from longctx.atomic import atomic_write_json
 from longctx.bench.measure import device_name
 from longctx.kv import CompressedCache, calibrate
-from longctx.kv.evaluate import forward_with
+from longctx.kv.evaluate import greedy_steps
 from longctx.kv.graphs import generate_slots
 from longctx.kv.model import random_llama
 from longctx.kv.throughput import SMOLLM2_135M, TINY_LLAMA
-
-
-@torch.no_grad()
-def eager_greedy(model, cache, ids: torch.Tensor, n: int) -> torch.Tensor:
-    tok = forward_with(model, cache, ids, 0, 1)[:, -1:].argmax(-1)
-    out, seen = [tok], ids.shape[1]
-    for _ in range(n - 1):
-        tok = forward_with(model, cache, tok, seen, 1)[:, -1:].argmax(-1)
-        out.append(tok)
-        seen += 1
-    return torch.cat([ids, *out], 1)
 
 
 def main(argv=None) -> int:
@@ -48,7 +37,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (3, 300), generator=gen).to(dev)
     stats = calibrate(model, torch.randint(0, 512, (1, 256), generator=gen).to(dev), "tiny")
-    want = eager_greedy(model, DynamicCache(), ids, 64)
+    want = greedy_steps(model, DynamicCache(), ids, 64)
     got = generate_slots(model, ids, 64, StaticCache(config=model.config, max_cache_len=400))
     checks.append({"case": "tiny fp32: StaticCache graphs vs DynamicCache eager",
                    "tokens_equal": torch.equal(got, want)})
@@ -58,7 +47,7 @@ def main(argv=None) -> int:
             extra["model"] = model
         grow = CompressedCache(method, budget=96, slack=16, **extra)
         fixed = CompressedCache(method, budget=96, slack=16, fixed=True, **extra)
-        want = eager_greedy(model, grow, ids, 64)
+        want = greedy_steps(model, grow, ids, 64)
         got = generate_slots(model, ids, 64, fixed)
         checks.append({"case": f"tiny fp32: {method} fixed graphs vs growing eager",
                        "tokens_equal": torch.equal(got, want),

@@ -15,7 +15,7 @@ from test_kv import VOCAB, make_cache, prompt, tiny_config
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from longctx.kv import CompressedCache, calibrate
-from longctx.kv.evaluate import forward_with
+from longctx.kv.evaluate import forward_with, greedy_steps
 from longctx.kv.graphs import SLOT_ATTENTION, SlotDecoder, generate_slots, slot_attention
 from longctx.kv.throughput import check_settings, run_kv_throughput, settings_for, summary
 
@@ -30,22 +30,10 @@ def tiny():
     return model, calibrate(model, torch.randint(1, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3)))
 
 
-@torch.no_grad()
-def eager_greedy(model, cache, ids, n):
-    """``ids`` then ``n`` greedy tokens, one forward per token through ``cache`` with the model's own attention."""
-    tok = forward_with(model, cache, ids, 0, 1)[:, -1:].argmax(-1)
-    out, seen = [tok], ids.shape[1]
-    for _ in range(n - 1):
-        tok = forward_with(model, cache, tok, seen, 1)[:, -1:].argmax(-1)
-        out.append(tok)
-        seen += 1
-    return torch.cat([ids, *out], 1)
-
-
 def test_static_cache_slots_give_the_dynamic_caches_tokens(tiny):
     model, _ = tiny
     ids = prompt(23, batch=3, seed=1)
-    want = eager_greedy(model, DynamicCache(), ids, 30)
+    want = greedy_steps(model, DynamicCache(), ids, 30)
     assert torch.equal(generate_slots(model, ids, 30, StaticCache(config=model.config, max_cache_len=60)), want)
 
 
@@ -79,7 +67,7 @@ def test_compressed_slots_keep_the_growing_caches_tokens(tiny, method, prompt_le
     extra = {"observation": 6} if method == "snapkv" else {}    # SnapKV's window of queries within the prompts
     growing = make_cache(method, model, stats, budget=12, window=4, slack=5, **extra)
     fixed = make_cache(method, model, stats, budget=12, window=4, slack=5, fixed=True, **extra)
-    want = eager_greedy(model, growing, ids, 27)
+    want = greedy_steps(model, growing, ids, 27)
     got = generate_slots(model, ids, 27, fixed)
     growing.detach(), fixed.detach()
     assert torch.equal(got, want)
@@ -129,7 +117,7 @@ def test_smollm2_slots_keep_the_growing_caches_tokens():
     stats = calibrate(model, ids, "SmolLM2")
     growing = CompressedCache("triattention", budget=16, stats=stats, window=4, slack=4)
     fixed = CompressedCache("triattention", budget=16, stats=stats, window=4, slack=4, fixed=True)
-    assert torch.equal(generate_slots(model, ids, 12, fixed), eager_greedy(model, growing, ids, 12))
+    assert torch.equal(generate_slots(model, ids, 12, fixed), greedy_steps(model, growing, ids, 12))
     assert all(torch.equal(a.positions, b.positions) for a, b in zip(fixed.layers, growing.layers))
     assert fixed.layers[0].n_pruned >= 3
 

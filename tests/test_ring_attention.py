@@ -183,25 +183,29 @@ def all_cases_job(rank: int, world_size: int, seed: int) -> dict:
     return res
 
 
-@pytest.fixture(scope="module")
-def ring_runs():
-    """World size -> (seconds, per-rank results of every case); each world size spawned once, lazily."""
+def spawned_per_world_size(job, **kwargs):
+    """``get(world_size) -> (per-rank results of job, seed)``: each world size spawned once, when first asked, with
+    a fresh seed (from the test's seeded generator) passed to ``job`` as ``seed=``."""
     cache: dict[int, tuple] = {}
 
     def get(world_size: int):
         if world_size not in cache:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            t0 = time.monotonic()
-            results = results_of(run_ranks(world_size, all_cases_job, seed=seed))
-            cache[world_size] = (time.monotonic() - t0, results, seed)
+            cache[world_size] = (results_of(run_ranks(world_size, job, seed=seed, **kwargs)), seed)
         return cache[world_size]
     return get
+
+
+@pytest.fixture(scope="module")
+def ring_runs():
+    """World size -> (per-rank results of every case, seed)."""
+    return spawned_per_world_size(all_cases_job)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_ring_matches_exact_attention(ring_runs, world_size, case):
-    _, results, seed = ring_runs(world_size)
+    results, seed = ring_runs(world_size)
     tol = TOL[case["dtype"]]
     for rank, res in enumerate(results):
         e = res[case["name"]]
@@ -212,7 +216,7 @@ def test_ring_matches_exact_attention(ring_runs, world_size, case):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bad_length_names_the_multiple(ring_runs, world_size):
-    _, results, _ = ring_runs(world_size)
+    results, _ = ring_runs(world_size)
     for res in results:
         assert res["bad length"]["error"] is not None
         assert f"multiple of 2 * world_size = {2 * world_size}" in res["bad length"]["error"]

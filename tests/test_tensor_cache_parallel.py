@@ -21,7 +21,7 @@ from longctx.mechanisms import build_mechanism
 from longctx.mechanisms.tensor_cache import tensor_cache_naive
 from longctx.model import GPT, GPTConfig
 from test_power_parallel import _count_sends
-from test_ring_attention import results_of, run_ranks
+from test_ring_attention import spawned_per_world_size
 
 JOB_TIMEOUT_S = 90
 PG_TIMEOUT_S = 10
@@ -148,15 +148,8 @@ def all_cases_job(rank: int, world_size: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def tc_runs():
-    cache: dict[int, tuple] = {}
-
-    def get(world_size: int):
-        if world_size not in cache:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            statuses = run_ranks(world_size, all_cases_job, timeout=JOB_TIMEOUT_S, pg_timeout=PG_TIMEOUT_S, seed=seed)
-            cache[world_size] = (results_of(statuses), seed)
-        return cache[world_size]
-    return get
+    """World size -> (per-rank results of every case, seed)."""
+    return spawned_per_world_size(all_cases_job, timeout=JOB_TIMEOUT_S, pg_timeout=PG_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

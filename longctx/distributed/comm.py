@@ -145,6 +145,18 @@ def check_agreement(comm: RingComm, names: tuple[str, ...], facts: list[int] | N
     raise ValueError(f"{comm.who}: the {len(table)} ranks of the group disagree on {what}. {explain(rows)}")
 
 
+def shard_shapes(rows: list[dict], length: str = "L") -> str:
+    """``by_rank`` of each rank's q / k / v shapes from its decoded agreement facts (``"batch size"``, ``"query
+    heads"``, ``"key/value heads"``, ``"head_dim"``, ``"value head_dim"``, ``"dtype"``); ``length``: the name of
+    the fact holding the shard length, or a letter when the lengths may differ."""
+    def shapes(r: dict) -> str:
+        n = r.get(length, length)
+        return (f"q [{r['batch size']}, {r['query heads']}, {n}, {r['head_dim']}], k [{r['batch size']}, "
+                f"{r['key/value heads']}, {n}, {r['head_dim']}], v [{r['batch size']}, {r['key/value heads']}, {n}, "
+                f"{r['value head_dim']}] ({r['dtype']})")
+    return by_rank([shapes(r) for r in rows])
+
+
 def ranks_text(ranks: list[int]) -> str:
     """``"rank 3"``, ``"ranks 0, 2"``, ``"ranks 0-5, 7"``."""
     runs, start = [], ranks[0]
@@ -163,4 +175,4 @@ def by_rank(values: list) -> str:
     return " vs ".join(f"{x} on {ranks_text(rs)}" for x, rs in holders.items())
 
 
-__all__ = ["RingComm", "RingShift", "RingCommError", "check_agreement", "by_rank", "ranks_text"]
+__all__ = ["RingComm", "RingShift", "RingCommError", "check_agreement", "by_rank", "ranks_text", "shard_shapes"]

@@ -69,7 +69,7 @@ from ..mechanisms.power.chunk import (Chunks, check_chunk_size, chunks_state, cu
                                       read_chunks)
 from ..mechanisms.power.expand import check_deg, expanded_dim
 from ..mechanisms.power.naive import check_gate, compute_dtype, default_scale
-from .comm import RingComm, by_rank, check_agreement
+from .comm import RingComm, check_agreement, shard_shapes
 from .relay import relay_state
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -124,9 +124,7 @@ def _decode(name: str, code: int):
 
 
 def _explain(rows: list[dict]) -> str:
-    shards = by_rank([f"q [{r['batch size']}, {r['query heads']}, L, {r['head_dim']}], k [{r['batch size']}, "
-                      f"{r['key/value heads']}, L, {r['head_dim']}], v [.., {r['value head_dim']}] ({r['dtype']})"
-                      for r in rows])
+    shards = shard_shapes(rows)
     return (f"Every rank must pass its shard of one sequence (q [B, Hq, L, d], k [B, Hkv, L, d], v [B, Hkv, L, e] of "
             f"one dtype and the same sizes but L on every rank), log_g on all ranks or none, and the same deg and "
             f"scale, with gradients on all ranks or none; the shards are {shards}")

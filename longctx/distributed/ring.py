@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import check_qkv, repeat_kv
-from .comm import RingComm, RingShift, by_rank, check_agreement
+from .comm import RingComm, RingShift, check_agreement, shard_shapes
 from .layout import LAYOUTS, check_layout, required_multiple
 
 aten = torch.ops.aten
@@ -366,10 +366,7 @@ def _decode(name: str, code: int):
 def _check_agreement(comm: RingComm, facts: list[int] | None, device: torch.device) -> None:
     """``comm.check_agreement`` on the ``AGREED`` facts of ring attention (``None``: this rank refused its own)."""
     def explain(rows: list[dict]) -> str:
-        shards = by_rank([f"q {[r['batch size'], r['query heads'], r['shard length'], r['head_dim']]}, "
-                          f"k {[r['batch size'], r['key/value heads'], r['shard length'], r['head_dim']]}, "
-                          f"v {[r['batch size'], r['key/value heads'], r['shard length'], r['value head_dim']]} "
-                          f"({r['dtype']})" for r in rows])
+        shards = shard_shapes(rows, "shard length")
         return (f"Every rank must pass its shard of one sequence (q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, "
                 f"Dv] of one dtype and the same sizes on every rank) and the same causal, layout and scale; the "
                 f"shards are {shards}")

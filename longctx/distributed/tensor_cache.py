@@ -40,7 +40,7 @@ from ..attention import check_qkv
 from ..mechanisms.tensor_cache.recurrent import memory_dtype
 from ..mechanisms.tensor_cache.scan import decayed_scan
 from ..mechanisms.tensor_cache.window import blocked_window_attention
-from .comm import RingComm, by_rank, check_agreement
+from .comm import RingComm, check_agreement, shard_shapes
 from .relay import exchange_halo, relay_state
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,9 +72,7 @@ def _decode(name: str, code: int):
 
 
 def _explain(rows: list[dict]) -> str:
-    shards = by_rank([f"q [{r['batch size']}, {r['query heads']}, L, {r['head_dim']}], k [{r['batch size']}, "
-                      f"{r['key/value heads']}, L, {r['head_dim']}], v [.., {r['value head_dim']}] ({r['dtype']})"
-                      for r in rows])
+    shards = shard_shapes(rows)
     return (f"Every rank must pass its shard of one sequence (q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] of "
             f"one dtype and the same sizes but L on every rank) to one Tensor Cache configuration, with gradients on "
             f"all ranks or none; the shards are {shards}")

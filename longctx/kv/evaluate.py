@@ -212,6 +212,19 @@ def forward_with(model, cache, ids: Tensor, seen: int, logits_to_keep: int = 0) 
 
 
 @torch.no_grad()
+def greedy_steps(model, cache, ids: Tensor, n: int) -> Tensor:
+    """``[B, T + n]``: ``ids [B, T]`` then ``n`` greedy tokens, one forward a token through ``cache`` with the
+    model's own attention (the eager reference that graph-captured decoding is compared with)."""
+    tok = forward_with(model, cache, ids, 0, 1)[:, -1:].argmax(-1)
+    out, seen = [tok], ids.shape[1]
+    for _ in range(n - 1):
+        tok = forward_with(model, cache, tok, seen, 1)[:, -1:].argmax(-1)
+        out.append(tok)
+        seen += 1
+    return torch.cat([ids.to(tok.device), *out], 1)
+
+
+@torch.no_grad()
 def greedy_answer(model, cache, question_ids: Tensor, seen: int, max_new_tokens: int,
                   eos_token_id: int | None = None) -> dict:
     """Feed ``question_ids [1, Q]`` after ``seen`` context tokens, then decode greedily one token at a time.

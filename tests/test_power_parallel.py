@@ -22,6 +22,7 @@ from longctx.mechanisms import build_mechanism
 from longctx.mechanisms.power import power_retention_chunk, power_retention_naive
 from longctx.mechanisms.power.chunk import cut_chunks
 from longctx.model import GPT, GPTConfig
+from test_ring_gpt import train_side_by_side
 from test_ring_attention import run_ranks, spawned_per_world_size
 
 JOB_TIMEOUT_S = 90
@@ -139,24 +140,7 @@ def _gpt_trains(rank: int, world_size: int, seed: int) -> dict:
     idx, tgt = data[:, :-1], data[:, 1:]
     L = T // world_size
     mine = slice(rank * L, (rank + 1) * L)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (sp, one)]
-    losses = []
-    for _ in range(3):
-        _, loss = sp(idx[:, mine], tgt[:, mine], positions=torch.arange(T)[mine])
-        loss.backward()
-        for p in sp.parameters():                 # the mean over ranks of per-rank mean losses = the global mean
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
-        sp_loss = loss.detach().clone()
-        dist.all_reduce(sp_loss)
-        _, one_loss = one(idx, tgt)
-        one_loss.backward()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-        losses.append((sp_loss.item() / world_size, one_loss.item()))
-    weight_err = max(rel_err(a, b) for a, b in zip(sp.parameters(), one.parameters()))
-    return {"losses": losses, "weight_err": weight_err}
+    return train_side_by_side(world_size, sp, one, (idx[:, mine], tgt[:, mine], torch.arange(T)[mine]), (idx, tgt))
 
 
 def all_cases_job(rank: int, world_size: int, seed: int) -> dict:

@@ -21,6 +21,7 @@ from longctx.mechanisms import build_mechanism
 from longctx.mechanisms.tensor_cache import tensor_cache_naive
 from longctx.model import GPT, GPTConfig
 from test_power_parallel import _count_sends
+from test_ring_gpt import train_side_by_side
 from test_ring_attention import spawned_per_world_size
 
 JOB_TIMEOUT_S = 90
@@ -118,23 +119,7 @@ def _gpt_trains(rank: int, world_size: int, seed: int) -> dict:
     data = torch.randint(0, cfg["vocab_size"], (2, T + 1), generator=torch.Generator().manual_seed(seed))
     idx, tgt = data[:, :-1], data[:, 1:]
     mine = slice(rank * T // world_size, (rank + 1) * T // world_size)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (sp, one)]
-    losses = []
-    for _ in range(3):
-        _, loss = sp(idx[:, mine], tgt[:, mine], positions=torch.arange(T)[mine])
-        loss.backward()
-        for p in sp.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
-        sp_loss = loss.detach().clone()
-        dist.all_reduce(sp_loss)
-        _, one_loss = one(idx, tgt)
-        one_loss.backward()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-        losses.append((sp_loss.item() / world_size, one_loss.item()))
-    return {"losses": losses, "weight_err": max(rel_err(a, b) for a, b in zip(sp.parameters(), one.parameters()))}
+    return train_side_by_side(world_size, sp, one, (idx[:, mine], tgt[:, mine], torch.arange(T)[mine]), (idx, tgt))
 
 
 def all_cases_job(rank: int, world_size: int, seed: int) -> dict:

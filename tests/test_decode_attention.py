@@ -113,7 +113,10 @@ print(json.dumps({"cases": cases, "refused": refused, "graph": graph,
 def check_report(report: dict) -> None:
     for name, c in report["cases"].items():
         # bf16/fp16: the output rounded once, and the softmax weights rounded to the value dtype before p @ v
-        # (as in flash attention): about 5e-3 of the norm in bf16, a few times the output's own rounding
+        # (as in flash attention): about 5e-3 of the norm in bf16, a few times the output's own rounding.
+        # Measured under the interpreter (not re-measured on a GPU here), (norm, largest element): float32
+        # <= (5.6e-7, 9.3e-7) over 8 seeds; bf16 kernel <= (6.2e-3, 9.7e-3) over 68 seeds, narrowly spread (median
+        # 5.6e-3, 7.8e-3); bf16 reference <= (2.0e-3, 3.4e-3); fp16 <= (2.7e-4, 4.9e-4) under the bf16 bound
         tol = (1e-5, 1e-5) if "bf16" not in name and "f16" not in name else (1e-2, 2e-2)
         assert c["ok"], (name, c)
         for errs in (c["kernel"], c["reference"]):
@@ -123,7 +126,7 @@ def check_report(report: dict) -> None:
     assert report["splits_small"] == 1 and report["splits_long"] > 1
     for name in ("d24", "dv48"):
         assert "use_kernel=True: the decode attention kernel needs" in report["refused"][name], report["refused"]
-    if report["graph"] is not None:
+    if report["graph"] is not None:   # CUDA only: not re-measured on this CPU machine
         assert report["graph"][0] < 1e-2 and report["graph"][1] < 2e-2, report["graph"]
 
 
@@ -158,11 +161,13 @@ def test_reference_is_the_softmax_over_valid_slots(gen, hq, hkv, d, e, n):
         length = torch.tensor([L])
         out = decode_attention_reference(q, ks, vs, length, scale=0.7)
         assert out.shape == (B, hq, 1, e) and out.dtype == torch.float64
-        torch.testing.assert_close(out, naive(q, k, v, L, 0.7), rtol=1e-12, atol=1e-12)
+        # float64: measured |diff| <= 1.5e-14 over 38 seeds
+        torch.testing.assert_close(out, naive(q, k, v, L, 0.7), rtol=1e-13, atol=1e-13)
         # off CUDA (no interpreter) the public function is the reference
         assert torch.equal(decode_attention(q, ks, vs, length.int(), scale=0.7), out)
     fp32 = decode_attention_reference(q.float(), ks.float(), vs.float(), length)
     assert fp32.dtype == torch.float32
+    # float32 inputs and arithmetic against float64: measured |diff| <= 9.9e-7 over 38 seeds
     torch.testing.assert_close(fp32.double(), naive(q, k, v, n, d ** -0.5), rtol=1e-5, atol=1e-5)
 
 

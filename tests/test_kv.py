@@ -45,11 +45,13 @@ def test_unrotate_inverts_transformers_rope(gen):
     cos, sin = rotary(x.float(), pos)
     _, hf = apply_rotary_pos_emb(x, x, cos.double(), sin.double())
     ours = rotate(x, pos[:, None], spec)
-    # transformers forms the angles p·ω in float32: error up to ~3000·2^-24 rad at these positions
+    # transformers forms the angles p·ω in float32: error up to ~3000·2^-24 rad at these positions;
+    # measured <= 2.8e-5 over 48 seeds (both checks)
     assert rel_err(ours, hf) < 3e-4
     back = unrotate(hf, pos[:, None], spec)
     assert rel_err(back, x) < 3e-4
-    assert rel_err(unrotate(rotate(x, pos[:, None], spec), pos[:, None], spec), x) < 1e-12
+    # float64, the same angles both ways: measured <= 1.3e-16 over 48 seeds
+    assert rel_err(unrotate(rotate(x, pos[:, None], spec), pos[:, None], spec), x) < 1e-15
 
 
 def test_rope_spec_rejects_unsupported_type():
@@ -79,6 +81,7 @@ def test_trig_score_equals_expected_logit_when_queries_sit_on_their_centre(gen):
     qpos = torch.tensor([t + dlt for dlt in FUTURE_OFFSETS])
     q_rot = hf_rotate(q[None, :, :, None].expand(1, n_kv, g, len(qpos), d).reshape(1, n_kv * g, len(qpos), d), qpos)
     logits = torch.einsum("bhgqd,bhsd->bhgqs", q_rot.view(1, n_kv, g, len(qpos), d), k_rot).mean(3)
+    # transformers' float32 angles at positions up to 700 + 2^16: measured <= 3.4e-5 over 48 seeds (a 3x margin)
     assert rel_err(est, logits) < 1e-4
 
 
@@ -166,11 +169,13 @@ def test_step_after_prune_equals_attention_over_kept_keys(tiny, chunk, attn):
         positions = torch.arange(19, 19 + chunk)[None].expand(2, -1)
         want = model(nxt, past_key_values=reference, position_ids=positions, use_cache=True).logits
     assert cache.get_seq_length() == 19 + chunk
-    assert rel_err(got, want) < 1e-5
-    # and it differs from the full cache (the prune really dropped something that mattered)
+    # fixed inputs, float32 model: measured exactly 0 (same kernels on the same keys); 1e-6 leaves room for a
+    # float32 reduction in another order (~1e-7)
+    assert rel_err(got, want) < 1e-6
+    # and it differs from the full cache (the prune really dropped something that mattered): measured >= 0.30
     with torch.no_grad():
         full = model(torch.cat([ids, nxt], 1)).logits[:, -chunk:]
-    assert rel_err(got, full) > 1e-4
+    assert rel_err(got, full) > 1e-2
 
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o"])
@@ -197,7 +202,8 @@ def test_query_scorers_match_the_models_attention_weights(tiny, method):
         want = grouped.sum((2, 3))
     else:
         want = torch.nn.functional.max_pool1d(grouped[:, :, :, -5:].mean(3).sum(2).view(4, 1, n), 7, 1, 3).view(2, 2, n)
-    assert rel_err(scores, want) < 1e-5
+    # fixed inputs; float32 attention weights summed in another order: measured <= 4.4e-8
+    assert rel_err(scores, want) < 5e-7
 
 
 def test_stats_round_trip_and_mismatch(tiny, tmp_path):
@@ -225,6 +231,8 @@ def test_calibration_matches_explicit_queries(tiny):
         h = model(calib, output_hidden_states=True).hidden_states[1]         # input of layer 1
         q = layer.self_attn.q_proj(layer.input_layernorm(h)).reshape(-1, 4, 16).double()
     z = to_complex(q)
+    # fixed inputs: measured exactly 0 (the same float32 forward); 1e-6 leaves room for float32 q from a
+    # differently blocked matmul
     assert rel_err(torch.view_as_real(stats.mu[1]), torch.view_as_real(z.mean(0))) < 1e-6
     assert rel_err(stats.abs_mean[1], z.abs().mean(0)) < 1e-6
     assert stats.mu.shape == (2, 4, 8)

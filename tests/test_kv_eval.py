@@ -72,6 +72,7 @@ def test_needle_sits_at_the_asked_depth(tok, text, depth):
     # bytes of haystack before the needle / haystack bytes, reference computed on the decoded text
     document = tok.decode(s.context_ids[0, first:end])
     before, after = document.split(needle)
+    # the same byte ratio both ways: measured exactly 0 (pytest.approx's default rel=1e-6)
     assert s.needle_depth == pytest.approx(len(before.encode()) / len((before + after).encode()))
     longest_verse = max(len(line.encode()) for line in (before + after).splitlines(keepends=True))
     assert abs(s.needle_depth - depth) * len((before + after).encode()) <= longest_verse
@@ -118,10 +119,12 @@ def test_replay_equals_a_real_prefill(tiny, method):
         real = CompressedCache(method, budget=b, slack=16, **cache_extras(method, model, stats))
         with torch.no_grad():
             want = model(ids, past_key_values=real, use_cache=True).logits[:, -1]
-        assert torch.allclose(pre.next_logits, want, atol=1e-5)
+        # fixed inputs, float32 logits from two forwards: measured max |diff| 8.9e-8 (was atol=1e-5 with rtol=1e-5)
+        assert torch.allclose(pre.next_logits, want, rtol=0, atol=1e-6)
         for got, ref in zip(replayed[b].layers, real.layers):
             assert got.n_pruned == ref.n_pruned == 1
             assert torch.equal(got.positions, ref.positions)
+            # measured exactly 0 (the same float32 projections); 1e-6 allows a differently blocked matmul
             assert torch.allclose(got.keys, ref.keys, atol=1e-6) and torch.allclose(got.values, ref.values, atol=1e-6)
         real.detach()
         replayed[b].detach()
@@ -136,13 +139,15 @@ def test_perplexity_with_budget_above_length_equals_full_cache(tiny):
     reference = torch.nn.functional.cross_entropy(logits, ids[0, 100:], reduction="sum").item()
     pre = prefill(model, context, capture_queries=True)
     full = continuation_nll(model, pre.full_cache(), pre.next_logits, continuation, 100, chunk=8)
-    assert full["n_tokens"] == 40 and full["nll_sum"] == pytest.approx(reference, rel=1e-5)
+    # fixed inputs; float32 logits, chunked decode against one forward: measured rel <= 6.4e-8 (chunk 8 and 1)
+    assert full["n_tokens"] == 40 and full["nll_sum"] == pytest.approx(reference, rel=1e-6)
     assert continuation_nll(model, pre.full_cache(), pre.next_logits, continuation, 100, chunk=1)["nll_sum"] == \
-        pytest.approx(reference, rel=1e-5)
+        pytest.approx(reference, rel=1e-6)
     for method in METHODS[1:]:
         cache = compressed_caches(pre, model, method, [140], stats)[140]
         got = continuation_nll(model, cache, pre.next_logits, continuation, 100, chunk=8)
         cache.detach()
+        # nothing pruned, the same keys: measured exactly 0; 1e-6 is float32 rounding of a 40-token sum
         assert got["nll_sum"] == pytest.approx(full["nll_sum"], rel=1e-6), method
         assert cache.layers[0].n_pruned == 0
 
@@ -274,6 +279,7 @@ def test_large_budget_keeps_needle_answer_identical(tiny, tok, text):
         for c in caches.values():
             c.detach()
     with torch.no_grad():
+        # fixed inputs; float32 prefill (query capture on) against a plain forward: measured 1.7e-7
         assert rel_err(pre.next_logits, model(s.context_ids).logits[:, -1]) < 1e-5
 
 

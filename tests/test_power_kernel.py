@@ -80,9 +80,13 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     errors = report["errors"]
     for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_d32_blocks_of_8",
                  "exact_e128"):  # o, dq, dk, dv (, dlog_g)
+        # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
+        # 40 seeds
         assert max(errors[name]) < 1e-3, (name, errors[name])
-    for name in ("bf16_gated_gqa", "bf16_tiny_first_weight"):  # bf16 operands: ~5e-3 typical
-        assert max(errors[name]) < 3e-2, (name, errors[name])
+    for name in ("bf16_gated_gqa", "bf16_tiny_first_weight"):
+        # bf16 operands: o, dq, dk, dv measured <= 7.9e-3 over 140 seeds; d log_g, a difference of two large sums
+        # of bf16 products, is heavy-tailed: median 6e-3, max 2.9e-2 (it shared the 3e-2 bound until then)
+        assert max(errors[name][:4]) < 3e-2 and errors[name][4] < 0.1, (name, errors[name])
     assert "head dims d, e in (16, 32, 64, 128)" in report["refused"]["d=24"]
     assert "chunk_size=48" in report["refused"]["chunk=48"]
     assert "65536 exceeds the kernel's grid" in report["refused"]["grid"]
@@ -119,4 +123,5 @@ def test_compiled_kernel_every_head_dim_and_chunk(gen, d, chunk):
     ref = power_retention_chunk(*leaves, 2, chunk)
     ref_grads = torch.autograd.grad(ref, leaves, do.double())
     errors = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+    # bf16 on the GPU: not re-measured on this CPU machine (benchmarks/README: o..dv <= 3.5e-3, d log_g 2-5e-2)
     assert max(errors[:4]) < 2e-2 and errors[4] < 0.15, errors   # o, dq, dk, dv; dlog_g (see benchmarks/README)

@@ -190,7 +190,8 @@ def test_matching_shards_are_exact_with_one_small_collective(agreement_runs, wor
     results, seed = agreement_runs(world_size)
     for rank, res in enumerate(results):
         e = res["exact"]
-        assert e["err"] < 1e-12, (rank, seed, e)
+        # float64 ring merge against the float64 oracle (out, dq, dk, dv): measured <= 9.2e-16 over 6 seeds
+        assert e["err"] < 1e-14, (rank, seed, e)
         assert len(e["forward_bytes"]) == 1 and e["forward_bytes"][0] <= 128, e    # one all_gather, <= 16 int64
         assert e["backward_bytes"] == [], e                                        # the backward reuses it
 
@@ -199,7 +200,8 @@ def test_matching_shards_are_exact_with_one_small_collective(agreement_runs, wor
 def test_a_group_of_one_works_without_a_collective(agreement_runs, world_size):
     results, seed = agreement_runs(world_size)
     for rank, res in enumerate(results):
-        assert res["group of one"]["err"] < 1e-12, (rank, seed, res["group of one"])
+        # float64, one block of 6 keys: measured <= 2.1e-16 over 6 seeds
+        assert res["group of one"]["err"] < 2e-15, (rank, seed, res["group of one"])
         assert res["group of one"]["bytes"] == [], res["group of one"]
 
 

@@ -108,7 +108,9 @@ CASES = [
     _case("f64 causal contiguous mqa packed", layout="contiguous", hq=4, hkv=1, docs=True, per_rank=7),
     _case("f32 noncausal zigzag gqa packed", dtype="float32", causal=False, docs=True),
 ]
-TOL = {"float64": 1e-12, "float32": 2e-6}
+# measured over 6 seeds, world sizes 1-4, every rank: float64 <= 1.6e-15 (dq), float32 <= 4.6e-7 (float32 blocks
+# merged against the float64 oracle; out, dq, dk, dv)
+TOL = {"float64": 2e-14, "float32": 2e-6}
 
 
 def rank_inputs(seed: int, shape_q, shape_kv, dtype=torch.float64):
@@ -266,7 +268,8 @@ def test_single_process_is_exact_attention_and_gradchecks(causal, gen):
     q = torch.randn(1, 2, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 1, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert rel_err(ring_attention(q, k, v, causal=causal), attention(q, k, v, causal=causal)) < 1e-12
+    # measured exactly 0 over 8 seeds (one rank runs the same attention call); 1e-14 allows a float64 merge
+    assert rel_err(ring_attention(q, k, v, causal=causal), attention(q, k, v, causal=causal)) < 1e-14
     assert torch.autograd.gradcheck(lambda a, b, c: ring_attention(a, b, c, causal=causal), (q, k, v))
 
 

@@ -75,7 +75,9 @@ def test_ring_gpt_trains_like_full_attention(trained, layout):
     results, seed = trained
     for rank, res in enumerate(results):
         r = res[layout]
+        # float32 model, sums over shards in another order: measured over 18 seeds loss <= 2.3e-7 relative,
+        # weights (worst parameter, after 3 SGD steps) <= 1.1e-6
         for step, (ring_loss, full_loss) in enumerate(r["losses"]):
             assert abs(ring_loss - full_loss) <= 2e-6 * abs(full_loss), (rank, step, seed, r["losses"])
-        assert r["weight_err"] < 1e-4, (rank, seed, r["weight_err"])
+        assert r["weight_err"] < 1e-5, (rank, seed, r["weight_err"])
     assert results[0][layout]["losses"][-1][0] < results[0][layout]["losses"][0][0]   # it did train

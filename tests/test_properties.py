@@ -79,7 +79,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- 1. attention against the float64 softmax -----------------------------------------------------------------
 
-TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+TOL = {torch.float64: 3e-14, torch.float32: 2e-5}      # from the measurements stated in the test below
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -130,8 +130,8 @@ def test_merge_of_split_keys_equals_attention(B, hh, d, tq, tk, causal, where, s
     ref_out, ref_lse = softmax_reference(q, k, v, causal, None)
     assert out.dtype == lse.dtype == torch.float64
     # Measured over 8,500 examples: at most 1.5e-15 (out), 5e-16 (lse).
-    assert max_err(out, ref_out) < 1e-12
-    assert max_err(lse, ref_lse) < 1e-12
+    assert max_err(out, ref_out) < 2e-14
+    assert max_err(lse, ref_lse) < 2e-14
 
 
 # --- 3. each mechanism: parallel form == steps over pieces; state_bytes == the state's bytes -----------------
@@ -173,7 +173,7 @@ def pieces(draw, max_len: int = 20) -> list[int]:
 
 
 def row_tolerance(mech, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | float:
-    """1e-9, and for power retention (``[B,Hq,T]``) that plus the rounding error of its expanded state.
+    """1e-14, and for power retention (``[B,Hq,T]``) that plus the rounding error of its expanded state.
 
     Folded tokens are read as ``phi(q) . phi(k)``, a sum of products of total magnitude at most
     ``|q|^p |k|^p`` (Cauchy-Schwarz, ``|phi(x)| = |x|^p``), where the quadratic form (the parallel form on short
@@ -182,9 +182,10 @@ def row_tolerance(mech, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | floa
     ``kappa = sum_j g_ij (|q_i| |k_j|)^p / sum_j g_ij (q_i . k_j)^p``: one power4 query at cosines 3e-4, 4e-3, 6e-3
     with its three keys has kappa 2.5e9 and its outputs differ by 3.5e-8 between the forms. Measured over 3,200
     examples built to be ill-conditioned (5 tokens, a fold every 2, d 2-16): in the rows of kappa > 1e3 the error
-    is at most 2.3 ``eps kappa``; the bound below allows 64 ``eps kappa``."""
+    is at most 2.3 ``eps kappa``; the bound below allows 64 ``eps kappa``. Over 5,800 examples of the test below,
+    no power row exceeded 64 ``eps kappa`` alone, and the other mechanisms stayed below 6.7e-16 (8.3e-16 over 8,500)."""
     if not isinstance(mech, PowerRetention):
-        return 1e-9
+        return 1e-14
     _, hq, T, _ = q.shape
     if mech.rotary:
         pos = torch.arange(T)
@@ -199,7 +200,7 @@ def row_tolerance(mech, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | floa
     norms = q.norm(dim=-1)[..., :, None] * k.norm(dim=-1)[..., None, :]
     kappa = (g * norms ** mech.deg).sum(-1) / (g * (q @ k.transpose(-1, -2)) ** mech.deg).sum(-1)
     eps = torch.finfo(torch.float64).eps
-    return 1e-9 + 64 * eps * kappa
+    return 1e-14 + 64 * eps * kappa
 
 
 def tensors_of(state) -> list[torch.Tensor]:

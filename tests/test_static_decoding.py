@@ -67,7 +67,9 @@ def test_static_step_equals_eager_step_and_forward(mechanism, options, gen):
     assert static.seen == T + N + 5 and int(static.pos) == T + N + 5
     assert state_tensors(static) == layout                    # updated in place: no buffer moved or changed shape
     ref, _ = m(idx)
-    assert rel_err(torch.cat(static_out, 1), torch.cat(eager_out, 1)) < 1e-12
+    # float64, over 6 seeds and every mechanism: static vs eager <= 2.7e-16; vs the parallel forward <= 6.9e-16,
+    # kept at 1e-10 because power4's folded state can be ill-conditioned (see tests/test_mechanisms.py)
+    assert rel_err(torch.cat(static_out, 1), torch.cat(eager_out, 1)) < 3e-15
     assert rel_err(torch.cat(static_out, 1), ref) < 1e-10
 
 
@@ -76,7 +78,8 @@ def test_static_step_with_gqa_of_one_kv_head(gen):
     idx = torch.randint(0, 256, (2, 21), generator=gen)
     st = m.init_static_state(2, 21)
     outs = [m.prefill_static(idx[:, :1], st)] + [m.step_static(idx[:, t:t + 1], st) for t in range(1, 21)]
-    assert rel_err(torch.cat(outs, 1), m(idx)[0]) < 1e-10
+    # float64: measured <= 4.7e-16 over 6 seeds
+    assert rel_err(torch.cat(outs, 1), m(idx)[0]) < 5e-15
 
 
 @pytest.mark.parametrize("mechanism,options", [CASES[0], CASES[2], CASES[6], CASES[8]], ids=lambda x: str(x))
@@ -136,6 +139,7 @@ def test_sampling_follows_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
     counts = torch.bincount(sample(logits, 1.0, None, g)[:, 0], minlength=5).double() / 40000
+    # sampling error of 40,000 draws: sd <= 2.4e-3, so 0.01 is ~4 sd; measured 6.1e-4 and 4.2e-4 (fixed generator)
     assert (counts - torch.softmax(logits[0].double(), 0)).abs().max() < 0.01
     top2 = torch.bincount(sample(logits, 1.0, 2, g)[:, 0], minlength=5)
     assert top2[2:].sum() == 0 and abs(top2[0] / 40000 - 0.731) < 0.01
@@ -168,6 +172,7 @@ def test_graph_generation_equals_eager_on_cuda(mechanism, options, gen):
         graphs(mb.static_variant(st.seen))
         st.seen += 1
         le, ref = mb.step(tok, ref)
+        # bf16 logits on the GPU: not re-measured on this CPU machine
         assert rel_err(logits, le) < 2e-2
     assert len(graphs.graphs) >= 1
 
@@ -181,6 +186,7 @@ def test_eager_state_continues_from_a_static_one(mechanism, options, gen):
     for t in range(11, 23):
         m.step_static(idx[:, t:t + 1], st)
     logits, eager = m.step(idx[:, 23:], m.eager_state(st))
+    # float64: measured <= 8.9e-16 over 6 seeds; kept at 1e-10: power4's folded state can be ill-conditioned
     assert eager.seen == 30 and rel_err(logits, m(idx)[0][:, 23:]) < 1e-10
 
 
@@ -211,4 +217,5 @@ def test_power_short_prefills_run_in_place(mechanism, gen):
     for n in (3, 2, 5, 1, 3, 9, 3, 2, 3):                       # 3, 2, 1: one token at a time; 5, 9: eager form
         outs.append(m.prefill_static(idx[:, start:start + n], st))
         start += n
+    # float64: measured <= 8.7e-16 over 6 seeds; kept at 1e-10: power4's folded state can be ill-conditioned
     assert rel_err(torch.cat(outs, 1), m(idx)[0]) < 1e-10

@@ -104,7 +104,8 @@ def _add_throughput(sub) -> None:
                     help="random-weight Llama of this shape instead of a longctx GPT: tiny (CPU), smollm2 "
                          "(SmolLM2-135M), llama1b (16 layers, width 2048, 32/8 heads)")
     hf.add_argument("--caches", help="comma-separated among dynamic, static-hf, static, triattention, streamingllm, "
-                                     "keynorm (default: dynamic, static-hf, static, triattention)")
+                                     "keynorm (default: dynamic, static-hf, static, triattention; at 'max': dynamic, "
+                                     "static, triattention)")
     hf.add_argument("--budgets", help="comma-separated fractions of the context a compressed cache keeps "
                                       "(default 0.1,0.25,0.5; 0.5 with tiny)")
     p.set_defaults(func=_throughput)
@@ -142,8 +143,8 @@ def _kv_throughput(args) -> None:
     if args.preset != "cpu":
         raise SystemExit("--preset is for longctx's own GPT; --hf names the model")
     over = {"steps": args.steps}
-    if args.caches:
-        over["caches"] = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if args.caches:   # the same caches at the fixed batches and, with 'max', at their largest batch
+        over["caches"] = over["max_batch_caches"] = [c.strip() for c in args.caches.split(",") if c.strip()]
     if args.budgets:
         over["budgets"] = numbers(args.budgets, "--budgets", float)
     if args.contexts:

@@ -213,3 +213,24 @@ def test_kv_bytes_counts_the_slots_a_fixed_cache_holds(tiny):
         forward_with(model, fixed, prompt(7, batch=2), 0, 1)
     per_token = 2 * 2 * 2 * 16 * 4                          # layers x K,V x KV heads x head dim x float32
     assert fixed.stored_length() == 7 and kv_bytes(fixed) == 2 * 17 * per_token
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--hf", "tiny", "--paths", "graph"], "--paths is for longctx's own GPT"),
+    (["--hf", "tiny", "--preset", "gpu"], "--preset is for longctx's own GPT"),
+    (["--caches", "static"], "--caches and --budgets go with --hf"),
+    (["--hf", "tiny", "--budgets", "0.5,x"], "--budgets: expected comma-separated numbers"),
+    (["--hf", "tiny", "--caches", "paged"], "unknown cache 'paged'"),
+    (["--hf", "tiny", "--batches", "max", "--device", "cpu"], "the max-batch search needs a GPU"),
+])
+def test_cli_refuses_options_that_do_not_go_with_hf(argv, match, tmp_path, capsys):
+    from longctx.cli import main
+
+    try:
+        code = main(["throughput", *argv, "--out", str(tmp_path / "out")])
+    except SystemExit as e:
+        code, message = 2, str(e)
+    else:
+        message = capsys.readouterr().err
+    assert code == 2 and match in message, message
+    assert not (tmp_path / "out").exists()

@@ -111,6 +111,14 @@ def _add_throughput(sub) -> None:
     p.set_defaults(func=_throughput)
 
 
+def batch_options(text: str) -> dict:
+    """``--batches`` of the throughput command: ``{"batches": [...], "max_batch": bool}`` ("max": the largest batch
+    that fits)."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    rest = [b for b in names if b != "max"]
+    return {"max_batch": "max" in names, "batches": numbers(",".join(rest), "--batches", int) if rest else []}
+
+
 def _throughput(args) -> None:
     if args.hf:
         return _kv_throughput(args)
@@ -126,10 +134,7 @@ def _throughput(args) -> None:
     if args.paths:
         over["paths"] = [p.strip() for p in args.paths.split(",") if p.strip()]
     if args.batches:
-        names = [b.strip() for b in args.batches.split(",") if b.strip()]
-        over["max_batch"] = "max" in names
-        over["batches"] = numbers(",".join(b for b in names if b != "max") or "", "--batches", int) \
-            if any(b != "max" for b in names) else []
+        over.update(batch_options(args.batches))
     from .bench.throughput import summary
     print(summary(run_throughput(settings_for(args.preset, **over), args.device, args.out, not args.no_progress)))
 
@@ -150,10 +155,7 @@ def _kv_throughput(args) -> None:
     if args.contexts:
         over["contexts"] = numbers(args.contexts, "--contexts", int)
     if args.batches:
-        names = [b.strip() for b in args.batches.split(",") if b.strip()]
-        over["max_batch"] = "max" in names
-        over["batches"] = numbers(",".join(b for b in names if b != "max"), "--batches", int) \
-            if any(b != "max" for b in names) else []
+        over.update(batch_options(args.batches))
     try:
         s = settings_for(args.hf, **over)
     except ValueError as e:

@@ -297,8 +297,8 @@ class FixedBudgetLayer(CompressedLayer):
                              f"{self.capacity} slots")
         self.cumulative_length += n
         self._set_fill(self.fill + n)
-        if "slots" in self.scorer_state:                            # H2O's accumulated attention, one per slot
-            self.scorer_state["per_token"] = self.scorer_state["slots"][:, :, :self.fill]
+        if self.bound is not None:
+            self.scorer.fill_static(self.scorer_state, self.fill)
 
     @torch.no_grad()
     def fill_random(self, seen: int) -> None:

@@ -27,6 +27,7 @@ from transformers import AttentionInterface, StaticCache
 
 from ..decoding import StepGraphs
 from ..kernels.decode_attention import decode_attention
+from ..model import check_sampling, sample
 from .cache import CompressedCache
 
 SLOT_ATTENTION = "longctx_slots"
@@ -73,8 +74,6 @@ class SlotDecoder:
     def __init__(self, model, cache, seen: int, tok: Tensor, graphs: bool = True, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None, out: Tensor | None = None,
                  out_start: int = 0):
-        from ..model import check_sampling
-
         device = tok.device
         if tok.dim() != 2 or tok.shape[1] != 1 or tok.dtype != torch.long:
             raise ValueError(f"tok must be int64 [batch, 1], got {tok.dtype} {tuple(tok.shape)}")
@@ -85,7 +84,7 @@ class SlotDecoder:
                                 or out.device != device or not 0 <= out_start <= out.shape[1]):
             raise ValueError(f"out must be int64 [batch={tok.shape[0]}, N] on {device} with 0 <= out_start <= N, got "
                              f"{out.dtype} {tuple(out.shape)} on {out.device}, out_start={out_start}")
-        self.model, self.cache, self.tok, self.seen = model, cache, tok, seen
+        self.model, self.cache, self.tok = model, cache, tok
         self.temperature, self.top_k, self.generator = temperature, top_k, generator
         self.out, self.written = out, out_start
         self.column = torch.tensor([out_start], dtype=torch.long, device=device) if out is not None else None
@@ -113,8 +112,6 @@ class SlotDecoder:
         self.step = StepGraphs(self._step, generator) if graphs else self._step
 
     def _step(self, _variant=None) -> None:
-        from ..model import sample
-
         logits = self.model(self.tok, position_ids=self.position_ids, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1, slot_length=self.length).logits
         self.tok.copy_(sample(logits[:, -1], self.temperature, self.top_k, self.generator))
@@ -139,7 +136,6 @@ class SlotDecoder:
             for _ in range(n):
                 self.step(None)
                 self.fill += 1
-                self.seen += 1
                 if compressed:
                     self.pending += 1
                     if self.fill == self.capacity:
@@ -171,8 +167,6 @@ def generate_slots(model, ids: Tensor, max_new_tokens: int, cache, graphs: bool 
     """``[B, T + max_new_tokens]``: prefill ``ids [B, T]`` eagerly into ``cache`` (an empty ``StaticCache`` or
     ``CompressedCache(fixed=True)``), then one-token steps from a :class:`SlotDecoder` (CUDA graphs by default on
     CUDA), greedy unless ``temperature > 0`` (``longctx.model.sample``)."""
-    from ..model import sample
-
     if max_new_tokens < 1:
         return ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)

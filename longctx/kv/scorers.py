@@ -44,6 +44,9 @@ class Scorer:
         """See one rotated ``query [B, H, 1, D]`` at ``position [1]`` (device) after its key was written into
         ``key_slots [B, Hkv, C, D]`` at ``slot [1]``; slots after ``slot`` hold no token. Shapes never change."""
 
+    def fill_static(self, state: dict, fill: int) -> None:
+        """The layer's host count caught up: ``fill`` slots are stored (before a prune, and when it stops)."""
+
     def after_prune_static(self, state: dict, kept: int) -> None:
         """The layer was pruned to its first ``kept`` slots (``state`` as ``select`` left it)."""
 
@@ -250,7 +253,7 @@ class H2OScorer(Scorer):
         acc = state["per_token"]
         state["slots"] = acc.new_zeros(*acc.shape[:2], capacity)
         state["slots"][:, :, :fill] = acc
-        state["per_token"] = state["slots"][:, :, :fill]
+        self.fill_static(state, fill)
 
     def observe_static(self, state, query, position, key_slots, slot, scaling):
         acc = state["slots"]
@@ -262,9 +265,12 @@ class H2OScorer(Scorer):
         empty = torch.arange(capacity, device=slot.device) > slot                    # slots past the new token
         acc += logits.masked_fill(empty, float("-inf")).softmax(-1).sum((2, 3))
 
+    def fill_static(self, state, fill):
+        state["per_token"] = state["slots"][:, :, :fill]
+
     def after_prune_static(self, state, kept):
         state["slots"][:, :, :kept] = state["per_token"]
-        state["per_token"] = state["slots"][:, :, :kept]
+        self.fill_static(state, kept)
 
     def unbind_static(self, state, fill):
         state["per_token"] = state.pop("slots")[:, :, :fill]

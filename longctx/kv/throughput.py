@@ -34,9 +34,11 @@ import torch
 
 from ..atomic import atomic_write_json
 from ..bench.measure import DTYPES, device_name, timed
+from ..bench.throughput import is_oom
 from .cache import CompressedCache
-from .evaluate import budget_tokens, forward_with, kv_bytes
+from .evaluate import budget_tokens, forward_with, full_kv_bytes, kv_bytes
 from .model import random_llama
+from .rope import head_dim_of
 
 CACHES = ("dynamic", "static-hf", "static", "triattention", "streamingllm", "keynorm")
 COMPRESSED = ("triattention", "streamingllm", "keynorm")
@@ -111,12 +113,6 @@ def variants(s: KVThroughputSettings, batch_label) -> list[tuple[str, float | No
     return [(c, b) for c in names for b in (s.budgets if c in COMPRESSED else [None])]
 
 
-def kv_token_bytes(config, dtype: torch.dtype) -> int:
-    """Key and value bytes of one token over all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
-
-
 def slots_for(cache: str, context: int, budget: int | None, s: KVThroughputSettings) -> int:
     """Token slots one sequence holds while decoding (the growing cache: twice its length, old and new copy of
     one layer aside, is what ``cat`` needs at its peak; counted once here)."""
@@ -144,7 +140,7 @@ def fill_cache(model, cache, batch: int, context: int) -> None:
     from transformers import DynamicCache, StaticCache
 
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     one = torch.zeros(batch, cfg.num_key_value_heads, 1, head_dim, device=model.device, dtype=model.dtype)
     for i in range(cfg.num_hidden_layers):
         if isinstance(cache, DynamicCache):
@@ -210,13 +206,9 @@ def largest_batch(model, name: str, context: int, budget: int | None, s: KVThrou
     """The batch whose cache fills ``memory_fraction`` of the free memory (lowered on out-of-memory)."""
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
-    per_seq = kv_token_bytes(model.config, model.dtype) * slots_for(name, context, budget, s)
+    per_seq = full_kv_bytes(model.config, slots_for(name, context, budget, s), 1, model.dtype)
     per_seq *= 1.15 if name == "dynamic" else 1.05     # the growing cache copies a layer while it appends
     return max(1, min(s.max_batch_cap, int(s.memory_fraction * free / per_seq)))
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def run_kv_throughput(s: KVThroughputSettings, device: str | None, out: str | Path, progress: bool = True) -> dict:
@@ -239,7 +231,7 @@ def run_kv_throughput(s: KVThroughputSettings, device: str | None, out: str | Pa
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     results = {"settings": asdict(s), "model_config": MODELS[s.model], "device": device_name(dev),
                "torch": torch.__version__, "weights_bytes": weights,
-               "kv_bytes_per_token": kv_token_bytes(model.config, dtype), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "kv_bytes_per_token": full_kv_bytes(model.config, 1, 1, dtype), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "rows": []}
     import transformers
     results["transformers"] = transformers.__version__

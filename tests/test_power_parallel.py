@@ -140,7 +140,10 @@ def _gpt_trains(rank: int, world_size: int, seed: int) -> dict:
     idx, tgt = data[:, :-1], data[:, 1:]
     L = T // world_size
     mine = slice(rank * L, (rank + 1) * L)
-    return train_side_by_side(world_size, sp, one, (idx[:, mine], tgt[:, mine], torch.arange(T)[mine]), (idx, tgt))
+    # lr 0.1: at 0.5 three SGD steps amplified float32 rounding to 3.8e-6 in the loss and 4.7e-5 in the weights
+    # (seed 307148210, 3 ranks); at 0.1 the same 9 seeds give <= 1.9e-7 and 5.4e-6
+    return train_side_by_side(world_size, sp, one, (idx[:, mine], tgt[:, mine], torch.arange(T)[mine]), (idx, tgt),
+                              lr=0.1)
 
 
 def all_cases_job(rank: int, world_size: int, seed: int) -> dict:
@@ -203,9 +206,9 @@ def test_gpt_with_sequence_parallel_power_trains_like_one_process(power_runs, wo
     for rank, res in enumerate(results):
         r = res["gpt"]
         for step, (sp_loss, one_loss) in enumerate(r["losses"]):
-            # measured <= 1.6e-7 relative over 5 seeds (float32 sums in another order)
+            # measured <= 1.9e-7 relative over 9 seeds at lr 0.1 (float32 sums in another order)
             assert abs(sp_loss - one_loss) <= 2e-6 * abs(one_loss), (rank, step, seed, r["losses"])
-        assert r["weight_err"] < 1e-4, (rank, seed, r["weight_err"])     # measured <= 4.0e-6 over 5 seeds
+        assert r["weight_err"] < 1e-4, (rank, seed, r["weight_err"])     # measured <= 5.4e-6 over 9 seeds
     assert results[0]["gpt"]["losses"][-1][0] < results[0]["gpt"]["losses"][0][0]   # it did train
 
 

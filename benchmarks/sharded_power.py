@@ -9,7 +9,10 @@ For every ``L`` (tokens per rank): forward + backward of ``sharded_power_retenti
 each rank alone ``power_retention`` over ``L`` tokens through the Triton kernel and through the PyTorch chunked
 form (what the sharded path runs when ``N > 1``). Weak scaling: the sharded step does each rank's work plus the
 relay, so ``efficiency = single L / sharded`` against each baseline. bf16, B = 1, 8 heads, d = e = 64, deg 2, gated,
-chunk 128; 2 untimed and ``--reps`` timed steps, synchronised over the ranks. Rank 0 writes the JSON atomically.
+chunk 128. The sharded step and the kernel are timed in ``--rounds`` alternating rounds (each 2 untimed steps, then
+enough timed ones to last ``--round-ms``, synchronised over the ranks) and the best round's mean is kept, so that
+clock drift falls on both alike; the chunked form (slow) in one round of ``--reps`` steps. Rank 0 writes the JSON
+atomically.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from longctx.mechanisms.power import power_retention
 
 
 def timed_step(fn, reps: int, device) -> float:
-    """Seconds of one forward + backward of ``fn()`` (the slowest rank's, after a barrier)."""
+    """Seconds of one forward + backward of ``fn()`` (the slowest rank's, after a barrier), the mean of ``reps``
+    after 2 untimed steps."""
     for _ in range(2):
         fn().float().sum().backward()
     torch.cuda.synchronize(device)
@@ -48,7 +52,9 @@ def timed_step(fn, reps: int, device) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="4096,16384,65536", help="tokens per rank")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="timed steps of the chunked form")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--round-ms", type=float, default=200.0, help="timed milliseconds per round (sharded, kernel)")
     p.add_argument("--out", default="benchmarks/results/sharded_power.json")
     args = p.parse_args(argv)
     if "RANK" in os.environ:
@@ -59,6 +65,7 @@ def main(argv=None) -> int:
     torch.cuda.set_device(device)
     result = {"device": device_name(device), "ranks": world, "torch": torch.__version__,
               "shape": "B=1, H=8, d=e=64, deg 2, gated, chunk 128, bf16", "reps": args.reps,
+              "rounds": args.rounds, "round_ms": args.round_ms,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
     gen = torch.Generator(device=device).manual_seed(rank)
     for L in [int(x) for x in args.lengths.split(",")]:
@@ -68,9 +75,16 @@ def main(argv=None) -> int:
         log_g.requires_grad_()
         row = {"tokens_per_rank": L, "total_tokens": L * world,
                "relay_bytes": relay_bytes(1, 8, 64, 64, 2) if world > 1 else 0}
-        row["sharded_ms"] = 1000 * timed_step(lambda: sharded_power_retention(q, k, v, log_g, chunk_size=128),
-                                              args.reps, device)
-        row["kernel_ms"] = 1000 * timed_step(lambda: power_retention(q, k, v, log_g, chunk_size=128), args.reps, device)
+        variants = {"sharded": lambda: sharded_power_retention(q, k, v, log_g, chunk_size=128),
+                    "kernel": lambda: power_retention(q, k, v, log_g, chunk_size=128)}
+        reps = max(3, int(args.round_ms / (1000 * timed_step(variants["kernel"], 1, device))))  # the slowest rank's
+        rounds = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                rounds[name].append(1000 * timed_step(fn, reps, device))
+        for name, times in rounds.items():
+            row[f"{name}_ms"], row[f"{name}_ms_rounds"] = min(times), times
+        row["reps_per_round"] = reps
         row["chunked_ms"] = 1000 * timed_step(lambda: power_retention(q, k, v, log_g, chunk_size=128, use_kernel=False),
                                               args.reps, device)
         row["efficiency_vs_kernel"] = row["kernel_ms"] / row["sharded_ms"]

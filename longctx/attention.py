@@ -102,6 +102,7 @@ def _cpu_kernel_exact(q: Tensor, scale: float, *keys: Tensor) -> bool:
     accumulation (float32; float64 for float64). (Host checks: on CPU only.)"""
     if q.device.type != "cpu":
         return True
+    q, keys = q.detach(), [t.detach() for t in keys]
     if not all(bool(torch.isfinite(t).all()) for t in (q, *keys)):
         return False
     if q.numel() == 0 or not any(t.numel() for t in keys):

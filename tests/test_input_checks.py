@@ -128,3 +128,45 @@ def test_power_gates_must_be_finite_and_not_positive(bad, gen):
     for name, call in calls.items():
         with pytest.raises(ValueError, match="log_g must be finite and <= 0 .* 1 of 6 values are not"):
             call()
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("-inf"), float("inf")], ids=["positive", "nan", "-inf", "inf"])
+def test_power_gates_are_poisoned_where_not_checked_on_the_host(bad, gen, monkeypatch):
+    """Where the gate is not checked on the host (CUDA: a check would synchronise), a bad gate value turns its
+    token's output and every later one of that KV head's query heads into NaN, in every form; the other heads and
+    batch rows, and the tokens before the bad one's chunk, are exactly the clean run's. (The policy is switched on
+    the CPU here; ``benchmarks/gate_poison_check.py`` runs the CUDA kernel.)"""
+    from longctx.mechanisms.power import init_power_state, power_retention, power_retention_step
+    from longctx.mechanisms.power import naive
+    from longctx.mechanisms.power.naive import power_retention_naive
+
+    monkeypatch.setattr(naive, "REFUSED_ON", ())
+    B, hq, hkv, T, d, c, at = 2, 4, 2, 13, 8, 4, 6          # the bad gate: batch row 1, KV head 0, token 6
+    q = torch.randn(B, hq, T, d, generator=gen, dtype=torch.float64)
+    k, v = torch.randn(B, hkv, T, d, generator=gen, dtype=torch.float64), torch.randn(B, hkv, T, 5, generator=gen,
+                                                                                      dtype=torch.float64)
+    clean = torch.nn.functional.logsigmoid(torch.randn(B, hkv, T, generator=gen, dtype=torch.float64))
+    log_g = clean.clone()
+    log_g[1, 0, at] = bad
+    forms = {"chunked": lambda g: power_retention(q, k, v, g, chunk_size=c),
+             "naive": lambda g: power_retention_naive(q, k, v, g),
+             "prefill step": lambda g: power_retention_step(q, k, v, init_power_state(B, hkv, d, 5, gated=True,
+                                                                                      dtype=torch.float64), g,
+                                                            chunk_size=c, switch_over=2 * c)[0],
+             "one-token steps": lambda g: one_token_steps(g)}
+
+    def one_token_steps(g):
+        state, outs = init_power_state(B, hkv, d, 5, gated=True, dtype=torch.float64), []
+        for t in range(T):
+            o, state = power_retention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                                            g[:, :, t:t + 1], chunk_size=c, switch_over=2 * c)
+            outs.append(o)
+        return torch.cat(outs, 2)
+
+    for name, form in forms.items():
+        want, got = form(clean), form(log_g)
+        reached = got[1, :2, at:]                           # query heads 0 and 1 share KV head 0
+        assert torch.isnan(reached).all(), f"{name}: a finite output after a bad gate"
+        untouched = torch.ones_like(got, dtype=torch.bool)
+        untouched[1, :2, at // c * c:] = False
+        torch.testing.assert_close(got[untouched], want[untouched], rtol=0, atol=0, msg=f"{name}: other outputs moved")

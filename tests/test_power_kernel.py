@@ -66,7 +66,22 @@ for label, call in [("d=24", lambda: power_retention_triton(q, q, q)),
     except ValueError as err:
         errors[label] = str(err)
 big = torch.zeros(65536, 1, 2, 16).half()
-print(json.dumps({"errors": res, "refused": errors, "applies_to_big_batch": kernel_applies(big, big, big, 2, 16)}))
+# a bad gate where the host does not check it (CUDA; switched on here): NaN from its token on in its KV head's
+# query heads, every other output as in the clean run (the tokens before the bad token's chunk included)
+import longctx.mechanisms.power.naive as naive
+naive.REFUSED_ON = ()
+q, k, v = (torch.randn(2, 2, 40, 16, generator=g).half() for _ in range(3))
+clean = -0.2 * torch.rand(2, 2, 40, generator=g)
+want, poisoned = power_retention_triton(q, k, v, clean, chunk_size=16), {}
+for bad in (0.5, float("nan"), float("-inf"), float("inf")):
+    log_g = clean.clone()
+    log_g[1, 1, 21] = bad
+    got = power_retention_triton(q, k, v, log_g, chunk_size=16)
+    others = torch.ones_like(got, dtype=torch.bool)
+    others[1, 1, 16:] = False
+    poisoned[str(bad)] = [bool(torch.isnan(got[1, 1, 21:]).all()), bool(torch.equal(got[others], want[others]))]
+print(json.dumps({"errors": res, "refused": errors, "applies_to_big_batch": kernel_applies(big, big, big, 2, 16),
+                  "poisoned": poisoned}))
 """
 
 
@@ -91,6 +106,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     assert "chunk_size=48" in report["refused"]["chunk=48"]
     assert "65536 exceeds the kernel's grid" in report["refused"]["grid"]
     assert report["applies_to_big_batch"] is False  # power_retention falls back to the PyTorch chunked form
+    assert report["poisoned"] == {bad: [True, True] for bad in ("0.5", "nan", "-inf", "inf")}, report["poisoned"]
 
 
 def torch_seed(gen) -> int:

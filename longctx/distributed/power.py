@@ -96,7 +96,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: in
                   scale: float | None) -> tuple[float, list[int]]:
     """This rank's own checks, no peer involved: ``(scale, facts)``, ``facts`` coding ``AGREED``."""
     check_qkv(q, k, v)
-    check_gate(log_g, k)
+    check_gate(log_g, k, poison=False)      # refused on CPU; on CUDA cut_chunks poisons it
     check_deg(deg)
     check_chunk_size(chunk_size)
     if q.dtype not in DTYPES:
@@ -130,6 +130,15 @@ def _explain(rows: list[dict]) -> str:
             f"scale, with gradients on all ranks or none; the shards are {shards}")
 
 
+def _alone(group: dist.ProcessGroup | None) -> bool:
+    """Whether this process is the whole group: no ``torch.distributed`` and no group given, or a group of one. (Read
+    before anything else: on one GPU at 4K tokens a step is ~1.8 ms of mostly host time, which the ring's
+    checks would add to.)"""
+    if not (dist.is_available() and dist.is_initialized()):
+        return group is None
+    return dist.get_world_size(group) == 1
+
+
 def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None, deg: int = 2,
                             chunk_size: int = 64, scale: float | None = None,
                             group: dist.ProcessGroup | None = None) -> Tensor:
@@ -148,17 +157,17 @@ def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | Non
     inputs, every rank raises the same ValueError. Then one state of ``relay_bytes`` moves between neighbours
     forward and one backward; a peer that raised, died or hangs makes the wait raise ``RingCommError``.
     """
+    if _alone(group):      # nothing to relay: power_retention itself (its checks; the Triton kernel where it applies)
+        return power_retention(q, k, v, log_g, deg, chunk_size, scale)
     comm = RingComm(group, who="sharded power retention")
     try:
         scale, facts = _check_inputs(q, k, v, log_g, deg, chunk_size, scale)
     except (TypeError, ValueError):
-        if comm.world_size > 1:   # tell the others, so that they raise now rather than wait for this rank
-            dev = q.device if isinstance(q, Tensor) and q.device.type in ("cpu", "cuda") else torch.device("cpu")
-            with contextlib.suppress(Exception):   # this rank's own error is the one to raise here
-                check_agreement(comm, AGREED, None, dev, _decode, _explain)
+        # tell the others, so that they raise now rather than wait for this rank
+        dev = q.device if isinstance(q, Tensor) and q.device.type in ("cpu", "cuda") else torch.device("cpu")
+        with contextlib.suppress(Exception):   # this rank's own error is the one to raise here
+            check_agreement(comm, AGREED, None, dev, _decode, _explain)
         raise
-    if comm.world_size == 1:       # nothing to relay: the one-process path, Triton kernel included where it applies
-        return power_retention(q, k, v, log_g, deg, chunk_size, scale)
     check_agreement(comm, AGREED, facts, q.device, _decode, _explain)
     chunks = cut_chunks(q, k, v, log_g, deg, chunk_size, scale)
     incoming = relay_state(*shard_state(chunks), comm)

@@ -604,6 +604,13 @@ def _states(X, Y, G, steps, den, delta, g: _Geometry, cfg: KernelConfig, scale: 
     return SB, ZB
 
 
+def poison(log_g: Tensor) -> Tensor:
+    """The gate with every value that is not ``<= 0`` (positive, NaN, +inf) set to NaN, which the cumulative sum
+    carries to every later token (``check_gate``'s rule on CUDA, in two elementwise kernels). ``-inf`` needs nothing:
+    the differences of its cumulative sums are already NaN."""
+    return torch.where(log_g <= 0, log_g, float("nan"))
+
+
 class _PowerRetentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_g, chunk_size, scale, cfg):
@@ -611,7 +618,7 @@ class _PowerRetentionFn(torch.autograd.Function):
         qp, kp, vp = _pad(q, g), _pad(k, g), _pad(v, g)
         has_gate = log_g is not None
         if has_gate:
-            G = _cumsum(F.pad(log_g.float(), (0, g.Tp - g.T)), g.C).contiguous()
+            G = _cumsum(F.pad(poison(log_g.float()), (0, g.Tp - g.T)), g.C).contiguous()
         else:
             G = torch.zeros(1, device=q.device, dtype=torch.float32)
         steps = _steps(g.NB, g.FB, g.FA, q.device)
@@ -674,6 +681,6 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
                          f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
-    check_gate(log_g, k)
+    log_g = check_gate(log_g, k, poison=False)     # poisoned in the forward (poison): no autograd node
     return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
                                    config or KernelConfig())

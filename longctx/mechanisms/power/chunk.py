@@ -86,7 +86,7 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
     """The state-independent part of ``power_retention_chunk`` (shapes there): the attention-like weights inside
     each chunk and each chunk's own state."""
     check_qkv(q, k, v)
-    check_gate(log_g, k)
+    log_g = check_gate(log_g, k)
     check_deg(deg)
     check_chunk_size(chunk_size)
     if q.shape[2] != k.shape[2]:

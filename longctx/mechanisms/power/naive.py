@@ -24,23 +24,38 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_gate(log_g: Tensor | None, k: Tensor) -> None:
-    """``log_g [B, Hkv, T]`` on k's device, and (on CPU) every value finite and ``<= 0``: the log of a forget gate
-    in ``(0, 1]``. A positive gate grows the state without bound and ``-inf`` turns the chunked form's gate
-    differences into NaN, silently. On CUDA the values are not checked: reading the result would synchronise
-    with the host on every call (the models make their gates with ``logsigmoid``, finite and ``<= 0``)."""
+REFUSED_ON = ("cpu",)   # devices whose gates are checked on the host; elsewhere they are poisoned (check_gate)
+
+
+def check_gate(log_g: Tensor | None, k: Tensor, poison: bool = True) -> Tensor | None:
+    """The gate to compute with: ``log_g [B, Hkv, T]`` on k's device, every value finite and ``<= 0`` (the log of
+    a forget gate in ``(0, 1]``; a positive gate grows the state without bound and ``-inf`` turns the gate
+    differences into NaN). A wrong shape or device raises. Values: on CPU a gate that breaks the rule is refused
+    (ValueError). On CUDA reading a check's result would synchronise with the host on every call, so the gate is
+    *poisoned* instead (:func:`poison_gate`): each bad value becomes NaN, and so do the outputs it reaches (its
+    token's and every later token's of that head), never a finite number; ``poison=False`` leaves that to the
+    caller (the Triton kernel poisons inside its forward, outside autograd). The models make their gates with
+    ``logsigmoid`` (finite, ``<= 0``): the poisoning then changes nothing."""
     if log_g is None:
-        return
+        return None
     B, Hkv, T = k.shape[:3]
     if tuple(log_g.shape) != (B, Hkv, T):
         raise ValueError(f"log_g must be [batch, kv_heads, seq] = {(B, Hkv, T)}, got {tuple(log_g.shape)}")
     if log_g.device != k.device:
         raise ValueError(f"log_g is on {log_g.device}, k on {k.device}")
-    if log_g.device.type == "cpu" and log_g.numel():
+    if log_g.device.type not in REFUSED_ON:
+        return poison_gate(log_g) if poison else log_g
+    if log_g.numel():
         bad = ~(torch.isfinite(log_g) & (log_g <= 0))
         if bool(bad.any()):
             raise ValueError(f"log_g must be finite and <= 0 (the log of a forget gate in (0, 1]); {int(bad.sum())} "
                              f"of {log_g.numel()} values are not, e.g. {log_g[bad].flatten()[0].item()}")
+    return log_g
+
+
+def poison_gate(log_g: Tensor) -> Tensor:
+    """``log_g`` with every value that is not finite and ``<= 0`` replaced by NaN; elementwise, no host sync."""
+    return torch.where((log_g <= 0) & (log_g > float("-inf")), log_g, float("nan"))
 
 
 def default_scale(d: int, scale: float | None) -> float:
@@ -81,7 +96,7 @@ def power_retention_naive(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None 
     ``scale`` defaults to ``d ** -0.5``.
     """
     check_qkv(q, k, v)
-    check_gate(log_g, k)
+    log_g = check_gate(log_g, k)
     check_deg(deg)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same length, got {q.shape[2]} and {k.shape[2]}")

@@ -169,7 +169,7 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
     check_schedule(chunk_size, switch_over)
     if (log_g is None) != (state.g is None):
         raise ValueError("log_g must be given exactly when the state was made gated (init_power_state gated=True)")
-    check_gate(log_g, k)
+    log_g = check_gate(log_g, k)
     scale = default_scale(q.shape[-1], scale)
     if q.shape[2] >= switch_over:   # pieces would be at most chunk_size tokens each, every one over all recent keys
         return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)

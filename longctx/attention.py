@@ -20,10 +20,11 @@ Edges, the same in every function here:
   score of ``-inf`` is a key of weight 0, and a row whose every score is ``-inf`` gives NaN (0/0) with lse
   ``-inf``. NaN or inf in a value reaches ``out`` in the rows that see it, and may reach rows a causal mask
   hides it from (kernels and the matrix form alike multiply it by a weight of 0, which IEEE makes NaN).
-  No value is checked on CUDA (that would synchronise with the host; what CUDA's fused kernels do with a
-  row of NaN scores is not yet verified); on CPU small checks steer round the one place where the flash
+  No value is checked on CUDA (that would synchronise with the host; whether CUDA's fused kernels keep this
+  contract is what ``tests/test_attention_edges.py``'s CUDA cases check, not yet run on a GPU); on CPU small checks steer round the one place where the flash
   kernel differs, rows whose every score is NaN or ``-inf`` (non-finite inputs, or finite ones whose
-  scores overflow: ``_cpu_kernel_exact``).
+  scores overflow: ``_cpu_kernel_exact``), and float16/bfloat16 inputs with an infinite key, whose ``±inf``
+  scores those kernels lose, run in float32 (``_cpu_half_loses_inf``).
 - ``scale`` must be finite and positive (ValueError).
 """
 from __future__ import annotations
@@ -112,6 +113,15 @@ def _cpu_kernel_exact(q: Tensor, scale: float, *keys: Tensor) -> bool:
     return bound < largest
 
 
+def _cpu_half_loses_inf(q: Tensor, k: Tensor) -> bool:
+    """Whether these are float16/bfloat16 inputs on CPU with an infinite key: PyTorch's CPU kernels at those
+    dtypes turn the ``±inf`` scores it makes into finite ones (torch 2.13, 64 tokens of head dim 64: every row
+    finite where float32 gives the definition's NaN), so the caller reruns in float32. A pass over ``k`` (CPU
+    only, where it costs no sync)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16) and k.numel() > 0
+            and not bool(torch.isfinite(k).all()))
+
+
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """``[B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]``: each KV head serves ``n_rep`` query heads."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
@@ -167,6 +177,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_ca
         return attention_reference(q, k, v, scale=scale)[0]
     # Without a mask every row sees key 0 (top-left causal too). With a mask the CPU kernel adds it to the
     # scores and keeps NaN (tests/test_attention_edges.py checks that).
+    if _cpu_half_loses_inf(q, k):
+        mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+        return sdpa(q.float(), k.float(), v.float(), mask, is_causal, scale).to(q.dtype)
     if attn_mask is None and not _cpu_kernel_exact(q, scale, k[:, :, :1]):
         sees = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if is_causal else None
         return _matrix_form(q, k, v, sees, scale)[0]
@@ -242,6 +255,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
     causal = causal and q.shape[2] > 1  # one query (decoding) sees every key: no mask needed
     # Every row sees key 0, and the first row of a bottom-right causal mask sees key Tk - Tq first.
     first = k.shape[2] - q.shape[2] if causal else 0
+    if _cpu_half_loses_inf(q, k):
+        got = attention(q.float(), k.float(), v.float(), causal, scale, return_lse)
+        return (got[0].to(q.dtype), got[1]) if return_lse else got.to(q.dtype)
     if _empty(q, k, v) or not _cpu_kernel_exact(q, scale, k[:, :, :1], k[:, :, first:first + 1]):
         out, lse = attention_reference(q, k, v, causal, scale)
         return (out, lse) if return_lse else out

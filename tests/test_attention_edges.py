@@ -324,3 +324,55 @@ def test_sdpa_with_a_mask_keeps_nan(where, gen):
         assert torch.equal(nan_rows, expect)
     else:  # both query heads read the one KV head; rows 3 and 4 hold key 3 in their window
         assert nan_rows[:, 3:5].all()
+
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's fused CUDA kernels need a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+HALF_AND_SINGLE = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_AND_SINGLE, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", ["q nan", "k nan", "v nan", "k inf", "k -inf", "v inf"])
+def test_half_precision_and_cuda_follow_the_definition_on_non_finite_inputs(device, case, dtype, gen):
+    """The contract at the dtypes and on the device where other kernels run: CUDA's fused kernels (cuDNN, flash,
+    memory-efficient; no host check guards them) and the CPU's half-precision ones (which lose the ``±inf`` scores
+    of an infinite key: fixed by ``_cpu_half_loses_inf``). For square causal, square full and one-query shapes,
+    head dim 64: never a finite number where the float64 definition is NaN or inf (more NaN is allowed where a
+    mask hides a NaN value, as on the CPU); elsewhere the definition's values within the dtype's rounding."""
+    bound = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-5}[dtype]   # rounding of q, k, v and out
+    what, value = case.split()
+    for (tq, tk), causal in [((64, 64), True), ((64, 64), False), ((1, 96), False)]:
+        q, k, v = qkv(gen, b=2, hq=4, hkv=2, tq=tq, tk=tk, d=64)
+        t = {"q": q, "k": k, "v": v}[what]
+        t[1, 1 if what != "q" else 2, t.shape[2] // 2, 5] = float(value)
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+        ref_o, ref_l = definition(q, k, v, causal)
+        for edge, (out, lse) in results(q.to(device), k.to(device), v.to(device), causal).items():
+            where = f"{edge}, {case}, {dtype}, {device}, Tq={tq}, Tk={tk}, causal={causal}"
+            assert out.dtype == dtype, where
+            for got, ref in ((out, ref_o), (lse, ref_l)):
+                if got is None:
+                    continue
+                got = got.cpu().double()
+                lost = ~torch.isfinite(ref) & torch.isfinite(got)
+                assert not lost.any(), f"{where}: finite where the definition is not, at {lost.nonzero()[:4].tolist()}"
+                both = torch.isfinite(ref) & torch.isfinite(got)
+                if both.any():
+                    assert rel_err(got[both], ref[both]) < bound, where
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_scores_overflowing_float32_give_a_nan_row_at_every_dtype_and_device(device, dtype, gen):
+    """Finite q and k of 1e20 (bf16 holds them; fp16 cannot): the row whose scores overflow float32 to +inf gives
+    NaN, in every edge, on CUDA's kernels too."""
+    for (tq, tk), causal in [((64, 64), True), ((1, 96), False)]:
+        q, k, v = qkv(gen, b=1, hq=2, hkv=1, tq=tq, tk=tk, d=64)
+        k = torch.full_like(k, 1e20)
+        q[0, 1, tq // 2] = 1e20
+        q, k, v = (x.to(dtype).to(device) for x in (q, k, v))
+        for edge, (out, lse) in results(q, k, v, causal).items():
+            assert out[0, 1, tq // 2].isnan().all(), (edge, device, dtype, out[0, 1, tq // 2])
+            assert lse is None or not torch.isfinite(lse[0, 1, tq // 2]), (edge, device, dtype)

@@ -123,7 +123,7 @@ def _throughput(args) -> None:
     if args.hf:
         return _kv_throughput(args)
     if args.caches or args.budgets:
-        raise SystemExit("--caches and --budgets go with --hf (a transformers model)")
+        raise ValueError("--caches and --budgets go with --hf (a transformers model)")
     from .bench.throughput import run_throughput, settings_for
 
     over = {"steps": args.steps, "fill": args.fill}
@@ -144,9 +144,9 @@ def _kv_throughput(args) -> None:
 
     for flag in ("mechanisms", "paths", "fill"):
         if getattr(args, flag):
-            raise SystemExit(f"--{flag} is for longctx's own GPT; with --hf use --caches and --budgets")
+            raise ValueError(f"--{flag} is for longctx's own GPT; with --hf use --caches and --budgets")
     if args.preset != "cpu":
-        raise SystemExit("--preset is for longctx's own GPT; --hf names the model")
+        raise ValueError("--preset is for longctx's own GPT; --hf names the model")
     over = {"steps": args.steps}
     if args.caches:   # the same caches at the fixed batches and, with 'max', at their largest batch
         over["caches"] = over["max_batch_caches"] = [c.strip() for c in args.caches.split(",") if c.strip()]
@@ -156,11 +156,7 @@ def _kv_throughput(args) -> None:
         over["contexts"] = numbers(args.contexts, "--contexts", int)
     if args.batches:
         over.update(batch_options(args.batches))
-    try:
-        s = settings_for(args.hf, **over)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    print(summary(run_kv_throughput(s, args.device, args.out, not args.no_progress)))
+    print(summary(run_kv_throughput(settings_for(args.hf, **over), args.device, args.out, not args.no_progress)))
 
 
 def build_parser() -> argparse.ArgumentParser:

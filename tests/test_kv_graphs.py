@@ -222,15 +222,14 @@ def test_kv_bytes_counts_the_slots_a_fixed_cache_holds(tiny):
     (["--hf", "tiny", "--budgets", "0.5,x"], "--budgets: expected comma-separated numbers"),
     (["--hf", "tiny", "--caches", "paged"], "unknown cache 'paged'"),
     (["--hf", "tiny", "--batches", "max", "--device", "cpu"], "the max-batch search needs a GPU"),
+    (["--hf", "tiny", "--budgets", "2"], "budgets must be fractions in (0, 1]"),
+    (["--hf", "tiny", "--steps", "0"], "must be >= 1"),
 ])
 def test_cli_refuses_options_that_do_not_go_with_hf(argv, match, tmp_path, capsys):
+    """Exit code 2 with ``longctx: error: ...`` on stderr (argparse's convention), nothing written."""
     from longctx.cli import main
 
-    try:
-        code = main(["throughput", *argv, "--out", str(tmp_path / "out")])
-    except SystemExit as e:
-        code, message = 2, str(e)
-    else:
-        message = capsys.readouterr().err
-    assert code == 2 and match in message, message
+    code = main(["throughput", *argv, "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    assert code == 2 and message.startswith("longctx: error: ") and match in message, message
     assert not (tmp_path / "out").exists()

@@ -17,7 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from longctx.atomic import atomic_write_json
-from longctx.bench.throughput import PRESETS, build_model, fill_state
+from longctx.bench.throughput import build_model, fill_state
+from longctx.bench.throughput_presets import PRESETS
 from longctx.decoding import greedy_decoder, warm_steps
 
 

@@ -22,7 +22,7 @@ import longctx.hf as hf  # noqa: E402
 from longctx.atomic import atomic_write_json  # noqa: E402
 from longctx.bench.measure import device_name  # noqa: E402
 from longctx.kv.model import random_llama  # noqa: E402
-from longctx.kv.throughput import SMOLLM2_135M  # noqa: E402
+from longctx.kv.throughput_presets import SMOLLM2_135M  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import longctx.hf as hf
 from longctx.atomic import atomic_write_json
 from longctx.bench.measure import device_name, timed
 from longctx.kv.model import random_llama
-from longctx.kv.throughput import SMOLLM2_135M
+from longctx.kv.throughput_presets import SMOLLM2_135M
 
 ATTENTIONS = ("sdpa", hf.EXACT, hf.RING)
 

@@ -24,7 +24,7 @@ from longctx.kv import CompressedCache, calibrate
 from longctx.kv.evaluate import greedy_steps
 from longctx.kv.graphs import generate_slots
 from longctx.kv.model import random_llama
-from longctx.kv.throughput import SMOLLM2_135M, TINY_LLAMA
+from longctx.kv.throughput_presets import SMOLLM2_135M, TINY_LLAMA
 
 
 def main(argv=None) -> int:

@@ -63,8 +63,6 @@ def _add_bench(sub) -> None:
 
 
 def _bench(args) -> None:
-    from .bench.run import run_bench
-
     lists = {k: numbers(v, f"--{k.replace('_', '-')}", int) for k, v in
              (("measure_contexts", args.measure_contexts), ("seeds", args.seeds)) if v is not None}
     s = settings_for(args.preset, steps=args.steps, recall_steps=args.recall_steps, n_layer=args.n_layer,
@@ -76,13 +74,15 @@ def _bench(args) -> None:
         mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()]
         if not mechs:
             raise ValueError(f"--mechanisms: no mechanism named in {args.mechanisms!r}")
+    from .bench.run import run_bench
+
     if run_bench(s, mechs, args.device, args.out, args.data, args.preset, not args.no_progress,
                  args.stop_after) is None:
         raise SystemExit(3)
 
 
 def _add_throughput(sub) -> None:
-    from .bench.throughput import FILLS, PATHS, PRESETS as TP_PRESETS
+    from .bench.throughput_presets import FILLS, PATHS, PRESETS as TP_PRESETS
     p = sub.add_parser("throughput", help="decode tokens/s per mechanism x batch x context, eager and graph paths",
                        description="Decode throughput of a random-weight GPT per mechanism: tokens/s summed over the "
                                    "batch, the bandwidth bound, peak memory and the largest batch that fits "
@@ -124,7 +124,7 @@ def _throughput(args) -> None:
         return _kv_throughput(args)
     if args.caches or args.budgets:
         raise ValueError("--caches and --budgets go with --hf (a transformers model)")
-    from .bench.throughput import run_throughput, settings_for
+    from .bench.throughput_presets import settings_for
 
     over = {"steps": args.steps, "fill": args.fill}
     if args.mechanisms:
@@ -135,12 +135,13 @@ def _throughput(args) -> None:
         over["paths"] = [p.strip() for p in args.paths.split(",") if p.strip()]
     if args.batches:
         over.update(batch_options(args.batches))
-    from .bench.throughput import summary
-    print(summary(run_throughput(settings_for(args.preset, **over), args.device, args.out, not args.no_progress)))
+    s = settings_for(args.preset, **over)
+    from .bench.throughput import run_throughput, summary
+    print(summary(run_throughput(s, args.device, args.out, not args.no_progress)))
 
 
 def _kv_throughput(args) -> None:
-    from .kv.throughput import run_kv_throughput, settings_for, summary
+    from .kv.throughput_presets import settings_for
 
     for flag in ("mechanisms", "paths", "fill"):
         if getattr(args, flag):
@@ -156,7 +157,9 @@ def _kv_throughput(args) -> None:
         over["contexts"] = numbers(args.contexts, "--contexts", int)
     if args.batches:
         over.update(batch_options(args.batches))
-    print(summary(run_kv_throughput(settings_for(args.hf, **over), args.device, args.out, not args.no_progress)))
+    s = settings_for(args.hf, **over)
+    from .kv.throughput import run_kv_throughput, summary
+    print(summary(run_kv_throughput(s, args.device, args.out, not args.no_progress)))
 
 
 def build_parser() -> argparse.ArgumentParser:

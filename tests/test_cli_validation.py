@@ -283,3 +283,37 @@ def test_kv_eval_refuses_a_foreign_file_where_it_caches_stats(tmp_path, capsys, 
     refused(["kv-eval", "--out", str(out)], capsys, str(out / "triattention_stats.safetensors"),
             "is not a TriAttention stats file", "delete it or choose another --out")
     assert files(out) == {"triattention_stats.safetensors": b"not stats"}
+
+
+NO_TORCH_SCRIPT = r"""
+import contextlib, io, json, sys
+from longctx.cli import main
+report = []
+for argv in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    report.append([argv, code, "torch" in sys.modules, err.getvalue()])
+print(json.dumps(report))
+"""
+
+
+def test_bad_numbers_are_refused_before_torch_loads(gen):
+    """Every command checks its numbers before it imports torch (about a second of the command's start), so a
+    bad number is refused at once: exit 2, torch never imported (checked in a fresh Python, in order)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argvs = [["bench", "--steps", "0"], ["bench", "--seeds", "x"], ["bench", "--n-embd", "30", "--n-head", "4"],
+             ["throughput", "--steps", "-1"], ["throughput", "--batches", "0"],
+             ["throughput", "--hf", "smollm2", "--budgets", "2"], ["throughput", "--hf", "tiny", "--steps", "0"],
+             ["kv-eval", "--budgets", "0"], ["kv-eval", "--trials", "-1"], ["kv-eval", "--lengths", "x"],
+             ["calibrate", "--max-tokens", "0", "--text", "t.txt", "--out", "s.safetensors"]]
+    run = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, "0", json.dumps(argvs)], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    for argv, code, torch_loaded, err in json.loads(run.stdout.strip().splitlines()[-1]):
+        assert code == 2 and err.startswith("longctx: error: "), (argv, code, err)
+        assert not torch_loaded, f"{argv}: torch was imported before the refusal"

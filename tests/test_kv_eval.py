@@ -13,8 +13,9 @@ from longctx.cli import main
 from longctx.data import load_text
 from longctx.kv import CompressedCache, calibrate
 from longctx.kv.cache import PRUNE_SLACK
+from longctx.kv.budgets import parse_budgets
 from longctx.kv.evaluate import (METHODS, cache_extras, compressed_caches, continuation_nll, full_kv_bytes, kv_bytes,
-                                 parse_budgets, prefill)
+                                 prefill)
 from longctx.kv.needle import answer_correct, corpus_region, make_needle_sample, take_tokens
 from longctx.kv.run_eval import run_kv_eval
 

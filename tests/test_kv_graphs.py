@@ -17,7 +17,8 @@ from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 from longctx.kv import CompressedCache, calibrate
 from longctx.kv.evaluate import forward_with, greedy_steps
 from longctx.kv.graphs import SLOT_ATTENTION, SlotDecoder, generate_slots, slot_attention
-from longctx.kv.throughput import check_settings, run_kv_throughput, settings_for, summary
+from longctx.kv.throughput import run_kv_throughput, summary
+from longctx.kv.throughput_presets import check_settings, settings_for
 
 SCORERS = ["triattention", "streamingllm", "keynorm", "snapkv", "h2o"]
 

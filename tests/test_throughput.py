@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longctx.bench import throughput as tp
+from longctx.bench.throughput_presets import settings_for
 from longctx.cli import main
 from longctx.decoding import greedy_decoder, warm_steps
 from longctx.model import GPT, GPTConfig
@@ -15,7 +16,7 @@ TINY = dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, contexts=[40, 70], batc
 
 
 def test_rows_resume_and_plot(tmp_path, monkeypatch):
-    s = tp.settings_for("cpu", mechanisms=["full", "power", "raytention"], **TINY)
+    s = settings_for("cpu", mechanisms=["full", "power", "raytention"], **TINY)
     res = tp.run_throughput(s, "cpu", tmp_path, progress=False)
     rows = res["rows"]
     assert [(r["mechanism"], r["context"], r["batch"]) for r in rows] == [
@@ -42,11 +43,11 @@ def test_rows_resume_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(tp, "measure_row", boom)
     assert tp.run_throughput(s, "cpu", tmp_path, progress=False)["rows"] == rows
     with pytest.raises(ValueError, match="other settings"):
-        tp.run_throughput(tp.settings_for("cpu", mechanisms=["full"], **TINY), "cpu", tmp_path, progress=False)
+        tp.run_throughput(settings_for("cpu", mechanisms=["full"], **TINY), "cpu", tmp_path, progress=False)
 
 
 def test_history_limit_skips_and_says_why(tmp_path):
-    s = tp.settings_for("cpu", mechanisms=["raytention"], history_limit={"raytention": 100}, **TINY)
+    s = settings_for("cpu", mechanisms=["raytention"], history_limit={"raytention": 100}, **TINY)
     rows = tp.run_throughput(s, "cpu", tmp_path, progress=False)["rows"]
     assert [("skipped" in r) for r in rows] == [False, True, False, True]     # 3 x 40 and 3 x 70 exceed 100
     assert "whole history" in rows[1]["skipped"]

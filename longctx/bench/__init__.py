@@ -1,5 +1,2 @@
-"""The comparison harness behind ``longctx bench``: train, measure, report."""
-from .presets import PRESETS, BenchSettings
-from .run import run_bench
-
-__all__ = ["PRESETS", "BenchSettings", "run_bench"]
+"""The comparison harness behind ``longctx bench``: settings (``presets``), training and measuring (``run``), the
+report; and ``longctx throughput`` (``throughput_presets``, ``throughput``)."""

@@ -8,6 +8,7 @@ sequence: the ranks relay one state instead of their keys (``power.py``); ``shar
 the same for Tensor Cache, plus a halo of ``window`` tokens (``tensor_cache.py``); ``relay.py`` holds what both send.
 The ``power``, ``power4`` and ``tensor_cache`` mechanisms use them with ``sequence_parallel=True``.
 """
+from .. import mechanisms  # noqa: F401  (first: the mechanisms' registry imports .mechanism, which imports it)
 from .comm import RingComm, RingCommError, RingShift
 from .layout import LAYOUTS, check_seq_len, gather, local_positions, required_multiple, shard, unshard
 from .mechanism import RingAttention

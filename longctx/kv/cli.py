@@ -93,12 +93,11 @@ def _check_writable(folder: Path) -> None:
 
 
 def _check_kv_eval(args) -> None:
-    """What the options name, checked before the model loads: counts, the device, and the files in --out and
-    --stats (a file there that is not kv-eval's is refused by name, not overwritten)."""
+    """What the options name, checked before the model loads (the numbers are checked before this): the device,
+    and the files in --out and --stats (a file there that is not kv-eval's is refused by name, not overwritten)."""
     from .calibration import is_stats_file, load_stats
     from .run_eval import STATS_FILE
 
-    _at_least(args, trials=0, ppl_samples=0, calib_tokens=1)
     _check_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -119,16 +118,18 @@ def _check_kv_eval(args) -> None:
 
 
 def _kv_eval(args) -> None:
-    from .evaluate import parse_budgets
+    from .budgets import parse_budgets
+
+    budgets = parse_budgets(args.budgets)        # the numbers first: refused before torch loads
+    lengths, depths = numbers(args.lengths, "--lengths", int), numbers(args.depths, "--depths")
+    _at_least(args, trials=0, ppl_samples=0, calib_tokens=1)
+    _check_kv_eval(args)
     from .report import table
     from .run_eval import run_kv_eval
 
-    _check_kv_eval(args)
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_kv_eval(
-        model_dir=args.model, stats_path=args.stats, methods=methods, budgets=parse_budgets(args.budgets),
-        lengths=numbers(args.lengths, "--lengths", int), depths=numbers(args.depths, "--depths"),
+        model_dir=args.model, stats_path=args.stats, methods=methods, budgets=budgets, lengths=lengths, depths=depths,
         trials=args.trials, ppl_samples=args.ppl_samples, ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
         answer_tokens=args.answer_tokens, calib_tokens=args.calib_tokens, device=args.device, dtype=args.dtype,
         seed=args.seed, out_dir=args.out, kvpress=args.kvpress, protocol=args.protocol,
@@ -138,10 +139,10 @@ def _kv_eval(args) -> None:
 
 
 def _calibrate(args) -> None:
+    _at_least(args, max_tokens=1)
     from .calibration import calibrate, is_stats_file, save_stats
     from .model import DEFAULT_MODEL_NAME, load_model
 
-    _at_least(args, max_tokens=1)
     _check_device(args.device)
     text_path, out = Path(args.text), Path(args.out)
     if not text_path.is_file():

@@ -21,8 +21,9 @@ from ..atomic import atomic_write_json
 from ..bench.measure import DTYPES, device_name
 from ..data import load_text
 from .calibration import QueryStats, calibrate, load_stats, save_stats
-from .evaluate import (METHODS, needs_queries, bookkeeping_bytes, budget_label, budget_tokens, compressed_caches,
-                       continuation_nll, greedy_answer, kv_bytes, prefill)
+from .budgets import budget_label, budget_tokens
+from .evaluate import (METHODS, needs_queries, bookkeeping_bytes, compressed_caches, continuation_nll, greedy_answer,
+                       kv_bytes, prefill)
 from .needle import answer_correct, corpus_region, make_needle_sample, take_tokens
 from .presses import PRESSES, kvpress_status, press_prefill
 

@@ -4,8 +4,8 @@
    token's output and every later one of the KV head's query heads are NaN; every other output equals the clean
    run's (bitwise), the tokens before the bad token's chunk included.
 2. Cost: forward + backward of ``power_retention`` through the kernel, which poisons the gate inside its forward
-   (``longctx.kernels.power_retention.poison``: two elementwise kernels, no autograd node), against the same call
-   with ``poison`` swapped for the identity, B = 1, 8 heads, d = e = 64, deg 2, chunk 128, bf16, at 4K/16K/64K
+   (``longctx.mechanisms.power.chunk_triton.poison``: two elementwise kernels, no autograd node), against the same
+   call with ``poison`` swapped for the identity, B = 1, 8 heads, d = e = 64, deg 2, chunk 128, bf16, at 4K/16K/64K
    tokens; ``--rounds`` alternating rounds of ~200 ms: the best round of each, and the median of the paired ratios.
 
     PYTHONPATH=. python benchmarks/gate_poison_check.py --out benchmarks/results/gate_poison_check.json
@@ -24,7 +24,7 @@ from sharded_power import median_paired_ratio, timed_step  # noqa: E402
 
 from longctx.atomic import atomic_write_json  # noqa: E402
 from longctx.bench.measure import device_name  # noqa: E402
-import longctx.kernels.power_retention as kernel  # noqa: E402
+import longctx.mechanisms.power.chunk_triton as kernel  # noqa: E402
 from longctx.mechanisms.power import power_retention  # noqa: E402
 
 

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from longctx.atomic import atomic_write_json
-from longctx.kernels.power_retention import KernelConfig, power_retention_triton
 from longctx.mechanisms import build_mechanism, tensor_bytes
 from longctx.mechanisms.power import expanded_dim, power_retention_chunk
+from longctx.mechanisms.power.chunk_triton import KernelConfig, power_retention_triton
 from longctx.mechanisms.power.recurrent import PowerState, recent_count
 
 VARIANTS = {  # the defaults and one change each (the kernel's history of variants: power_retention_notes.md)
@@ -177,7 +177,7 @@ def time_pair(fn, q, k, v, log_g, rep):
 
 def kernel_info() -> dict:
     """Registers, spills and shared memory of the last compiled launch of each kernel."""
-    from longctx.kernels.power_retention import LAUNCHES
+    from longctx.mechanisms.power.chunk_triton import LAUNCHES
     info = {}
     for name, k in LAUNCHES.items():
         try:

@@ -240,7 +240,7 @@ def load_triton(device) -> tuple:
             return None, "triton was imported before TRITON_INTERPRET=1 could be set"
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        from longctx.kernels.raytention import raytention_signals_triton
+        from longctx.mechanisms.raytention.blocked_triton import raytention_signals_triton
     except Exception as e:  # noqa: BLE001 - no triton: the path is recorded as not applying
         return None, f"cannot import the kernel: {type(e).__name__}: {e}"
     return raytention_signals_triton, None

@@ -1,4 +1,4 @@
-"""Flash-decoding over a buffer with a device-side length (longctx.kernels.decode_attention): the Triton kernel
+"""Flash-decoding over a buffer with a device-side length (longctx.decode_attention): the Triton kernel
 and the PyTorch reference against a float64 softmax over the valid slots only, with garbage (NaN, +-inf) past the
 length; the kernel on CPU under TRITON_INTERPRET=1 in a subprocess, compiled (and replayed from a CUDA graph)
 where CUDA is."""
@@ -8,13 +8,13 @@ import pytest
 from conftest import run_script
 import torch
 
-from longctx.kernels.decode_attention import (decode_attention, decode_attention_reference, decode_kernel_applies,
-                                              num_splits)
+from longctx.decode_attention import (decode_attention, decode_attention_reference, decode_kernel_applies,
+                                      num_splits)
 
 CHECK = r"""
 import json, sys, torch
-from longctx.kernels.decode_attention import (decode_attention, decode_attention_reference, decode_attention_triton,
-                                              decode_kernel_applies, num_splits)
+from longctx.decode_attention import (decode_attention, decode_attention_reference, decode_attention_triton,
+                                      decode_kernel_applies, num_splits)
 device = sys.argv[2]
 g = torch.Generator().manual_seed(int(sys.argv[1]))
 

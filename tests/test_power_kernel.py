@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import json, sys, torch
-from longctx.kernels.power_retention import KernelConfig, kernel_applies, power_retention_triton
+from longctx.mechanisms.power.chunk_triton import KernelConfig, kernel_applies, power_retention_triton
 from longctx.mechanisms.power import power_retention, power_retention_chunk
 g = torch.Generator().manual_seed(int(sys.argv[1]))
 
@@ -123,7 +123,7 @@ def test_compiled_kernel_every_head_dim_and_chunk(gen, d, chunk):
     import torch
     import torch.nn.functional as F
 
-    from longctx.kernels.power_retention import power_retention_triton
+    from longctx.mechanisms.power.chunk_triton import power_retention_triton
     from longctx.mechanisms.power import power_retention_chunk
 
     torch.manual_seed(torch_seed(gen))

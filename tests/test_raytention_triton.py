@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import sys, torch
-from longctx.kernels.raytention import raytention_signals_triton
+from longctx.mechanisms.raytention.blocked_triton import raytention_signals_triton
 from longctx.mechanisms.raytention import raytention_signals_naive
 g = torch.Generator().manual_seed(int(sys.argv[1]))
 worst = 0.0

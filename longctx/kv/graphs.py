@@ -10,7 +10,7 @@ buffers allocated before it, so ``longctx.decoding.StepGraphs`` can capture it o
   graph, whenever their ``budget + slack`` slots are full (every ``slack`` steps, decided by the host's count);
 - attention runs as ``SLOT_ATTENTION``, registered with transformers' ``AttentionInterface``: one query token over
   the slots, of which the first ``slot_length`` (a device tensor passed through the model's keyword arguments)
-  are valid (``longctx.kernels.decode_attention``: a split-K Triton kernel on CUDA, a PyTorch reference
+  are valid (``longctx.decode_attention``: a split-K Triton kernel on CUDA, a PyTorch reference
   elsewhere). transformers builds no mask for an attention it does not know, so no mask is built at all.
 
 The model's own modules run unchanged (embedding, norms, MLPs, rotary from explicit ``position_ids``). Greedy
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from transformers import AttentionInterface, StaticCache
 
+from ..decode_attention import decode_attention
 from ..decoding import StepGraphs
-from ..kernels.decode_attention import decode_attention
 from ..model import check_sampling, sample
 from .cache import CompressedCache
 

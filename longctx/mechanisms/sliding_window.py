@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..attention import check_qkv, sdpa
-from ..kernels.decode_attention import decode_attention
+from ..decode_attention import decode_attention
 from .base import Mechanism, check_int, check_state_bytes_args, dtype_bytes, register
 
 

@@ -3,7 +3,8 @@
 
 ``naive`` is the quadratic definition (the tests' oracle), ``expand`` the symmetric power feature map,
 ``chunk`` the chunked training form and the ``power_retention`` entry point, ``recurrent`` the decoding form,
-``mechanism`` the registered ``"power"`` / ``"power4"``. The Triton kernel is ``longctx.kernels.power_retention``.
+``mechanism`` the registered ``"power"`` / ``"power4"``. The Triton kernels: ``chunk_triton`` (the chunked form,
+forward and backward) and ``decode_triton`` (one decoding step), imported only where they run.
 """
 from .chunk import power_retention, power_retention_chunk
 from .expand import check_deg, expanded_dim, sympow

@@ -16,7 +16,7 @@ inside each chunk, each chunk's own state), ``read_chunks`` scans the chunks' st
 them; sharded power retention (``longctx.distributed.power``) relays the state between the two.
 
 Differentiable through autograd. This is also the reference the Triton kernel
-(``longctx.kernels.power_retention``) is tested against.
+(``longctx.mechanisms.power.chunk_triton``) is tested against.
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
         pos = torch.arange(q.shape[2], device=q.device) if positions is None else positions
         q, k = apply_rope(q, pos, rotary_base), apply_rope(k, pos, rotary_base)
     if takes_kernel(q, k, v, deg, chunk_size, use_kernel):
-        from ...kernels.power_retention import power_retention_triton
+        from .chunk_triton import power_retention_triton
         return power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale)
     return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale)
 
@@ -185,7 +185,7 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
 def takes_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int, use_kernel: bool | None) -> bool:
     """Whether ``power_retention`` runs these inputs through the Triton kernel: ``use_kernel=True`` (an error
     where the kernel does not apply), or ``None`` and the kernel applies on CUDA."""
-    from ...kernels.power_retention import GRID_MAX, kernel_applies
+    from .chunk_triton import GRID_MAX, kernel_applies
     return kernel_choice(use_kernel, kernel_applies(q, k, v, deg, chunk_size), q, lambda: (
         "the Triton kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, fp16/bf16 q/k/v, head dims d, e in "
         f"(16, 32, 64, 128), chunk_size 16, 32 or a multiple of 64, and at most {GRID_MAX} chunks and {GRID_MAX} "

@@ -123,7 +123,7 @@ def _read_folded(num: Tensor, den: Tensor, qg: Tensor, gq: Tensor | None, S: Ten
 def takes_decode_kernel(q: Tensor, k: Tensor, v: Tensor, deg: int, use_kernel: bool | None) -> bool:
     """Whether a one-token piece runs through the Triton decode kernel: ``use_kernel=True`` (an error where it
     does not apply), or ``None`` and it applies on CUDA."""
-    from ...kernels.power_decode import decode_kernel_applies
+    from .decode_triton import decode_kernel_applies
     return kernel_choice(use_kernel, decode_kernel_applies(q, k, v, deg), q, lambda: (
         "the decode kernel needs triton, CUDA (or TRITON_INTERPRET=1), deg=2, one new token, fp16/bf16/fp32 inputs "
         f"and head dims d, e in (16, 32, 64, 128); got deg={deg}, {q.dtype} on {q.device}, q {tuple(q.shape)}, "
@@ -143,7 +143,7 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
         last = state.g[:, :, -1:] if state.g.shape[2] else state.g.new_zeros(B, Hkv, 1)
         g = torch.cat([state.g, last + torch.cumsum(log_g.to(ct), -1)], 2)
     if Tp == 1 and takes_decode_kernel(q, k, v, deg, use_kernel):
-        from ...kernels.power_decode import power_decode_step_triton
+        from .decode_triton import power_decode_step_triton
         out = power_decode_step_triton(q, keys, vals, g, state.S, state.z, scale)
         return out, PowerState(keys, vals, g, state.S, state.z, state.seen + 1)
     qg = group_queries(q.to(ct), Hkv)                                             # [B, Hkv, R, Tp, d]
@@ -272,7 +272,7 @@ def power_step_static(q: Tensor, k: Tensor, v: Tensor, state: StaticPowerState, 
     scale = default_scale(q.shape[-1], scale)
     slot = (pos - so) % chunk_size + (so - chunk_size) if folded else pos       # recent_count(pos), on the device
     if takes_decode_kernel(q, k, v, deg, use_kernel):
-        from ...kernels.power_decode import power_decode_static_triton
+        from .decode_triton import power_decode_static_triton
         out = power_decode_static_triton(q, k, v, log_g, state.k, state.v, state.g, state.S if folded else None,
                                          state.z, slot, scale)
     else:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..mechanisms.raytention.naive import check_inputs, gather_keys, per_head, predecessor_keys
+from .naive import check_inputs, gather_keys, per_head, predecessor_keys
 
 
 @triton.jit

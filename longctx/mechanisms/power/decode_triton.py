@@ -16,7 +16,9 @@ import functools
 import torch
 from torch import Tensor
 
-from .power_retention import HEAD_DIMS, _interpreting
+from ...decode_attention import sm_count
+from .chunk_triton import HEAD_DIMS, _interpreting
+from .expand import _monomials
 
 try:
     import triton
@@ -38,8 +40,6 @@ def decode_kernel_applies(q: Tensor, k: Tensor, v: Tensor, deg: int) -> bool:
 @functools.lru_cache(maxsize=16)
 def _pairs(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """``sympow``'s deg-2 features as (first index, second index, weight), int32 / int32 / float32 ``[D]``."""
-    from ..mechanisms.power.expand import _monomials
-
     idx, weight = _monomials(d, 2)
     return (idx[:, 0].to(torch.int32).to(device), idx[:, 1].to(torch.int32).to(device),
             weight.to(torch.float32).to(device))
@@ -216,8 +216,6 @@ def state_splits(D: int, programs: int, device: torch.device) -> tuple[int, int]
     """``(features per split, splits)`` for the static step: the ``D`` state features of each of ``programs``
     (batch row, query head) pairs cut so that about two programs run per SM (one split once the batch fills the
     GPU), in whole ``BLOCK_FEATURES`` blocks."""
-    from .decode_attention import sm_count
-
     blocks = -(-D // BLOCK_FEATURES)
     splits = max(1, min(blocks, -(-2 * sm_count(device) // programs)))
     fps = -(-blocks // splits) * BLOCK_FEATURES

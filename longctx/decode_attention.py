@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
 
-from ..attention import check_qkv
-from .power_retention import HEAD_DIMS, _interpreting
+from .attention import check_qkv
 
 try:
     import triton
@@ -59,6 +59,11 @@ WAVES = 2             # programs per SM aimed at when the capacity is long
 INTERPRETER_SMS = 16  # the SM count assumed under the interpreter (no device to ask)
 WARPS, STAGES, MERGE_WARPS = 4, 2, 2  # launches on a GPU
 # (BLOCK_BYTES, WAVES, MAX_SPLITS, MERGE_BLOCK and the launches: the best of a sweep on an H100, bf16, D = 128)
+HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (block ranges in the kernels)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_length(length: Tensor, q: Tensor) -> None:

@@ -44,6 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...attention import check_qkv
+from .naive import check_gate, default_scale
+
 try:
     import triton
     import triton.language as tl
@@ -674,8 +677,6 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
     ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]`` fp16/bf16, ``log_g [B,Hkv,T]`` (float32 advised),
     ``d, e`` in 16, 32, 64, 128, ``chunk_size`` 16, 32 or a multiple of 64. Returns ``o [B,Hq,T,e]``.
     """
-    from ..attention import check_qkv
-    from ..mechanisms.power.naive import check_gate, default_scale
     if not _supported(q, v, 2, chunk_size):
         raise ValueError(f"power_retention_triton needs triton, CUDA (or TRITON_INTERPRET=1), fp16/bf16 inputs, "
                          f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "

@@ -119,3 +119,13 @@ def test_bad_arguments_are_named():
     m = build_mechanism("full", 4, 2, 16)
     with pytest.raises(ValueError, match="expects 4 query / 2 KV heads"):
         m(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+
+
+def test_registered_lists_the_built_in_mechanisms_in_a_fixed_order_then_the_users(monkeypatch):
+    """The bench and its report follow ``registered()``: the built-in mechanisms in ``BUILT_IN``'s order whatever
+    order their modules loaded in, then a user's, in registration order."""
+    from longctx.mechanisms import base
+
+    assert registered() == list(base.BUILT_IN)
+    monkeypatch.setattr(base, "_REGISTRY", {"mine": None, **base._REGISTRY, "theirs": None})
+    assert registered() == [*base.BUILT_IN, "mine", "theirs"]

@@ -4,9 +4,10 @@ forward + backward of the next-token loss at 8K-64K tokens with ``attn_implement
 
     PYTHONPATH=. python benchmarks/hf_ring_overhead.py --out benchmarks/results/hf_ring_overhead.json
 
-The loss is computed from the last hidden states in checkpointed slices of ``--loss-chunk`` tokens (the same
-for every attention), so that the ``[T, 49152]`` logits never exist whole: with whole logits 64K tokens do not fit
-in 80 GB. Each length runs ``--rounds`` rounds of the three attentions in turn (so that clock drift and
+The loss is computed from the last hidden states in checkpointed slices of ``--loss-chunk`` tokens
+(``SequenceParallel.hidden_loss``, the same for every attention; the recorded runs computed the same sums with a
+copy of it in this script), so that the ``[T, 49152]`` logits never exist whole: with whole logits 64K tokens do
+not fit in 80 GB. Each length runs ``--rounds`` rounds of the three attentions in turn (so that clock drift and
 allocator state fall on every one alike); a round of one attention is 2 untimed steps and ``--reps`` timed ones
 (CUDA-synchronised). ``ms`` is the best round's mean, ``ms_rounds`` every round's. bf16 weights and activations,
 the loss in float32. The JSON is rewritten atomically after every row.
@@ -19,8 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import longctx.hf as hf
 from longctx.atomic import atomic_write_json
@@ -31,24 +30,16 @@ from longctx.kv.throughput_presets import SMOLLM2_135M
 ATTENTIONS = ("sdpa", hf.EXACT, hf.RING)
 
 
-def sliced_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed float32 cross-entropy of ``head(hidden [B, T, W])`` against ``targets [B, T]`` (-100 ignored),
-    ``chunk`` tokens at a time, each slice's logits recomputed in the backward rather than kept."""
-    def piece(h, t):
-        return F.cross_entropy(head(h).float().flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
-    return sum(checkpoint(piece, hidden[:, s:s + chunk], targets[:, s:s + chunk], use_reentrant=False)
-               for s in range(0, hidden.shape[1], chunk))
-
-
 def step(model, attn: str, ids: torch.Tensor, loss_chunk: int) -> None:
     model.config._attn_implementation = attn
+    sp = hf.SequenceParallel()                       # a group of one: the loss is the plain token mean
     if attn == hf.RING:
-        inputs, targets = hf.SequenceParallel().shard(ids)
+        inputs, targets = sp.shard(ids)
     else:
         inputs = {"input_ids": ids}
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
     hidden = model.model(**inputs).last_hidden_state
-    loss = sliced_loss_sum(model.lm_head, hidden, targets, loss_chunk) / (targets != -100).sum()
+    loss = sp.hidden_loss(model.lm_head, hidden, targets, chunk=loss_chunk)
     loss.backward()
     model.zero_grad(set_to_none=True)
 

@@ -95,7 +95,8 @@ def main(argv=None) -> None:
     for _ in bar:
         ids, docs = windows(tokens, args.batch, args.seq_len, args.docs, gen)
         inputs, targets = sp.shard(ids.to(device), document_ids=None if docs is None else docs.to(device))
-        loss = sp.loss(model(**inputs).logits, targets)
+        hidden = model.get_decoder()(**inputs).last_hidden_state    # the loss in slices: never the whole logits
+        loss = sp.hidden_loss(model.get_output_embeddings(), hidden, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sp.reduce_gradients(model)

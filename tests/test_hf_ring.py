@@ -52,22 +52,28 @@ def reference_step(model, ids, docs=None):
     return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def ring_step(model, ids, docs=None):
-    """The same through SequenceParallel: logits gathered to the full rows (padding dropped)."""
+def ring_step(model, ids, docs=None, sliced=None):
+    """The same through SequenceParallel: logits gathered to the full rows (padding dropped). ``sliced``: the loss
+    through ``hidden_loss`` in slices of that many tokens (the logits then computed apart, for the comparison)."""
     model.zero_grad()
     sp = hf.SequenceParallel()
     inputs, targets = sp.shard(ids, document_ids=docs)
-    logits = model(**inputs).logits
-    loss = sp.loss(logits, targets)
+    if sliced is None:
+        logits = model(**inputs).logits
+        loss = sp.loss(logits, targets)
+    else:
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+        loss = sp.hidden_loss(model.get_output_embeddings(), hidden, targets, chunk=sliced)
+        logits = model.get_output_embeddings()(hidden)
     loss.backward()
     sp.reduce_gradients(model)
     full = gather(logits.detach().contiguous(), dim=1) if sp.world_size > 1 else logits.detach()
     return full[:, :ids.shape[1]], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def compare(model_factory, ids, docs=None) -> dict:
+def compare(model_factory, ids, docs=None, sliced=None) -> dict:
     want = reference_step(model_factory("sdpa"), ids, docs)
-    got = ring_step(model_factory("longctx_ring"), ids, docs)
+    got = ring_step(model_factory("longctx_ring"), ids, docs, sliced)
     return {"logits": rel_err(got[0], want[0]), "loss": rel_err(got[1], want[1]),
             "grads": max(rel_err(got[2][n], want[2][n]) for n in want[2])}
 
@@ -95,7 +101,8 @@ def _job(rank: int, world_size: int, smollm2: str | None) -> dict:
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, TINY["vocab_size"], (2, 37), generator=gen)          # odd: padded to 2N inside
     docs = torch.tensor([[0] * 11 + [1] * 19 + [2] * 7, [0] * 30 + [1] * 7])       # no length divides by 2N
-    out = {"plain": compare(tiny_llama, ids), "packed": compare(tiny_llama, ids, docs)}
+    out = {"plain": compare(tiny_llama, ids), "packed": compare(tiny_llama, ids, docs),
+           "sliced loss": compare(tiny_llama, ids, docs, sliced=5)}          # slices cross shards and documents
     if smollm2:
         def smol(attn):
             return LlamaForCausalLM.from_pretrained(smollm2, attn_implementation=attn).eval()
@@ -144,7 +151,7 @@ def ranks(request, smollm2_2_layers):
 def test_ring_step_equals_the_single_process_model(ranks):
     world_size, results = ranks
     for rank, r in enumerate(results):
-        for case in ("plain", "packed", "smollm2", "data parallel"):
+        for case in ("plain", "packed", "sliced loss", "smollm2", "data parallel"):
             if case in r:
                 assert max(r[case].values()) < TOL, (world_size, rank, case, r[case])
 

@@ -4,6 +4,8 @@
     inputs, targets = sp.shard(input_ids, labels=labels, document_ids=docs)   # full rows in, this rank's part out
     logits = model(**inputs).logits                     # model loaded with attn_implementation="longctx_ring"
     loss = sp.loss(logits, targets)                     # token-weighted mean over the whole rows (all ranks)
+    # long shards: sp.hidden_loss(model.get_output_embeddings(), model.get_decoder()(**inputs).last_hidden_state,
+    # targets), the same loss in slices, never the whole logits
     loss.backward()
     sp.reduce_gradients(model)                          # sum of the ranks' parts: the unsharded model's gradients
 
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..distributed.layout import required_multiple, shard
 from .attention import RingGroup
@@ -129,6 +132,32 @@ class SequenceParallel:
         the mean over every rank's counted tokens: the value returned is the global mean, the gradient this
         rank's part of it."""
         total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return self._global_mean(total, targets)
+
+    def hidden_loss(self, head: torch.nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 8192) -> Tensor:
+        """:meth:`loss` of ``head(hidden)`` without ever holding the whole ``[B, L, V]`` logits: ``hidden
+        [B, L, W]`` (the last hidden states, ``model.get_decoder()(**inputs).last_hidden_state``; ``head`` is
+        ``model.get_output_embeddings()``) in slices of ``chunk`` tokens, each slice's logits recomputed in the
+        backward (checkpointing). The same value and gradients as ``loss(head(hidden), targets)``, for models whose
+        logits are ``head(hidden)`` (Llama, SmolLM2, Mistral, Qwen; not one that rescales or caps its logits
+        after the head). On an H100 a 64K-token SmolLM2 step fits with it and not without
+        (``benchmarks/hf_ring_overhead.py``)."""
+        if hidden.shape[:2] != targets.shape:
+            raise ValueError(f"hidden [B, L, W] and targets [B, L] must agree, got {tuple(hidden.shape)} and "
+                             f"{tuple(targets.shape)}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+
+        def piece(h: Tensor, t: Tensor) -> Tensor:
+            return F.cross_entropy(head(h).float().flatten(0, 1), t.flatten(), ignore_index=IGNORE, reduction="sum")
+
+        total = sum((checkpoint(piece, hidden[:, s:s + chunk], targets[:, s:s + chunk], use_reentrant=False)
+                     for s in range(0, hidden.shape[1], chunk)), hidden.new_zeros((), dtype=torch.float32))
+        return self._global_mean(total, targets)
+
+    def _global_mean(self, total: Tensor, targets: Tensor) -> Tensor:
+        """``total`` (this rank's summed loss) over the count of every rank's counted tokens; the value is the
+        global mean, the gradient this rank's share."""
         stats = torch.stack([total.detach(), (targets != IGNORE).sum().to(total.dtype)])
         if self.world_size > 1:
             dist.all_reduce(stats, group=self.ring.group)

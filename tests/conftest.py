@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +15,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def attempt(fn) -> dict:
+    """Call ``fn()``: ``{"type", "error", "seconds"}``, the exception's class name and message (None, None when
+    it returned) and how long it took; for the ranks' reports of what each probe raised."""
+    t0 = time.monotonic()
+    try:
+        fn()
+        res = {"type": None, "error": None}
+    except Exception as e:  # noqa: BLE001 - the test decides what was expected
+        res = {"type": type(e).__name__, "error": str(e)}
+    res["seconds"] = time.monotonic() - t0
+    return res
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import rel_err
+from conftest import attempt, rel_err
 from longctx.distributed import RingCommError, relay_bytes, sharded_power_retention
 from longctx.distributed import power as sharded
 from longctx.distributed.comm import RingComm
@@ -115,16 +115,7 @@ def _disagreement_probes(rank: int) -> dict:
 
 
 def _disagreements(rank: int) -> dict:
-    res = {}
-    for name, fn in _disagreement_probes(rank).items():
-        t0 = time.monotonic()
-        try:
-            fn()
-            res[name] = {"type": None, "error": None}
-        except Exception as e:  # noqa: BLE001 - the test decides what was expected
-            res[name] = {"type": type(e).__name__, "error": str(e)}
-        res[name]["seconds"] = time.monotonic() - t0
-    return res
+    return {name: attempt(fn) for name, fn in _disagreement_probes(rank).items()}
 
 
 def _gpt_trains(rank: int, world_size: int, seed: int) -> dict:

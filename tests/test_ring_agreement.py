@@ -10,13 +10,11 @@ kills the ranks after ``JOB_TIMEOUT_S``.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import rel_err
+from conftest import attempt, rel_err
 from longctx.attention import attention_reference
 from longctx.distributed import ring_attention, shard
 from longctx.distributed.comm import by_rank
@@ -40,14 +38,6 @@ def _count_collectives() -> list[int]:
             return _fn(*args, **kwargs)
         setattr(dist, name, counting)
     return calls
-
-
-def _attempt(fn) -> dict:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test decides what was expected
-        return {"type": type(e).__name__, "error": str(e)}
-    return {"type": None, "error": None}
 
 
 def _mismatch_probes(rank: int) -> dict:
@@ -107,9 +97,7 @@ def agreement_job(rank: int, world_size: int, seed: int) -> dict:
     calls = _count_collectives()
     res = {}
     for name, fn in _mismatch_probes(rank).items():
-        t0 = time.monotonic()
-        res[name] = _attempt(fn)
-        res[name]["seconds"] = time.monotonic() - t0
+        res[name] = attempt(fn)
     res["exact"] = _exact_job(rank, world_size, seed, calls)
     res["group of one"] = _group_of_one_job(rank, seed, calls)
     return res

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sharded_power import median_paired_ratio, timed_step  # noqa: E402
+from sharded_power import alternating_rounds, median_paired_ratio  # noqa: E402
 
 from longctx.atomic import atomic_write_json  # noqa: E402
 from longctx.bench.measure import device_name  # noqa: E402
@@ -64,15 +64,10 @@ def main(argv=None) -> int:
                 kernel.poison = poison
 
         variants = {"poisoned": lambda: power_retention(q, k, v, log_g, chunk_size=128), "as_given": as_given}
-        reps = max(3, int(200 / (1000 * timed_step(variants["as_given"], 1, dev))))
-        rounds = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, fn in variants.items():
-                rounds[name].append(1000 * timed_step(fn, reps, dev))
-        row = {"tokens": L, "reps_per_round": reps, **{f"{n}_ms": min(t) for n, t in rounds.items()},
-               **{f"{n}_ms_rounds": t for n, t in rounds.items()}}
+        row = {"tokens": L, **alternating_rounds(variants, args.rounds, 200.0, dev, sizing="as_given")}
         row["poisoned_over_as_given"] = row["poisoned_ms"] / row["as_given_ms"]
-        row["poisoned_over_as_given_median_paired"] = median_paired_ratio(rounds["poisoned"], rounds["as_given"])
+        row["poisoned_over_as_given_median_paired"] = median_paired_ratio(row["poisoned_ms_rounds"],
+                                                                          row["as_given_ms_rounds"])
         result["cost"].append(row)
         print({k: v for k, v in row.items() if not k.endswith("rounds")}, flush=True)
         atomic_write_json(Path(args.out), result)

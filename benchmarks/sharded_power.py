@@ -56,6 +56,19 @@ def timed_step(fn, reps: int, device) -> float:
     return float(seconds)
 
 
+def alternating_rounds(variants: dict, rounds: int, round_ms: float, device, sizing: str) -> dict:
+    """Time ``variants`` (name -> a forward call) in ``rounds`` rounds, each variant once a round in turn, each
+    time ``reps`` steps where ``reps`` makes variant ``sizing`` last about ``round_ms``: ``{name}_ms`` (the best
+    round's mean), ``{name}_ms_rounds`` (every round's) and ``reps_per_round``."""
+    reps = max(3, int(round_ms / (1000 * timed_step(variants[sizing], 1, device))))   # the slowest rank's
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(1000 * timed_step(fn, reps, device))
+    return {"reps_per_round": reps, **{f"{n}_ms": min(t) for n, t in times.items()},
+            **{f"{n}_ms_rounds": t for n, t in times.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="4096,16384,65536", help="tokens per rank")
@@ -84,18 +97,11 @@ def main(argv=None) -> int:
                "relay_bytes": relay_bytes(1, 8, 64, 64, 2) if world > 1 else 0}
         variants = {"sharded": lambda: sharded_power_retention(q, k, v, log_g, chunk_size=128),
                     "kernel": lambda: power_retention(q, k, v, log_g, chunk_size=128)}
-        reps = max(3, int(args.round_ms / (1000 * timed_step(variants["kernel"], 1, device))))  # the slowest rank's
-        rounds = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, fn in variants.items():
-                rounds[name].append(1000 * timed_step(fn, reps, device))
-        for name, times in rounds.items():
-            row[f"{name}_ms"], row[f"{name}_ms_rounds"] = min(times), times
-        row["reps_per_round"] = reps
+        row.update(alternating_rounds(variants, args.rounds, args.round_ms, device, sizing="kernel"))
         row["chunked_ms"] = 1000 * timed_step(lambda: power_retention(q, k, v, log_g, chunk_size=128, use_kernel=False),
                                               args.reps, device)
         row["efficiency_vs_kernel"] = row["kernel_ms"] / row["sharded_ms"]
-        row["efficiency_vs_kernel_median_paired"] = median_paired_ratio(rounds["kernel"], rounds["sharded"])
+        row["efficiency_vs_kernel_median_paired"] = median_paired_ratio(row["kernel_ms_rounds"], row["sharded_ms_rounds"])
         row["efficiency_vs_chunked"] = row["chunked_ms"] / row["sharded_ms"]
         result["rows"].append(row)
         if rank == 0:

@@ -11,9 +11,10 @@ import torch
 from ..decoding import greedy_decoder, warm_steps
 from ..mechanisms import tensor_bytes
 from ..model import GPT
+from .presets import DTYPE_NAMES
 
 #: dtype names accepted by the bench and the KV evaluation.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def sync(device: torch.device) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")   # what a dtype setting may name (measure.DTYPES: the torch dtypes)
+
 
 @dataclass
 class BenchSettings:

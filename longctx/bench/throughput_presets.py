@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")   # longctx.bench.measure.DTYPES maps them to torch dtypes
+from .presets import DTYPE_NAMES
 
 PATHS = ("eager", "static", "graph")
 FILLS = ("prefill", "synthetic")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..bench.throughput_presets import DTYPE_NAMES
+from ..bench.presets import DTYPE_NAMES
 
 CACHES = ("dynamic", "static-hf", "static", "triattention", "streamingllm", "keynorm")
 COMPRESSED = ("triattention", "streamingllm", "keynorm")

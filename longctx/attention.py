@@ -21,10 +21,11 @@ Edges, the same in every function here:
   ``-inf``. NaN or inf in a value reaches ``out`` in the rows that see it, and may reach rows a causal mask
   hides it from (kernels and the matrix form alike multiply it by a weight of 0, which IEEE makes NaN).
   No value is checked on CUDA (that would synchronise with the host; whether CUDA's fused kernels keep this
-  contract is what ``tests/test_attention_edges.py``'s CUDA cases check, not yet run on a GPU); on CPU small checks steer round the one place where the flash
-  kernel differs, rows whose every score is NaN or ``-inf`` (non-finite inputs, or finite ones whose
-  scores overflow: ``_cpu_kernel_exact``), and float16/bfloat16 inputs with an infinite key, whose ``±inf``
-  scores those kernels lose, run in float32 (``_cpu_half_loses_inf``).
+  contract is what ``tests/test_attention_edges.py``'s CUDA cases check, not yet run on a GPU). On CPU small
+  checks steer round the places where the flash kernel differs: rows whose every score is NaN or ``-inf``
+  (non-finite inputs, or finite ones whose scores overflow: ``_cpu_kernel_exact``), and float16/bfloat16
+  inputs with an infinite key, whose ``±inf`` scores those kernels lose, run in float32
+  (``_cpu_half_loses_inf``).
 - ``scale`` must be finite and positive (ValueError).
 """
 from __future__ import annotations
@@ -175,11 +176,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_ca
     scale = check_scale(scale, q.shape[-1])
     if _empty(q, k, v):  # no rows, or no keys: zeros whatever the mask
         return attention_reference(q, k, v, scale=scale)[0]
-    # Without a mask every row sees key 0 (top-left causal too). With a mask the CPU kernel adds it to the
-    # scores and keeps NaN (tests/test_attention_edges.py checks that).
     if _cpu_half_loses_inf(q, k):
         mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
         return sdpa(q.float(), k.float(), v.float(), mask, is_causal, scale).to(q.dtype)
+    # Without a mask every row sees key 0 (top-left causal too). With a mask the CPU kernel adds it to the
+    # scores and keeps NaN (tests/test_attention_edges.py checks that).
     if attn_mask is None and not _cpu_kernel_exact(q, scale, k[:, :, :1]):
         sees = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if is_causal else None
         return _matrix_form(q, k, v, sees, scale)[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..atomic import not_a_result, read_json_result
 from ..cli import numbers
+from .budgets import parse_budgets
 
 
 def add_commands(subparsers) -> None:
@@ -118,8 +119,6 @@ def _check_kv_eval(args) -> None:
 
 
 def _kv_eval(args) -> None:
-    from .budgets import parse_budgets
-
     budgets = parse_budgets(args.budgets)        # the numbers first: refused before torch loads
     lengths, depths = numbers(args.lengths, "--lengths", int), numbers(args.depths, "--depths")
     _at_least(args, trials=0, ppl_samples=0, calib_tokens=1)

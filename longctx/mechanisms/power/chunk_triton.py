@@ -14,12 +14,14 @@ apart as the dense ``Z = sum_j k_j k_j^T`` (``[d, d]`` float32), so ``phi(q) . z
 
 Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float32):
 
-1. ``_state_deltas`` grid (steps + 1, chunks, B*Hkv), every chunk at once: the chunk's own contribution to the
-   state, ``phi(K_n)^T (beta V_n)`` for one feature step per program and ``Z`` in the last program; in the
+1. ``_state_deltas`` grid (steps + 1, chunks - 1, B*Hkv), every chunk at once: the chunk's own contribution to
+   the state, ``phi(K_n)^T (beta V_n)`` for one feature step per program and ``Z`` in the last program; in the
    backward the same for the state gradients (``phi(Q_n)^T (r dO_n / den)``, summed over a KV head's queries).
-2. ``_scan``         grid (state slices, B*Hkv): in place, turns the per-chunk contributions into the state
-   entering every chunk (forward) or the gradient of the state leaving it (backward, reverse order):
-   ``X <- decay_n X + delta_n``. Memory-bound; the only sequential walk, and it moves no features.
+   The state entering chunk 0 and the gradient of the one leaving the last chunk are zero: the last chunk's
+   forward contribution and chunk 0's backward one are neither computed nor stored, nor read by 3-5.
+2. ``_scan``         grid (state slices, B*Hkv): in place, turns the contributions into the states between
+   chunks (forward) or their gradients (backward, reverse order): ``X <- decay_n X + delta_n``. Memory-bound;
+   the only sequential walk, and it moves no features.
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i - G_start) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser).
@@ -37,6 +39,7 @@ weights need bf16's range), accumulation fp32; products with ``Z`` run in fp32 (
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -84,23 +87,31 @@ class KernelConfig:
     ``block``: query/key rows per program of the chunk kernels (capped at the chunk); ``state_rows``: rows per
     step of the state-delta kernel; ``feature_block``: width ``FB`` of the column blocks whose pairs hold the
     features (16: 2560 features for d = 64; 8: 2304, closer to the symmetric power's 2080, in smaller steps);
-    ``feature_rows``: values of ``a`` per feature step (a step holds ``feature_rows x FB`` features; capped so a
-    delta program's fp32 accumulator stays at 256 x 64); ``scan_block``: state elements per program of the scan,
-    ``scan_unroll``: chunks it loads at once; ``warps_*``, ``stages_*``: warps and software-pipelining depth of
-    the state-delta and the chunk kernels; ``operands``: matmul operand type, ``"bf16"`` (fast path) or
+    ``feature_rows``: values of ``a`` per feature step of the backward's chunk kernels (a step holds
+    ``feature_rows x FB`` features; every kernel's step is capped at 256 x 64 / e features),
+    ``state_feature_rows`` and ``out_feature_rows`` the same for the state-delta kernel and the forward's chunk
+    kernel; ``scan_block``: state elements per program of the scan, ``scan_unroll``: chunks it loads at once;
+    ``warps_*``, ``stages_*``: warps and software-pipelining depth of the state-delta and the chunk kernels
+    (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
-    check every term tightly)."""
+    check every term tightly); ``fused_scan``: the state-delta programs also scan, in a chain of fp32 carries
+    (no ``_scan`` launch, no bf16 rounding of a chunk's contribution), ``scan_band`` sequences at a time."""
     block: int = 64
     state_rows: int = 128
     feature_block: int = 16
     feature_rows: int = 8
+    state_feature_rows: int = 8
+    out_feature_rows: int = 8
     scan_block: int = 1024
     scan_unroll: int = 4
     warps_state: int = 4
     warps_chunk: int = 4
+    warps_out: int = 4
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
+    fused_scan: bool = False
+    scan_band: int = 8
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -171,10 +182,11 @@ if triton is not None:
         return bkv
 
     @triton.jit
-    def _z_offsets(bkv, n, NC, DK: tl.constexpr):
-        """Offsets of the ``[DK, DK]`` normaliser state of KV head ``bkv`` at chunk ``n`` in ``[B*Hkv, NC, DK, DK]``."""
+    def _z_offsets(bkv, m, NSLOT, DK: tl.constexpr):
+        """Offsets of the ``[DK, DK]`` normaliser state of KV head ``bkv`` in slot ``m`` of
+        ``[B*Hkv, NSLOT, DK, DK]``."""
         di = tl.arange(0, DK)
-        return ((bkv * NC + n) * DK + di[:, None]) * DK + di[None, :]
+        return ((bkv * NSLOT + m) * DK + di[:, None]) * DK + di[None, :]
 
     @triton.jit
     def _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
@@ -193,19 +205,60 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _state_deltas(X, Y, G, STEPS, SB, ZB, DEN, DELTA, NC, scale,
+    def _ticket(COUNTERS, NC, NS: tl.constexpr, BAND: tl.constexpr, BACKWARD: tl.constexpr):
+        """The fused scan's order of work: a program takes the next ticket (so every smaller one belongs to a
+        program already running) and reads it as (band of ``BAND`` sequences, position in the chain of slots,
+        sequence, step), bands slowest, then positions: a slot waits only on lower tickets, and the carries in
+        flight are one band's. Returns (step, slot, sequence, position)."""
+        t = tl.atomic_add(COUNTERS, 1).to(tl.int64)
+        per_pos = BAND * (NS + 1)
+        per_band = (NC - 1) * per_pos
+        pos = (t % per_band) // per_pos
+        m = NC - 2 - pos if BACKWARD else pos
+        return t % (NS + 1), m, (t // per_band) * BAND + (t % per_pos) // (NS + 1), pos
+
+    @triton.jit
+    def _chain(acc, carry_ptrs, counter, pos, decay):
+        """The fused scan's link: wait until the previous slot of this (sequence, step) is done (``counter`` has
+        counted ``pos`` slots), add its fp32 carry decayed by this chunk's gate (``X_m = decay X_prev + delta_m``),
+        leave ``X_m`` as the carry and count this slot (release: the carry is written before the count)."""
+        if pos > 0:
+            done = tl.atomic_add(counter, 0, sem="acquire")
+            while done < pos:
+                done = tl.atomic_add(counter, 0, sem="acquire")
+            acc += decay * tl.load(carry_ptrs, cache_modifier=".cg")
+        tl.store(carry_ptrs, acc)
+        tl.debug_barrier()
+        tl.atomic_add(counter, 1, sem="release")
+        return acc
+
+    @triton.jit
+    def _state_deltas(X, Y, G, STEPS, SB, ZB, DEN, DELTA, COUNTERS, CARRY, NC, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
                       C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
                       FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
-                      OPDT: tl.constexpr, PDT: tl.constexpr):
+                      OPDT: tl.constexpr, PDT: tl.constexpr, FUSED: tl.constexpr, BAND: tl.constexpr,
+                      CL: tl.constexpr):
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
         ``r_i = scale^2 exp(G_i - G_start)``, ``phi~`` the weighted query features and ``delta_i = do_i . o_i``.
-        Programs ``0 .. NS-1`` write one feature step of ``S`` each, program ``NS`` writes ``Z``."""
-        s = tl.program_id(0)
-        n = tl.program_id(1)
-        bkv = tl.program_id(2).to(tl.int64)
+        Programs ``0 .. NS-1`` write one feature step of ``S`` each, program ``NS`` writes ``Z``, into slot ``m``
+        of ``NC - 1``: the contribution of chunk ``n = m`` (forward; the last chunk's reaches no later query) or
+        ``n = m + 1`` (backward; chunk 0's queries read the zero state). ``FUSED``: a 1-D grid in ticket order
+        (``_ticket``) whose programs also scan (``_chain``, fp32 carries ``CARRY [B*Hkv, NS + 1, CL]``), so the slots
+        hold the states (their gradients) on exit and ``_scan`` is not launched."""
+        if FUSED:
+            s, m, bkv, pos = _ticket(COUNTERS, NC, NS, BAND, BACKWARD)
+        else:
+            s = tl.program_id(0)
+            m = tl.program_id(1)
+            bkv = tl.program_id(2).to(tl.int64)
+            pos = 0
+        if BACKWARD:
+            n = m + 1
+        else:
+            n = m
         FT: tl.constexpr = FA * FB
         NREP: tl.constexpr = HQ // HKV if BACKWARD else 1
         Tp = NC * C
@@ -217,6 +270,11 @@ if triton is not None:
             g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
             g_end = tl.load(g_ptr + c0 + C - 1)
         post = scale * scale if BACKWARD else 1.0
+        decay = 1.0                              # across chunk n: the fused scan's factor
+        if HAS_GATE:
+            decay = tl.exp(g_end - g_start)
+        carry = CARRY + (bkv * (NS + 1) + s) * CL
+        counter = COUNTERS + 1 + bkv * (NS + 1) + s
         # S and Z accumulate over the same rows, but Triton needs one accumulator shape per branch
         if s < NS:
             ca, cb, wab = _step(STEPS, s)
@@ -234,7 +292,9 @@ if triton is not None:
             if BACKWARD:
                 acc = acc * (post * wab)
             fi = tl.arange(0, FT)
-            tl.store(SB + ((bkv * NC + n) * F + s * FT + fi[:, None]) * E + tl.arange(0, E)[None, :],
+            if FUSED:
+                acc = _chain(acc, carry + fi[:, None] * E + tl.arange(0, E)[None, :], counter, pos, decay)
+            tl.store(SB + ((bkv * (NC - 1) + m) * F + s * FT + fi[:, None]) * E + tl.arange(0, E)[None, :],
                      acc.to(SB.dtype.element_ty))
         else:
             accz = tl.zeros([DK, DK], dtype=tl.float32)
@@ -248,27 +308,35 @@ if triton is not None:
                         w = -w * tl.load(DELTA + xh * Tp + rows)
                     x = _cols(x_ptr, rows, 0, DK, DK)
                     accz += _mm32(tl.trans(x * w[:, None]), x)
-            tl.store(ZB + _z_offsets(bkv, n, NC, DK), accz * post)
+            accz = accz * post
+            if FUSED:
+                di = tl.arange(0, DK)
+                accz = _chain(accz, carry + di[:, None] * DK + di[None, :], counter, pos, decay)
+            tl.store(ZB + _z_offsets(bkv, m, NC - 1, DK), accz)
 
     @triton.jit
     def _scan(BUF, G, NC, L, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
               BLOCK: tl.constexpr, U: tl.constexpr):
-        """In place over ``BUF [B*Hkv, NC, L]``: slot ``n`` holds chunk ``n``'s contribution on entry and the sum
-        of the earlier (``REVERSE``: later) chunks' contributions, decayed to chunk ``n``'s boundary, on exit.
-        ``U`` chunks are loaded at once (independent loads in flight), then folded in order in registers."""
+        """In place over ``BUF [B*Hkv, NC - 1, L]``, the slots of ``_state_deltas``. Forward: slot ``m`` holds chunk
+        ``m``'s contribution on entry and the state leaving chunk ``m`` on exit, ``X_m = decay_m X_{m-1} + delta_m``.
+        ``REVERSE``: slot ``m`` holds chunk ``m + 1``'s contribution and then the gradient of the state leaving
+        chunk ``m``, ``X_m = decay_{m+1} X_{m+1} + delta_{m+1}``. ``U`` slots are loaded at once (independent loads
+        in flight), then folded in order in registers."""
         pid = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
+        NSLOT = NC - 1
         off = pid * BLOCK + tl.arange(0, BLOCK)
-        base = BUF + bkv * NC * L
+        base = BUF + bkv * NSLOT * L
         g_ptr = G + bkv * NC * C
         u = tl.arange(0, U)
         x = tl.zeros([BLOCK], dtype=tl.float32)
-        for i0 in range(0, NC, U):
-            n = NC - 1 - (i0 + u) if REVERSE else i0 + u
-            valid = (i0 + u) < NC
-            ptrs = base + n.to(tl.int64)[:, None] * L + off[None, :]
-            m = valid[:, None] & (off < L)[None, :]
-            delta = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)                       # [U, BLOCK]
+        for i0 in range(0, NSLOT, U):
+            m = NSLOT - 1 - (i0 + u) if REVERSE else i0 + u
+            n = m + 1 if REVERSE else m                                                  # the decaying chunk
+            valid = (i0 + u) < NSLOT
+            ptrs = base + m.to(tl.int64)[:, None] * L + off[None, :]
+            mask = valid[:, None] & (off < L)[None, :]
+            delta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)                    # [U, BLOCK]
             if HAS_GATE:
                 g_start = tl.load(g_ptr + n * C - 1, mask=valid & (n > 0), other=0.0)
                 decay = tl.exp(tl.load(g_ptr + n * C + C - 1, mask=valid, other=0.0) - g_start)
@@ -277,9 +345,9 @@ if triton is not None:
             out = tl.zeros([U, BLOCK], dtype=tl.float32)
             for j in tl.static_range(U):
                 pick = u == j
-                out += tl.where(pick[:, None], x[None, :], 0.0)
                 x = x * tl.sum(tl.where(pick, decay, 0.0), 0) + tl.sum(tl.where(pick[:, None], delta, 0.0), 0)
-            tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=m)
+                out += tl.where(pick[:, None], x[None, :], 0.0)
+            tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
@@ -326,16 +394,17 @@ if triton is not None:
             w = w.to(OPDT)
             den += tl.sum(w.to(tl.float32), 1)
             num += _mm(w, vv.to(OPDT), INTERP)
+        # the state entering the chunk (slot n - 1), one feature step at a time; chunk 0's is zero: no steps
         fi = tl.arange(0, FT)
-        s_ptr = SB + (bkv * NC + n) * F * E
+        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
         acc = tl.zeros([BM, E], dtype=tl.float32)
-        for s in tl.range(NS, num_stages=LOOP_STAGES):  # the state entering the chunk, one feature step at a time
+        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
             ca, cb, wab = _step(STEPS, s)
             phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
                             BM, FA, FB, PDT, OPDT)
             acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
         q32 = q.to(tl.float32)
-        z = tl.load(ZB + _z_offsets(bkv, n, NC, DK))
+        z = tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0)
         num += acc * r[:, None]
         den += tl.sum(_mm32(q32, z) * q32, 1) * r
         o = num / tl.where(den == 0.0, 1.0, den)[:, None]
@@ -377,14 +446,14 @@ if triton is not None:
         else:
             r = tl.full([BM], scale * scale, tl.float32)
         fi = tl.arange(0, FT)
-        s_ptr = SB + (bkv * NC + n) * F * E
+        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
         dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
         dden = -delta / den
         # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
         dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in tl.range(NS, num_stages=LOOP_STAGES):
+        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
             ca, cb, wab = _step(STEPS, s)
             st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             g = _mm(dnum, tl.trans(st), INTERP) * (r * wab)[:, None]                    # [BM, FT]
@@ -394,7 +463,7 @@ if triton is not None:
             dqa = _scatter_cols(dqa, da, ca, FA, DK)
             dqb = _scatter_cols(dqb, db, cb, FB, DK)
         q32 = q.to(tl.float32)
-        qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n, NC, DK)))
+        qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
         rz = r * dden
         dg += tl.sum(qz * q32, 1) * rz
         dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
@@ -440,14 +509,14 @@ if triton is not None:
         else:
             beta = tl.full([BM], 1.0, tl.float32)
         fi = tl.arange(0, FT)
-        s_ptr = DSB + (bkv * NC + n) * F * E
+        s_ptr = DSB + (bkv * (NC - 1) + n) * F * E     # the gradient of the state leaving the chunk (none: last)
         vb = vv.to(OPDT)
         # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
         dv = tl.zeros([BM, E], dtype=tl.float32)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
         dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in tl.range(NS, num_stages=LOOP_STAGES):
+        for s in tl.range(tl.where(n < NC - 1, NS, 0), num_stages=LOOP_STAGES):
             ca, cb, wab = _step(STEPS, s)
             dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             ka = _cols(k_ptr, cols, ca, FA, DK)
@@ -458,7 +527,7 @@ if triton is not None:
             dka = _scatter_cols(dka, da, ca, FA, DK)
             dkb = _scatter_cols(dkb, db, cb, FB, DK)
         k32 = kk.to(tl.float32)
-        kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC, DK)))
+        kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC - 1, DK), mask=n < NC - 1, other=0.0))
         dg = (dg + tl.sum(kz * k32, 1)) * beta
         dk = (tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK)) + 2.0 * kz) * beta[:, None]
         dv = dv * beta[:, None]
@@ -512,7 +581,9 @@ class _Geometry:
     BM: int
     BC: int      # rows per step of the state-delta kernel
     FB: int      # width of a column block: a block pair holds FB x FB features
-    FA: int      # values of ``a`` per feature step
+    FA: int      # values of ``a`` per feature step of the backward's chunk kernels
+    FA_state: int  # ... of the state-delta kernel
+    FA_out: int    # ... of the forward's chunk kernel
 
     @property
     def Tp(self) -> int:
@@ -528,9 +599,13 @@ class _Geometry:
     def F(self) -> int:
         return self.NP * self.FB * self.FB
 
-    @property
-    def NS(self) -> int:
-        return self.NP * (self.FB // self.FA)
+    def NS(self, fa: int) -> int:
+        """Feature steps of ``fa`` values of ``a``."""
+        return self.NP * (self.FB // fa)
+
+    def features(self, fa: int) -> dict:
+        """A kernel's feature-step arguments at ``fa`` values of ``a`` per step."""
+        return dict(FB=self.FB, FA=fa, F=self.F, NS=self.NS(fa))
 
 
 def _power_of_two(x: int) -> bool:
@@ -544,7 +619,10 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     NC = max(1, -(-T // C))
     for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
                             ("feature_block", cfg.feature_block, 8, 16), ("scan_block", cfg.scan_block, 16, 1 << 16),
-                            ("feature_rows", cfg.feature_rows, 2, cfg.feature_block), ("scan_unroll", cfg.scan_unroll, 1, 16)):
+                            ("feature_rows", cfg.feature_rows, 2, cfg.feature_block),
+                            ("state_feature_rows", cfg.state_feature_rows, 2, cfg.feature_block),
+                            ("out_feature_rows", cfg.out_feature_rows, 2, cfg.feature_block),
+                            ("scan_unroll", cfg.scan_unroll, 1, 16), ("scan_band", cfg.scan_band, 1, 64)):
         if not _power_of_two(x) or not lo <= x <= hi:
             raise ValueError(f"KernelConfig.{name} must be a power of two in [{lo}, {hi}], got {x}")
     FB = min(cfg.feature_block, DK)
@@ -556,13 +634,16 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     if B * Hq > GRID_MAX:
         raise ValueError(f"batch x query heads = {B} x {Hq} = {B * Hq} exceeds the kernel's grid ({GRID_MAX}): "
                          f"split the batch")
-    FA = min(cfg.feature_rows, FB, max(2, 16384 // (FB * E)))  # a delta program's accumulator: <= 256 x 64 floats
+    def fa(rows: int) -> int:  # a step holds at most 256 x 64 / e features (a delta program's fp32 accumulator)
+        return min(rows, FB, max(2, 16384 // (FB * E)))
+
     BM = min(cfg.block, C)
     if BM == C >= 64 and DK <= 32:
         # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
         # triton 3.6, compute-sanitizer; at any pipeline depth): two blocks per chunk instead
         BM = C // 2
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, FA)
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
+                     fa(cfg.state_feature_rows), fa(cfg.out_feature_rows))
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
@@ -589,17 +670,32 @@ def _product_type(x: Tensor, cfg: KernelConfig):
     return tl.bfloat16 if fast else tl.float32
 
 
-def _states(X, Y, G, steps, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, has_gate: bool,
+def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, has_gate: bool,
             backward: bool) -> tuple[Tensor, Tensor]:
-    """Kernels 1 and 2: per-chunk states ``[B*Hkv, NC, F, E]`` (cfg's state dtype) and ``Z [B*Hkv, NC, d, d]``
-    (fp32): entering every chunk (forward), or the gradients of those leaving it (``backward``)."""
-    SB = torch.empty(g.B * g.Hkv, g.NC, g.F, g.E, device=X.device, dtype=cfg.state_dtype)
-    ZB = torch.empty(g.B * g.Hkv, g.NC, g.DK, g.DK, device=X.device, dtype=torch.float32)
-    interp, opdt = _interpreting(), cfg.operand_type()
-    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (g.NS + 1, g.NC, g.B * g.Hkv),
-            X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, BACKWARD=backward,
-            HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA, F=g.F, NS=g.NS, INTERP=interp,
-            OPDT=opdt, PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+    """Kernels 1 and 2: states ``[B*Hkv, NC - 1, F, E]`` (cfg's state dtype) and ``Z [B*Hkv, NC - 1, d, d]`` (fp32)
+    between chunks: slot ``m`` is the state leaving chunk ``m`` (forward), or its gradient (``backward``). The
+    state entering chunk 0 and the gradient of the one leaving the last chunk are zero and not stored."""
+    slots = max(g.NC - 1, 1)                      # one unread slot when there is a single chunk
+    SB = torch.empty(g.B * g.Hkv, slots, g.F, g.E, device=X.device, dtype=cfg.state_dtype)
+    ZB = torch.empty(g.B * g.Hkv, slots, g.DK, g.DK, device=X.device, dtype=torch.float32)
+    if g.NC == 1:
+        return SB, ZB
+    ns, seqs = g.NS(g.FA_state), g.B * g.Hkv
+    if cfg.fused_scan:
+        cl = max(g.FA_state * g.FB * g.E, g.DK * g.DK)
+        counters = torch.zeros(1 + seqs * (ns + 1), device=X.device, dtype=torch.int32)  # the ticket, then counts
+        carry = torch.empty(seqs * (ns + 1) * cl, device=X.device, dtype=torch.float32)
+        grid = ((ns + 1) * (g.NC - 1) * seqs,)
+    else:
+        cl, counters, carry, grid = 1, SB, SB, (ns + 1, g.NC - 1, seqs)
+    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, grid,
+            X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, counters, carry, g.NC, scale,
+            HQ=g.Hq, HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
+            **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
+            FUSED=cfg.fused_scan, BAND=math.gcd(seqs, cfg.scan_band), CL=cl, num_warps=cfg.warps_state,
+            num_stages=cfg.stages_state)
+    if cfg.fused_scan:
+        return SB, ZB
     for buf, L in ((SB, g.F * g.E), (ZB, g.DK * g.DK)):
         block = min(cfg.scan_block, triton.next_power_of_2(L))
         _launch("scan", _scan, (triton.cdiv(L, block), g.B * g.Hkv), buf, G, g.NC, L, HAS_GATE=has_gate,
@@ -624,28 +720,28 @@ class _PowerRetentionFn(torch.autograd.Function):
             G = _cumsum(F.pad(poison(log_g.float()), (0, g.Tp - g.T)), g.C).contiguous()
         else:
             G = torch.zeros(1, device=q.device, dtype=torch.float32)
-        steps = _steps(g.NB, g.FB, g.FA, q.device)
-        SB, ZB = _states(kp, vp, G, steps, None, None, g, cfg, scale, has_gate, backward=False)
+        SB, ZB = _states(kp, vp, G, None, None, g, cfg, scale, has_gate, backward=False)
         O = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=q.dtype)
         O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate,
-                C=g.C, BM=g.BM, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA, F=g.F, NS=g.NS, INTERP=_interpreting(),
-                OPDT=cfg.operand_type(), PDT=_product_type(q, cfg), LOOP_STAGES=g.loop_stages(cfg),
-                num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
-        ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB, steps)
+                qp, kp, vp, G, _steps(g.NB, g.FB, g.FA_out, q.device), SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
+                HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
+                INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
+                LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
+        ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
         return O if g.T == g.Tp else O[:, :, :g.T].contiguous()
 
     @staticmethod
     def backward(ctx, do):
-        qp, kp, vp, G, O32, DEN, SB, ZB, steps = ctx.saved_tensors
+        qp, kp, vp, G, O32, DEN, SB, ZB = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
-        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, FB=g.FB, FA=g.FA,
-                      F=g.F, NS=g.NS, INTERP=_interpreting(), OPDT=cfg.operand_type(),
-                      LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
+        steps = _steps(g.NB, g.FB, g.FA, qp.device)
+        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA),
+                      INTERP=_interpreting(), OPDT=cfg.operand_type(), LOOP_STAGES=g.loop_stages(cfg),
+                      num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
         dev = qp.device
         # delta_i = do_i . o_i, written by kernel 4 from the fp32 output: with the rounded one, the cancellation
@@ -655,7 +751,7 @@ class _PowerRetentionFn(torch.autograd.Function):
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
                 qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, g.NC, scale, **common)
-        DSB, DZB = _states(qp, dop, G, steps, DEN, delta, g, cfg, scale, has_gate, backward=True)
+        DSB, DZB = _states(qp, dop, G, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)

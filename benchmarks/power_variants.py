@@ -1,0 +1,334 @@
+"""Power retention kernel configurations side by side in one GPU job, beside an earlier copy of the kernel file
+(the baseline): exactness, forward and forward+backward time, per-kernel device time, registers and spills; then
+the chosen configuration against the baseline and flash over T, at d = 128, and at the GPU bench's small shape.
+
+    git show <commit>:longctx/mechanisms/power/chunk_triton.py > /tmp/baseline_chunk_triton.py
+    PYTHONPATH=. python3 benchmarks/power_variants.py --baseline /tmp/baseline_chunk_triton.py --out <dir>
+
+CPU dry run of every path at toy sizes (interpreter; wall-clock times, no profile, flash refused on the CPU):
+
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/power_variants.py --device cpu --baseline /tmp/b.py \
+        --out /tmp/pv --tokens 256 --seqs 128,256 --variant-seqs 128,256 --chunk 64 --head-dim 16 --sections \
+        checks,variants,sweep,small
+
+Shapes (as ``power_retention.py``): 128K tokens per step, batch = 128K / T, 8 heads, d = e = 64, deg 2, gated,
+bf16, chunk 512. Configurations are compiled first in parallel processes (Triton's cache is shared), so the
+timed process only loads them. Results go to ``<out>/power_variants.json`` (atomically) after every section.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longctx.atomic import atomic_write_json
+from longctx.mechanisms.power import power_retention_chunk
+from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_retention_triton
+
+# one change each from today's defaults; "v4" is composed from the winners (see compose())
+VARIANTS = {
+    "skip": KernelConfig(),
+    "s16": KernelConfig(state_feature_rows=16),
+    "s16w8": KernelConfig(state_feature_rows=16, warps_state=8),
+    "o16": KernelConfig(out_feature_rows=16),
+    "o16w8": KernelConfig(out_feature_rows=16, warps_out=8),
+    "fused": KernelConfig(fused_scan=True),
+    "fused_b4": KernelConfig(fused_scan=True, scan_band=4),
+}
+CHUNK = 512
+DEVICE = "cuda"
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def load_baseline(path: str):
+    """The ``power_retention_triton`` of an earlier kernel file, imported inside ``longctx.mechanisms.power`` (its
+    relative imports resolve) under another name, with its own ``LAUNCHES``."""
+    spec = importlib.util.spec_from_file_location("longctx.mechanisms.power._baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_inputs(B, Hq, Hkv, T, d, seed=0, gate_shift=0.0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(B, Hq, T, d, device=DEVICE, generator=g).bfloat16()
+    k, v = (torch.randn(B, Hkv, T, d, device=DEVICE, generator=g).bfloat16() for _ in range(2))
+    log_g = F.logsigmoid(gate_shift + torch.randn(B, Hkv, T, device=DEVICE, generator=g))
+    return q, k, v, log_g
+
+
+def bench(fn, rep):
+    """Median ms: ``triton.testing.do_bench`` on CUDA, one wall-clock run on the CPU dry run."""
+    if DEVICE == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def time_pair(fn, ins, rep):
+    leaves = [t.requires_grad_() for t in ins]
+    with torch.no_grad():
+        fwd = bench(lambda: fn(*ins), rep)
+    do = torch.randn_like(fn(*ins))
+    return fwd, bench(lambda: torch.autograd.grad(fn(*ins), leaves, do, allow_unused=True), rep)  # flash: no gate
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(fn, T, d, Hq=8, Hkv=8, seed=1):
+    """Errors of o, dq, dk, dv, d log_g against the float32 PyTorch chunked form, and whether two runs on the
+    same inputs agree bitwise."""
+    ins = [t.requires_grad_() for t in make_inputs(2, Hq, Hkv, T, d, seed)]
+    out = fn(*ins)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, do)
+    out2 = fn(*ins)
+    grads2 = torch.autograd.grad(out2, ins, do)
+    ref_leaves = [t.detach().float().requires_grad_() for t in ins]
+    ref = power_retention_chunk(*ref_leaves, 2, 128)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.float())
+    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+    same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    return {"errors_o_dq_dk_dv_dlogg": errs, "bitwise_repeatable": same,
+            "finite": all(bool(torch.isfinite(x).all()) for x in (out, *grads))}
+
+
+def profile(fn, ins) -> dict:
+    from torch.profiler import ProfilerActivity
+    leaves = [t.requires_grad_() for t in ins]
+    do = torch.randn_like(fn(*ins))
+    torch.autograd.grad(fn(*ins), leaves, do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(fn(*ins), leaves, do)
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            times[e.key[:50]] = t / 1000
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:10])
+
+
+def kernel_info(launches) -> dict:
+    info = {}
+    for name, k in launches.items():
+        try:
+            k._init_handles()
+            info[name] = {"regs": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared}
+        except Exception as err:  # noqa: BLE001 - diagnostics only
+            info[name] = repr(err)
+    return info
+
+
+def warm(jobs, timeout) -> dict:
+    """Compile every (configuration, chunk, d, heads) of ``jobs`` in parallel processes (one tiny forward and
+    backward each); returns ``{job: "ok" | error}``."""
+    def one(job):
+        cmd = [sys.executable, __file__, "--compile-only", json.dumps(job)] + sys.argv[1:]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            return "ok" if run.returncode == 0 else run.stderr[-800:]
+        except subprocess.TimeoutExpired:
+            return f"timed out after {timeout} s (a hang?)"
+    with ThreadPoolExecutor(12) as pool:
+        return dict(zip(map(json.dumps, jobs), pool.map(one, jobs)))
+
+
+def compile_only(job, baseline):
+    name, c, d, hq, hkv = job
+    fn = runner(name, baseline, c)
+    ins = [t.requires_grad_() for t in make_inputs(2, hq, hkv, 3 * c + 7, d)]   # B * hkv: the scan's band
+    torch.autograd.grad(fn(*ins).sum(), ins)
+    torch.cuda.synchronize()
+
+
+CONFIGS: dict = dict(VARIANTS)
+
+
+def runner(name, baseline, c):
+    if name == "baseline":
+        return lambda q, k, v, g: baseline.power_retention_triton(q, k, v, g, chunk_size=c)
+    cfg = CONFIGS[name] if name in CONFIGS else KernelConfig(**json.loads(name))
+    return lambda q, k, v, g: power_retention_triton(q, k, v, g, chunk_size=c, config=cfg)
+
+
+def compose(times: dict) -> KernelConfig:
+    """Today's defaults with each winning change: the state kernel's step, the forward kernel's, the scan."""
+    def total(n):
+        return sum(times[n].values()) if n in times else float("inf")
+    cfg = KernelConfig()
+    state = min(("skip", "s16", "s16w8"), key=total)
+    out = min(("skip", "o16", "o16w8"), key=total)
+    scan = min(("skip", "fused", "fused_b4"), key=total)
+    return replace(cfg, state_feature_rows=VARIANTS[state].state_feature_rows,
+                   warps_state=VARIANTS[state].warps_state, out_feature_rows=VARIANTS[out].out_feature_rows,
+                   warps_out=VARIANTS[out].warps_out, fused_scan=VARIANTS[scan].fused_scan,
+                   scan_band=VARIANTS[scan].scan_band)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--baseline", required=True, help="an earlier chunk_triton.py to time beside")
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--seqs", default="1024,2048,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--sections", default="warm,checks,variants,profile,sweep,d128,small")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped")
+    ap.add_argument("--variant-seqs", default="4096,131072", help="T at which the configurations are compared")
+    ap.add_argument("--chunk", type=int, default=CHUNK)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--rep", type=int, default=150)
+    ap.add_argument("--v4", default=None, help="a KernelConfig as JSON for the later sections (else composed)")
+    ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
+    args, _ = ap.parse_known_args()
+    global DEVICE
+    DEVICE, c0, d = args.device, args.chunk, args.head_dim
+    vseqs = [int(x) for x in args.variant_seqs.split(",")]
+    baseline = load_baseline(args.baseline)
+    if args.compile_only:
+        compile_only(json.loads(args.compile_only), baseline)
+        return
+    import triton
+    deadline = T0 + args.budget
+    sections = args.sections.split(",")
+    path = Path(args.out) / "power_variants.json"
+    res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+           "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
+           "shapes": {"tokens": args.tokens, "heads": 8, "head_dim": d, "chunk": c0, "dtype": "bf16",
+                      "gated": True}, "variants": {n: c.__dict__ for n, c in VARIANTS.items()}}
+    save = lambda: atomic_write_json(path, res)  # noqa: E731
+    n = 8192 if DEVICE == "cuda" else 256
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    res["matmul_tflops"] = 2 * n ** 3 / bench(lambda: a @ b, 200) / 1e9
+    del a, b
+    log(f"{res['device']}: matmul {res['matmul_tflops']:.0f} TFLOP/s")
+    names = ["baseline", *VARIANTS]
+    if "warm" in sections:
+        jobs = [[nm, c0, d, 8, 8] for nm in names]
+        jobs += [[nm, c, 32, 8, 4] for nm in ("baseline", "skip") for c in (32, 64, 128)]
+        jobs += [[nm, c, 128, 8, 8] for nm in ("baseline", "skip") for c in (512, 1024)]
+        res["warm"] = warm(jobs, timeout=240)
+        log(f"warm: {sum(v == 'ok' for v in res['warm'].values())}/{len(jobs)} ok; "
+            + "; ".join(f"{k}: {v[-300:]}" for k, v in res["warm"].items() if v != "ok"))
+        bad = {json.loads(k)[0] for k, v in res["warm"].items() if v != "ok"}
+        names = [nm for nm in names if nm not in bad]
+        save()
+    if "checks" in sections:
+        res["checks"] = {}
+        for nm in names:
+            try:
+                res["checks"][nm] = check(runner(nm, baseline, c0), 4 * c0 + 77, d)
+            except Exception as err:  # noqa: BLE001 - recorded
+                traceback.print_exc()
+                res["checks"][nm] = {"error": repr(err)}
+            log(f"check {nm}: {res['checks'][nm]}")
+        save()
+    times = {}
+    if "variants" in sections:
+        res["times"] = {}
+        for nm in names:
+            times[nm] = {}
+            for T in vseqs:
+                try:
+                    f, fb = time_pair(runner(nm, baseline, c0), make_inputs(args.tokens // T, 8, 8, T, d), args.rep)
+                except Exception as err:  # noqa: BLE001
+                    traceback.print_exc()
+                    res["times"][f"{nm} T={T}"] = repr(err)
+                    times[nm][T] = float("inf")
+                    continue
+                times[nm][T] = fb
+                res["times"][f"{nm} T={T}"] = {"fwd_ms": f, "fwd_bwd_ms": fb}
+                log(f"{nm:10s} T={T:6d}: fwd {f:6.2f}  fwd+bwd {fb:6.2f} ms")
+            save()
+        best = compose(times)
+        CONFIGS["v4"] = best
+        res["v4"] = best.__dict__
+        if DEVICE == "cuda" and "warm" in sections:   # the shapes of the sections below, in parallel
+            key = json.dumps(best.__dict__)
+            jobs = [[key, c0, d, 8, 8]] + [[key, c, 32, 8, 4] for c in (32, 64, 128)]
+            jobs += [[key, c, 128, 8, 8] for c in (512, 1024)]
+            res["warm_v4"] = warm(jobs, timeout=240)
+            log(f"warm v4: {res['warm_v4']}")
+        for T in vseqs:
+            f, fb = time_pair(runner("v4", baseline, c0), make_inputs(args.tokens // T, 8, 8, T, d), args.rep)
+            res["times"][f"v4 T={T}"] = {"fwd_ms": f, "fwd_bwd_ms": fb}
+            log(f"v4 {best}: T={T}: fwd {f:6.2f}  fwd+bwd {fb:6.2f} ms")
+        res["checks"]["v4"] = check(runner("v4", baseline, c0), 4 * c0 + 77, d)
+        log(f"check v4: {res['checks']['v4']}")
+        save()
+    if args.v4:
+        CONFIGS["v4"] = KernelConfig(**json.loads(args.v4))
+    v4 = "v4" if "v4" in CONFIGS else "skip"
+    if "profile" in sections and DEVICE == "cuda":
+        res["profile"], res["kernel_info"] = {}, {}
+        for nm in ("baseline", v4):
+            for T in vseqs:
+                res["profile"][f"{nm} T={T}"] = profile(runner(nm, baseline, c0),
+                                                        make_inputs(args.tokens // T, 8, 8, T, d))
+                log(f"profile {nm} T={T}: {res['profile'][f'{nm} T={T}']}")
+            res["kernel_info"][nm] = kernel_info(baseline.LAUNCHES if nm == "baseline" else LAUNCHES)
+            log(f"kernel info {nm}: {res['kernel_info'][nm]}")
+        save()
+
+    def row(label, T, d, hq, hkv, B, c, gate_shift=0.0):
+        ins = make_inputs(B, hq, hkv, T, d, gate_shift=gate_shift)
+        r = {"T": T, "batch": B, "d": d, "heads": [hq, hkv], "chunk": c}
+        for nm in ("baseline", v4, "flash"):
+            try:
+                if nm == "flash":
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    rep_ = hq // hkv
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        f, fb = time_pair(lambda q, k, v, g: F.scaled_dot_product_attention(
+                            q, k.repeat_interleave(rep_, 1), v.repeat_interleave(rep_, 1), is_causal=True),
+                            ins, args.rep)
+                else:
+                    f, fb = time_pair(runner(nm, baseline, c), ins, args.rep)
+                r[nm] = {"fwd_ms": f, "fwd_bwd_ms": fb}
+            except Exception as err:  # noqa: BLE001
+                r[nm] = repr(err)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        res.setdefault(label, []).append(r)
+        log(f"{label}: {r}")
+        save()
+
+    for T in map(int, args.seqs.split(",")):
+        if "sweep" not in sections or time.time() > deadline:
+            break
+        row("sweep", T, d, 8, 8, args.tokens // T, min(c0, T))
+    for T in vseqs:
+        for c in (c0, 2 * c0):
+            if "d128" in sections and time.time() < deadline:
+                row("d128", T, 128, 8, 8, args.tokens // T, c)
+    for c in (32, 64, 128):
+        if "small" in sections and time.time() < deadline:
+            row("small", 512, 32, 8, 4, 32 if DEVICE == "cuda" else 1, c, gate_shift=4.0)
+    res["wall_s"] = time.time() - T0
+    save()
+    log(f"done: {path}")
+
+
+if __name__ == "__main__":
+    main()

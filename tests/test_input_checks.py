@@ -341,3 +341,28 @@ def test_gpt_targets_of_minus_one_are_ignored(gen):
     _, loss = m(ids, targets)
     _, part = m(ids[:, :3], targets[:, :3])
     torch.testing.assert_close(loss, part)
+
+
+@pytest.mark.parametrize("batch,n", [(1, 0), (0, 5)])
+def test_power_functions_give_empty_outputs_for_empty_inputs(batch, n, gen):
+    """No tokens or a batch of 0: the quadratic and chunked forms crashed in a reshape (-1 of 0 elements), the step
+    and the static prefill in torch.cat of no pieces."""
+    from longctx.mechanisms.power import init_power_state, power_retention, power_retention_chunk, power_retention_step
+    from longctx.mechanisms.power.naive import power_retention_naive
+
+    q, k, v = qkv(gen, batch=batch, n=n)
+    g = -torch.rand(batch, 2, n, generator=gen)
+    for out in (power_retention_naive(q, k, v, g), power_retention(q, k, v, g, chunk_size=4),
+                power_retention_chunk(q, k, v, g, chunk_size=4)):
+        assert out.shape == (batch, 4, n, 16)
+    if batch:
+        state = init_power_state(batch, 2, 16, 16, True)
+        out, after = power_retention_step(q, k, v, state, g)
+        assert out.shape == (batch, 4, 0, 16) and after is state
+        for name in ("power", "power4"):
+            assert mech(name).prefill_static(q, k, v, mech(name).init_static_state(1, 8), 0).shape == (1, 4, 0, 16)
+
+
+def test_unknown_mechanism_options_are_named():
+    with pytest.raises(ValueError, match=r"unknown options \['windw'\] for mechanism 'sliding_window'; known: .*'window'"):
+        build_mechanism("sliding_window", 4, 2, 16, windw=8)

@@ -22,6 +22,7 @@ the classmethod ``make_layer``; the rest are wrapped by the model's ``CausalSelf
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable
 
@@ -240,5 +241,9 @@ def lookup(name: str) -> tuple[type, dict]:
 def build_mechanism(name: str, n_head: int, n_kv_head: int, head_dim: int, **options) -> Mechanism:
     """Instantiate the mechanism registered as ``name``; ``options`` override its defaults."""
     cls, kwargs = lookup(name)
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "n_head", "n_kv_head", "head_dim"}
+    unknown = sorted(set(options) - known)
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        raise ValueError(f"unknown options {unknown} for mechanism {name!r}; known: {sorted(known)}")
     kwargs.update(options)
     return cls(n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, **kwargs)

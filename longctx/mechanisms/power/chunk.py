@@ -110,7 +110,7 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
     kp, vp = F.pad(k.to(ct), (0, 0, 0, pad)), F.pad(v.to(ct), (0, 0, 0, pad))
     lg = torch.zeros(B, Hkv, T, dtype=ct, device=q.device) if log_g is None else log_g.to(ct)
     G = torch.cumsum(F.pad(lg, (0, pad)), -1).view(B, Hkv, n, c)                 # padded tokens: log_g = 0
-    qc = qg.view(B, Hkv, -1, n, c, d)
+    qc = qg.view(B, Hkv, Hq // Hkv, n, c, d)
     kc, vc = kp.view(B, Hkv, n, c, d), vp.view(B, Hkv, n, c, e)
 
     # inside each chunk: attention-like weights

@@ -157,6 +157,9 @@ class PowerRetention(Mechanism):
         copy ``S`` for every fold: more than a batch filling the GPU can afford); longer inputs through the eager
         form (the chunked form for a long prefill)."""
         check_int("start", start, 0)
+        if q.shape[2] == 0:
+            self.check_static(q, k, v, state)
+            return self.empty_output(q, v)
         if q.shape[2] >= self.chunk_size:
             return super().prefill_static(q, k, v, state, start)
         outs = []

@@ -111,4 +111,4 @@ def power_retention_naive(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None 
     G = None if log_g is None else torch.cumsum(log_g.to(ct), -1)
     w = power_weights(qg, k.to(ct), G, G, deg, default_scale(q.shape[-1], scale))
     out = safe_ratio(w @ v.to(ct).unsqueeze(2), w.sum(-1))
-    return out.reshape(B, Hq, T, -1).to(q.dtype)
+    return out.reshape(B, Hq, T, v.shape[-1]).to(q.dtype)   # -1 is ambiguous for 0 elements (B or T of 0)

@@ -197,14 +197,14 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
     den = w.sum(-1)
     if state.S is not None:
         num, den = _read_folded(num, den, qg, gq, state.S, state.z, deg, scale)
-    out = safe_ratio(num, den).reshape(B, Hq, Tp, -1).to(q.dtype)
+    out = safe_ratio(num, den).reshape(B, Hq, Tp, v.shape[-1]).to(q.dtype)
     return out, PowerState(keys, vals, g, state.S, state.z, state.seen + Tp)
 
 
 def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log_g: Tensor | None = None,
                          deg: int = 2, scale: float | None = None, chunk_size: int = 64,
                          switch_over: int = 128, use_kernel: bool | None = None) -> tuple[Tensor, PowerState]:
-    """Consume ``T_new >= 1`` tokens: ``q [B,Hq,T_new,d]``, ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]``
+    """Consume ``T_new`` tokens (none: an empty output, the same state): ``q [B,Hq,T_new,d]``, ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]``
     (required exactly when the state is gated). Returns ``(o [B,Hq,T_new,e], new state)``; ``state`` is not
     modified. ``use_kernel``: one-token steps through the Triton decode kernel (CUDA, deg 2, head dims 16–128);
     ``None`` uses it wherever it applies, ``True`` raises where it does not."""
@@ -216,6 +216,8 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
         raise ValueError("log_g must be given exactly when the state was made gated (init_power_state gated=True)")
     log_g = check_gate(log_g, k)
     scale = default_scale(q.shape[-1], scale)
+    if q.numel() == 0:   # no new tokens (or a batch of 0): nothing to add
+        return q.new_empty(*q.shape[:3], v.shape[-1]), state
     if q.shape[2] >= switch_over:   # pieces would be at most chunk_size tokens each, every one over all recent keys
         return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)
     outs, start, T = [], 0, q.shape[2]

@@ -50,9 +50,12 @@ def read_json_result(path: str | Path, what: str) -> Any:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:   # ValueError: not UTF-8, not JSON
         raise not_a_result(path, what, f"it cannot be read as JSON: {e}") from None
+    if result is None:   # JSON null: a file, not "no file" (a run would write over it)
+        raise not_a_result(path, what, "it holds null")
+    return result
 
 
 def not_a_result(path: str | Path, what: str, why: str) -> ValueError:

@@ -90,6 +90,12 @@ def check_scale(scale, head_dim: int) -> float:
     return value
 
 
+def check_causal(causal) -> None:
+    """``causal`` is True or False (a string such as ``"false"`` would be truthy: a mask nobody asked for)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+
+
 def _empty(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the result has no elements or no keys: PyTorch's fused kernels crash on some of these (the CPU
     flash kernel with the lse dies of SIGFPE), and the matrix form gives them exactly, at no cost."""
@@ -144,6 +150,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     the definition (module docstring): a NaN query gives a NaN row, not zeros.
     """
     check_qkv(q, k, v)
+    check_causal(causal)
     scale = check_scale(scale, q.shape[-1])
     return _matrix_form(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device) if causal else None, scale)
 
@@ -249,6 +256,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: floa
     inf follow the definition (module docstring): a NaN anywhere in a row's scores gives a NaN row.
     """
     hq, hkv = check_qkv(q, k, v)
+    check_causal(causal)
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={q.shape[2]} "
                          f"> Tk={k.shape[2]}")

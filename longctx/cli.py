@@ -19,6 +19,12 @@ def numbers(text: str, option: str, kind=float) -> list:
     return values
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch running out of memory: CUDA's message, or the CPU allocator's."""
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
 def _defaults(field: str) -> str:
     """``"default: cpu 120, gpu 1000"``: a bench setting's value in each preset, read from ``PRESETS`` so that
     ``--help`` follows them (presets parted by ``;`` where a value is a comma-separated list)."""
@@ -65,6 +71,8 @@ def _add_bench(sub) -> None:
 def _bench(args) -> None:
     lists = {k: numbers(v, f"--{k.replace('_', '-')}", int) for k, v in
              (("measure_contexts", args.measure_contexts), ("seeds", args.seeds)) if v is not None}
+    if args.stop_after is not None and not args.stop_after > 0:   # before torch loads, as every number
+        raise ValueError(f"--stop-after must be > 0 seconds, got {args.stop_after}")
     s = settings_for(args.preset, steps=args.steps, recall_steps=args.recall_steps, n_layer=args.n_layer,
                      n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
                      block_size=args.block_size, batch_size=args.batch_size, deterministic=args.deterministic,
@@ -186,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError, KeyError) as e:   # OSError: a file named by an option cannot be read or written
         print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        print(f"longctx: error: out of memory ({str(e).splitlines()[0][:200]}): the sizes asked for do not fit this "
+              "machine; lower them (--batch-size, --n-embd, --n-layer, --block-size, --measure-contexts, --contexts, "
+              "--batches); finished results are kept in the output folder", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         print(f"longctx: error: {args.command} needs the package {e.name!r} (calibrate and kv-eval: pip install 'longctx[kv]')",

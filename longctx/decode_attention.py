@@ -76,11 +76,19 @@ def _check_length(length: Tensor, q: Tensor) -> None:
         raise ValueError(f"length must be on q's device {q.device}, got {length.device}")
 
 
+def _check_length_value(length: Tensor, slots: int) -> None:
+    """On CPU (where reading it costs no sync): ``0 <= length <= slots``; past the buffer the kernels would read
+    slots that are not there (the reference silently reads the valid ones only)."""
+    if length.device.type == "cpu" and not 0 <= int(length) <= slots:
+        raise ValueError(f"length must lie in [0, {slots}] (the buffers' slots), got {int(length)}")
+
+
 def _check(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: Tensor) -> None:
     check_qkv(q, k_buf, v_buf)
     if q.shape[2] != 1:
         raise ValueError(f"q must hold one token [batch, heads, 1, head_dim], got shape {tuple(q.shape)}")
     _check_length(length, q)
+    _check_length_value(length, k_buf.shape[2])
 
 
 def decode_attention_reference(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: Tensor,

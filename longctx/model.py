@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mechanisms import build_mechanism, lookup
-from .mechanisms.base import check_capacity, check_int, check_state_bytes_args
+from .mechanisms.base import check_capacity, check_dtype, check_int, check_state_bytes_args
 from .rope import rope_table, rotate
 
 
@@ -210,24 +210,39 @@ class GPT(nn.Module):
     def _context(self, idx: Tensor, positions: Tensor) -> LayerContext:
         return LayerContext(positions=positions, tokens=idx, embed=self.wte)
 
-    def _check_ids(self, idx: Tensor) -> None:
-        """``idx`` is ``[batch, seq]`` integer ids of at least one token, each in ``[0, vocab_size)`` (a host sync:
-        the captured decode step, whose ids come from sampling, skips this)."""
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be [batch, seq] integer token ids, got {tuple(idx.shape)} {idx.dtype}")
+    def _check_ids(self, idx: Tensor, targets: Tensor | None = None) -> None:
+        """``idx`` is ``[batch, seq]`` integer ids of at least one token, each in ``[0, vocab_size)``, and ``targets``
+        (if given) integer ids of the same shape in ``[0, vocab_size)`` or ``-1`` (ignored). One host sync for both:
+        the captured decode step, whose ids come from sampling, skips this."""
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be [batch, seq] integer token ids, got "
+                             f"{f'{tuple(idx.shape)} {idx.dtype}' if isinstance(idx, Tensor) else type(idx).__name__}")
         if idx.shape[0] == 0 or idx.shape[1] == 0:
             raise ValueError(f"idx must hold at least one sequence of at least one token, got {tuple(idx.shape)}")
-        lo, hi = (int(x) for x in torch.aminmax(idx))
+        ranges = [torch.stack(torch.aminmax(idx))]
+        if targets is not None:
+            if not isinstance(targets, Tensor) or targets.shape != idx.shape or targets.dtype not in (torch.int64,
+                                                                                                      torch.int32):
+                raise ValueError(f"targets must be integer token ids of idx's shape {tuple(idx.shape)}, got "
+                                 f"{f'{tuple(targets.shape)} {targets.dtype}' if isinstance(targets, Tensor) else type(targets).__name__}")
+            ranges.append(torch.stack(torch.aminmax(targets)).to(idx.device, torch.int64))
+        (lo, hi), *rest = torch.stack([r.to(torch.int64) for r in ranges]).tolist()
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} "
                              f"to {hi}")
+        if rest and (rest[0][0] < -1 or rest[0][1] >= self.config.vocab_size):
+            raise ValueError(f"targets must lie in [0, vocab_size={self.config.vocab_size}) or be -1 (ignored), got "
+                             f"targets from {rest[0][0]} to {rest[0][1]}")
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, positions: Tensor | None = None):
         """``idx [B, T]`` -> ``(logits [B, T, V], loss or None)``. ``positions [T]`` default ``0..T-1``
         (ring attention passes each rank's global positions)."""
-        self._check_ids(idx)
+        self._check_ids(idx, targets)
         if positions is None:
             positions = torch.arange(idx.shape[1], device=idx.device)
+        elif not isinstance(positions, Tensor) or tuple(positions.shape) != (idx.shape[1],):
+            raise ValueError(f"positions must be a tensor [seq] = [{idx.shape[1]}], got "
+                             f"{tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__}")
         ctx = self._context(idx, positions)
         x = self.wte(idx)
         for block in self.blocks:
@@ -241,7 +256,7 @@ class GPT(nn.Module):
     def init_state(self, batch: int, device=None, dtype=None) -> DecodeState:
         check_int("batch", batch)
         p = next(self.parameters())
-        device, dtype = device or p.device, dtype or p.dtype
+        device, dtype = device or p.device, check_dtype(dtype or p.dtype)
         return DecodeState([b.attn.init_state(batch, device, dtype) for b in self.blocks])
 
     @property
@@ -264,6 +279,9 @@ class GPT(nn.Module):
     def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """Consume ``idx [B, T_new]`` after the ``state.seen`` tokens of ``state``: ``(logits [B, T_new, V], state)``."""
         self._check_ids(idx)
+        if not isinstance(state, DecodeState):
+            raise TypeError(f"state must be a DecodeState (init_state), got {type(state).__name__}")
+        self._check_layers(state)
         positions = torch.arange(state.seen, state.seen + idx.shape[1], device=idx.device)
         ctx = self._context(idx, positions)
         x, layers = self.wte(idx), []
@@ -312,7 +330,7 @@ class GPT(nn.Module):
         check_int("batch", batch)
         check_int("capacity", capacity)
         p = next(self.parameters())
-        device, dtype, shared = device or p.device, dtype or p.dtype, {}
+        device, dtype, shared = device or p.device, check_dtype(dtype or p.dtype), {}
         layers = [b.attn.init_static_state(batch, capacity, device, dtype, shared) for b in self.blocks]
         return StaticDecodeState(layers, torch.zeros(1, dtype=torch.long, device=device), batch, capacity)
 
@@ -331,10 +349,17 @@ class GPT(nn.Module):
         return DecodeState([b.attn.eager_state(s, state.seen) for b, s in zip(self.blocks, state.layers)],
                            state.seen)
 
+    def _check_layers(self, state: DecodeState | StaticDecodeState) -> None:
+        """A state of one layer per block (one made by a model of another depth would leave blocks out)."""
+        if len(state.layers) != len(self.blocks):
+            raise ValueError(f"the state holds {len(state.layers)} layers, this model has n_layer={len(self.blocks)}: "
+                             "a state made by another model")
+
     def _check_static(self, idx: Tensor, state: StaticDecodeState) -> None:
         self._check_ids(idx)
         if not isinstance(state, StaticDecodeState):
             raise TypeError(f"state must be a StaticDecodeState (init_static_state), got {type(state).__name__}")
+        self._check_layers(state)
         if idx.shape[0] != state.batch:
             raise ValueError(f"idx has batch {idx.shape[0]}, the static state was made for batch {state.batch}")
         check_capacity(state.seen, idx.shape[1], state.capacity)
@@ -379,7 +404,8 @@ class GPT(nn.Module):
 
 
 def check_sampling(temperature: float, top_k: int | None) -> None:
-    if not (temperature >= 0 and math.isfinite(temperature)):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None:
         check_int("top_k", top_k)

@@ -153,6 +153,17 @@ def test_non_finite_or_non_positive_scale_is_refused(edge, scale, gen):
         call()
 
 
+@pytest.mark.parametrize("edge", ["attention", "attention lse", "attention_reference"])
+def test_causal_must_be_a_bool(edge, gen):
+    """``causal="false"`` is truthy: it masked silently before."""
+    q, k, v = qkv(gen)
+    call = {"attention": lambda: attention(q, k, v, causal="false"),
+            "attention lse": lambda: attention(q, k, v, causal="false", return_lse=True),
+            "attention_reference": lambda: attention_reference(q, k, v, causal="false")}[edge]
+    with pytest.raises(TypeError, match="causal must be True or False, got 'false'"):
+        call()
+
+
 def test_scale_of_a_wrong_type_is_refused(gen):
     q, k, v = qkv(gen)
     with pytest.raises(TypeError, match="scale must be a number"):

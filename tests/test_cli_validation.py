@@ -81,12 +81,14 @@ def no_model_loads(monkeypatch):
     (["--block-size", "32"], "--block-size 32 is too short for the recall task"),   # the cpu preset's pairs
     (["--block-size", "4096"], "--block-size 4096 is too long for the text"),
     (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
-    (["--measure-contexts", "0"], "--measure-contexts: expected one or more integers >= 1, got [0]"),
-    (["--measure-contexts", "40,-3"], "--measure-contexts: expected one or more integers >= 1, got [40, -3]"),
-    (["--seeds", "-1"], "--seeds: expected one or more integers >= 0, got [-1]"),
+    (["--measure-contexts", "0"], "--measure-contexts: expected one or more integers >= 1 and < 2**63, got [0]"),
+    (["--measure-contexts", "40,-3"], "--measure-contexts: expected one or more integers >= 1 and < 2**63, got [40, -3]"),
+    (["--seeds", "-1"], "--seeds: expected one or more integers >= 0 and < 2**63, got [-1]"),
     (["--seeds", "0,0"], "--seeds: a value is repeated in [0, 0]"),
     (["--stop-after", "nan"], "--stop-after must be > 0 seconds, got nan"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),   # crashed in a .item()
+    (["--seeds", str(2 ** 64)], "--seeds: expected one or more integers >= 0 and < 2**63"),   # torch's overflow
     (["--mechanisms", ","], "--mechanisms: no mechanism named"),
 ])
 def test_bench_refuses_bad_numbers_before_any_work(tmp_path, corpus, capsys, nothing_trains, args, message):
@@ -119,6 +121,7 @@ def files(folder) -> dict:
     ("{not json", "it cannot be read as JSON"),
     (json.dumps({"meta": {}, "settings": {"model": "m"}, "cells": {}}), "no meta, settings and mechanisms"),
     ("[1, 2, 3]", "no meta, settings and mechanisms"),
+    ("null", "it holds null"),   # was taken for no file, and written over
 ])
 def test_bench_refuses_a_results_file_not_its_own(tmp_path, corpus, capsys, nothing_trains, content, why):
     out = tmp_path / "out"
@@ -164,6 +167,54 @@ def test_bench_refuses_a_checkpoint_it_cannot_load_before_training(folder, corpu
     refused(bench(folder, corpus, mechanisms="sliding_window,full"), capsys, str(ckpt),
             "choose another --out")
     assert files(folder) == before
+
+
+@pytest.mark.parametrize("name,kind", [("report.md", "folder"), ("loss.png", "folder"), ("checkpoints", "file")])
+def test_bench_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, corpus, capsys, nothing_trains, name, kind):
+    """A folder where the report goes, a file where the checkpoints go: refused before any training (the report
+    folder failed after the models had trained, the checkpoints file with a bare [Errno 17])."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if kind == "folder" else (out / name).write_text("mine")
+    before = files(out)
+    refused(bench(out, corpus), capsys, str(out / name), f"is a {kind} where the bench")
+    assert files(out) == before
+
+
+def test_running_out_of_memory_is_a_clear_error(tmp_path, corpus, capsys, monkeypatch):
+    """The CPU allocator's refusal (a bench with --batch-size 100000000000) was a traceback, exit 1."""
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 800000000000 bytes")
+    monkeypatch.setattr(bench_run, "train", oom)
+    refused(bench(tmp_path / "out", corpus), capsys, "out of memory", "lower them (--batch-size")
+
+
+def test_throughput_refuses_a_results_file_not_its_own(tmp_path, capsys):
+    """A list was taken for no results and written over; rows of another shape crashed (TypeError)."""
+    for content in ("[]", '{"rows": [1, 2]}', "null"):
+        out = tmp_path / "tp"
+        out.mkdir(exist_ok=True)
+        (out / "throughput.json").write_text(content)
+        refused(["throughput", "--out", str(out), "--device", "cpu", "--contexts", "64", "--batches", "1",
+                 "--mechanisms", "full", "--steps", "1", "--no-progress"], capsys,
+                f"{out / 'throughput.json'} is not a `longctx throughput` result", "choose another --out")
+        assert files(out) == {"throughput.json": content.encode()}
+
+
+def test_throughput_refuses_a_device_torch_cannot_use(tmp_path, capsys):
+    """--device cuda without CUDA failed inside torch (AssertionError, exit 1); meta was taken."""
+    out = tmp_path / "tp"
+    for device, message in [("meta", "expected cpu, cuda or cuda:N, got 'meta'")] + (
+            [] if torch.cuda.is_available() else [("cuda", "--device cuda: torch sees no CUDA device")]):
+        refused(["throughput", "--out", str(out), "--device", device, "--steps", "1"], capsys, message)
+        assert not out.exists()
+
+
+def test_kv_eval_refuses_a_dtype_it_does_not_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["kv-eval", "--dtype", "float64"])
+    assert e.value.code == 2 and "--dtype: invalid choice: 'float64'" in capsys.readouterr().err
 
 
 def test_bench_refuses_an_out_that_is_a_file(tmp_path, corpus, capsys):
@@ -307,6 +358,9 @@ def test_bad_numbers_are_refused_before_torch_loads(gen):
     from pathlib import Path
 
     argvs = [["bench", "--steps", "0"], ["bench", "--seeds", "x"], ["bench", "--n-embd", "30", "--n-head", "4"],
+             ["bench", "--stop-after", "0"], ["throughput", "--contexts", "64,64"], ["throughput", "--mechanisms", ","],
+             ["kv-eval", "--depths", "1.5"], ["kv-eval", "--lengths", "64"], ["kv-eval", "--lengths", "256,256"],
+             ["kv-eval", "--ppl-chunk", "0"], ["kv-eval", "--answer-tokens", "0"], ["kv-eval", "--ppl-tokens", "1"],
              ["throughput", "--steps", "-1"], ["throughput", "--batches", "0"],
              ["throughput", "--hf", "smollm2", "--budgets", "2"], ["throughput", "--hf", "tiny", "--steps", "0"],
              ["kv-eval", "--budgets", "0"], ["kv-eval", "--trials", "-1"], ["kv-eval", "--lengths", "x"],
@@ -314,6 +368,11 @@ def test_bad_numbers_are_refused_before_torch_loads(gen):
     run = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, "0", json.dumps(argvs)], capture_output=True,
                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
+    named = {"--stop-after": "--stop-after must be > 0", "--contexts": "--contexts: a value is repeated",
+             "--mechanisms": "--mechanisms: no mechanism named", "--depths": "--depths: 1.5 is not a fraction",
+             "--lengths": "--lengths: ", "--ppl-chunk": "--ppl-chunk must be >= 1", "--answer-tokens": "--answer-tokens",
+             "--ppl-tokens": "--ppl-tokens: 1 must be in [2, length/2)", "--batches": "--batches", "--steps": "--steps"}
     for argv, code, torch_loaded, err in json.loads(run.stdout.strip().splitlines()[-1]):
         assert code == 2 and err.startswith("longctx: error: "), (argv, code, err)
+        assert named.get(argv[1], "") in err, (argv, err)   # the option is named
         assert not torch_loaded, f"{argv}: torch was imported before the refusal"

@@ -32,6 +32,22 @@ def timed(device: torch.device, fn) -> float:
     return time.perf_counter() - start
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``--device`` of every command as a torch device: ``cpu``, ``cuda`` or ``cuda:N`` that torch can use (None: cuda
+    when present); a ValueError naming the option otherwise, before any work."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with the number of threads torch uses (recorded with every result)."""
     if device.type == "cuda":

@@ -101,9 +101,9 @@ def check_settings(s: BenchSettings) -> None:
                                    ("eval_context_multiples", 1, True)):
         v = getattr(s, f)
         if (not isinstance(v, (list, tuple)) or not (v or may_be_empty)
-                or not all(_is_int(x) and x >= least for x in v)):
+                or not all(_is_int(x) and least <= x < 2 ** 63 for x in v)):   # torch's seeds and sizes are int64
             what = "a list of integers" if may_be_empty else "one or more integers"
-            raise ValueError(f"{_name(f)}: expected {what} >= {least}, got {v!r}")
+            raise ValueError(f"{_name(f)}: expected {what} >= {least} and < 2**63, got {v!r}")
         if len(set(v)) != len(v):
             raise ValueError(f"{_name(f)}: a value is repeated in {list(v)}")
     if not _is_int(s.recall_min_distance) or s.recall_min_distance < 0:

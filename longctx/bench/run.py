@@ -29,7 +29,7 @@ from ..atomic import atomic_write, atomic_write_json, not_a_result, read_json_re
 from ..data import get_batch, load_corpus
 from ..mechanisms import registered
 from ..model import GPT, GPTConfig, make_attention_layer
-from .measure import DTYPES, device_name, measure_decode
+from .measure import DTYPES, device_name, measure_decode, resolve_device
 from .presets import BenchSettings, check_settings
 from .report import table, write_report
 from .train import bits_per_byte, eval_loss, eval_recall, recall_batches, train
@@ -231,6 +231,21 @@ def _previous(path: Path, results: dict, s: BenchSettings) -> dict | None:
     return old
 
 
+#: What the bench writes into --out: files, and the one folder.
+OUTPUT_FILES = ("results.json", "report.md", "loss.png", "memory.png", "recall.png", "speed.png")
+
+
+def _check_outputs(out: Path) -> None:
+    """Nothing in ``out`` stands where the bench will write (a folder named like a file it writes, a file named
+    ``checkpoints``): refused before any model trains, not after."""
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise ValueError(f"{out / name} is a folder where the bench writes a file: remove it or choose another --out")
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
+        raise ValueError(f"{out / 'checkpoints'} is a file where the bench keeps its checkpoints folder: remove it or "
+                         "choose another --out")
+
+
 def _check_checkpoints(out: Path, done: dict, s: BenchSettings, mechanisms: list[str]) -> None:
     """The checkpoints that the pending decode measurements of ``done`` (the results so far) will load, checked
     before any model trains."""
@@ -265,14 +280,7 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
         raise ValueError(f"--stop-after must be > 0 seconds, got {stop_after}")
     for m in mechanisms:
         check_mechanism(s, m)
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    dev = resolve_device(device)
     out = Path(out_dir)
     train_data, val_data = load_corpus(data)
     for part, tokens in (("training", train_data), ("validation", val_data)):
@@ -301,6 +309,7 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
             if name in mechanisms and any(row.get("projected_seconds", float("inf")) <= s.prefill_seconds
                                           for row in r.get("memory", {}).get("rows", [])):
                 del r["memory"]
+    _check_outputs(out)
     _check_checkpoints(out, results["mechanisms"], s, mechanisms)
     try:
         out.mkdir(parents=True, exist_ok=True)

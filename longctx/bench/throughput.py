@@ -28,7 +28,8 @@ import torch
 from ..atomic import atomic_write, atomic_write_json, not_a_result, read_json_result
 from ..decoding import greedy_decoder, warm_steps
 from ..model import GPT, GPTConfig
-from .measure import DTYPES, device_name, fill_static, sync, timed
+from ..cli import out_of_memory
+from .measure import DTYPES, device_name, fill_static, resolve_device, sync, timed
 from .throughput_presets import PATHS, ThroughputSettings, check_settings
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -87,7 +88,7 @@ def time_path(model: GPT, state, path: str, steps: int) -> dict:
 
 
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or out_of_memory(err)
 
 
 def measure_row(model: GPT, s: ThroughputSettings, context: int, batch: int, paths: list, bandwidth: float,
@@ -132,7 +133,7 @@ def run_throughput(s: ThroughputSettings, device: str | None, out: str | Path, p
     from tqdm.auto import tqdm
 
     check_settings(s)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if "graph" in s.paths and dev.type != "cuda":
         raise ValueError("the graph path needs CUDA; on the CPU use --paths eager,static")
     if s.max_batch and dev.type != "cuda":
@@ -140,9 +141,11 @@ def run_throughput(s: ThroughputSettings, device: str | None, out: str | Path, p
     out = Path(out)
     path = out / "throughput.json"
     what = "a `longctx throughput` result"
-    results = read_json_result(path, what) or {}
-    if not isinstance(results, dict) or not isinstance(results.get("rows", []), list):
-        raise not_a_result(path, what, "no settings and rows")
+    results = read_json_result(path, what)
+    results = {} if results is None else results
+    if not isinstance(results, dict) or not isinstance(results.get("rows", []), list) or not all(
+            isinstance(r, dict) and {"mechanism", "context", "batch_label"} <= set(r) for r in results.get("rows", [])):
+        raise not_a_result(path, what, "no settings and rows of mechanism, context and batch")
     if results.get("settings") not in (None, asdict(s)):
         raise ValueError(f"{path} holds a run with other settings; choose another --out")
     results.update(settings=asdict(s), device=device_name(dev), torch=torch.__version__)

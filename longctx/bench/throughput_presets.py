@@ -66,21 +66,35 @@ def settings_for(preset: str, **overrides) -> ThroughputSettings:
     return s
 
 
+#: Settings that ``longctx throughput`` sets from an option; errors about them name the option.
+OPTIONS = ("contexts", "batches", "paths", "mechanisms", "steps", "fill")
+
+
+def _option(name: str) -> str:
+    return "--" + name if name in OPTIONS else name
+
+
 def check_settings(s: ThroughputSettings) -> None:
     """Every bad value refused before any work starts (the mechanisms' names last: they need the registry, and
     so torch)."""
     for name in ("contexts", "batches"):
         bad = [x for x in getattr(s, name) if isinstance(x, bool) or not isinstance(x, int) or x < 1]
         if bad or not getattr(s, name) and not (name == "batches" and s.max_batch):
-            raise ValueError(f"{name} must be integers >= 1, got {getattr(s, name)}")
+            raise ValueError(f"{_option(name)} must be integers >= 1, got {getattr(s, name)}")
     bad = [p for p in s.paths if p not in PATHS]
     if bad or not s.paths:
-        raise ValueError(f"paths must be among {PATHS}, got {s.paths}")
+        raise ValueError(f"--paths must be among {PATHS}, got {s.paths}")
+    if not s.mechanisms:
+        raise ValueError("--mechanisms: no mechanism named")
+    for name in ("contexts", "batches", "paths", "mechanisms"):   # a repeat would be measured twice
+        values = getattr(s, name)
+        if len(set(values)) != len(values):
+            raise ValueError(f"{_option(name)}: a value is repeated in {list(values)}")
     for name in ("steps", "prefix", "prefill_chunk", "n_layer", "n_embd", "n_head", "n_kv_head"):
         if getattr(s, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
+            raise ValueError(f"{_option(name)} must be >= 1, got {getattr(s, name)}")
     if s.fill not in FILLS:
-        raise ValueError(f"fill must be one of {FILLS}, got {s.fill!r}")
+        raise ValueError(f"--fill must be one of {FILLS}, got {s.fill!r}")
     if s.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {s.dtype!r}")
     if not 0 < s.memory_fraction <= 1:

@@ -1,5 +1,6 @@
-"""KV budgets as the commands take them: a fraction of the context (``0.25``) or a token count (``512``). No torch
-here: ``longctx kv-eval`` and ``longctx throughput --hf`` refuse a bad budget before torch loads."""
+"""KV budgets as the commands take them: a fraction of the context (``0.25``) or a token count (``512``), and the
+other numbers of ``longctx kv-eval``. No torch here: ``longctx kv-eval`` and ``longctx throughput --hf`` refuse a bad
+number before torch loads."""
 from __future__ import annotations
 
 
@@ -35,3 +36,40 @@ def budget_label(budget: float | int) -> str:
 def budget_tokens(budget: float | int, length: int) -> int:
     """Tokens kept per layer for ``budget`` (a fraction of ``length``, or tokens)."""
     return max(1, round(budget * length)) if isinstance(budget, float) else int(budget)
+
+
+#: Shortest context kv-eval evaluates (a needle, its question and some haystack).
+MIN_LENGTH = 128
+
+
+def check_eval_numbers(budgets, lengths, depths, trials, ppl_samples, ppl_tokens, ppl_chunk, answer_tokens,
+                       max_positions: int | None = None) -> None:
+    """kv-eval's numbers, each refused by its option's name (``max_positions``: the model's, once it is known)."""
+    if not budgets:
+        raise ValueError("--budgets: no budget given")
+    for b in budgets:
+        if b <= 0 or (isinstance(b, float) and b > 1):
+            raise ValueError(f"--budgets: {b} must be a fraction in (0, 1] or a token count >= 1")
+    if not lengths:
+        raise ValueError("--lengths: no length given")
+    for name, values in (("--lengths", lengths), ("--depths", depths)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name}: a value is repeated in {list(values)}")
+    for n in lengths:
+        if n < MIN_LENGTH:
+            raise ValueError(f"--lengths: {n} is too short (at least {MIN_LENGTH} tokens)")
+        if max_positions is not None and n > max_positions:
+            raise ValueError(f"--lengths: {n} exceeds the model's max_position_embeddings={max_positions}")
+        if ppl_samples and not 2 <= ppl_tokens < n // 2:
+            raise ValueError(f"--ppl-tokens: {ppl_tokens} must be in [2, length/2) for --lengths {n}")
+    for d in depths:
+        if not 0 <= d <= 1:
+            raise ValueError(f"--depths: {d} is not a fraction in [0, 1]")
+    if trials < 0 or ppl_samples < 0:
+        raise ValueError(f"--trials and --ppl-samples must be >= 0, got {trials}, {ppl_samples}")
+    if trials and not depths:
+        raise ValueError("--depths: no depth given")
+    if ppl_chunk < 1:
+        raise ValueError(f"--ppl-chunk must be >= 1, got {ppl_chunk}")
+    if answer_tokens < 1:
+        raise ValueError(f"--answer-tokens must be >= 1, got {answer_tokens}")

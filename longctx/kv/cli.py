@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from ..atomic import not_a_result, read_json_result
+from ..bench.presets import DTYPE_NAMES
 from ..cli import numbers
-from .budgets import parse_budgets
+from .budgets import check_eval_numbers, parse_budgets
 
 
 def add_commands(subparsers) -> None:
@@ -57,7 +58,8 @@ def _add_kv_eval(subparsers) -> None:
     p.add_argument("--answer-tokens", type=int, default=10, help="greedy tokens decoded per answer (default: 10)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens without --stats (default: 4096)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="float32, bfloat16 or float16 "
+                                                                          "(default: float32)")
     p.add_argument("--kvpress", choices=["auto", "off"], default="auto",
                    help="also evaluate kvpress's presses when the package imports (default: auto)")
     p.add_argument("--protocol", choices=["question-agnostic", "question-aware"], default="question-agnostic",
@@ -76,14 +78,8 @@ def _at_least(args, **least: int) -> None:
 
 
 def _check_device(text: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text}: torch sees no CUDA device")
+    from ..bench.measure import resolve_device
+    resolve_device(text)
 
 
 def _check_writable(folder: Path) -> None:
@@ -122,6 +118,8 @@ def _kv_eval(args) -> None:
     budgets = parse_budgets(args.budgets)        # the numbers first: refused before torch loads
     lengths, depths = numbers(args.lengths, "--lengths", int), numbers(args.depths, "--depths")
     _at_least(args, trials=0, ppl_samples=0, calib_tokens=1)
+    check_eval_numbers(budgets, lengths, depths, args.trials, args.ppl_samples, args.ppl_tokens, args.ppl_chunk,
+                       args.answer_tokens)
     _check_kv_eval(args)
     from .report import table
     from .run_eval import run_kv_eval

@@ -21,7 +21,7 @@ from ..atomic import atomic_write_json
 from ..bench.measure import DTYPES, device_name
 from ..data import load_text
 from .calibration import QueryStats, calibrate, load_stats, save_stats
-from .budgets import budget_label, budget_tokens
+from .budgets import budget_label, budget_tokens, check_eval_numbers
 from .evaluate import (METHODS, needs_queries, bookkeeping_bytes, compressed_caches, continuation_nll, greedy_answer,
                        kv_bytes, prefill)
 from .needle import answer_correct, corpus_region, make_needle_sample, take_tokens
@@ -43,31 +43,8 @@ def _check_settings(methods, budgets, lengths, depths, trials, ppl_samples, ppl_
             raise ValueError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
     if not methods:
         raise ValueError("--methods: no method given")
-    if not budgets:
-        raise ValueError("--budgets: no budget given")
-    for b in budgets:
-        if b <= 0 or (isinstance(b, float) and b > 1):
-            raise ValueError(f"--budgets: {b} must be a fraction in (0, 1] or a token count >= 1")
-    if not lengths:
-        raise ValueError("--lengths: no length given")
-    for n in lengths:
-        if n < 128:
-            raise ValueError(f"--lengths: {n} is too short (at least 128 tokens)")
-        if max_positions is not None and n > max_positions:
-            raise ValueError(f"--lengths: {n} exceeds the model's max_position_embeddings={max_positions}")
-        if ppl_samples and not 2 <= ppl_tokens < n // 2:
-            raise ValueError(f"--ppl-tokens: {ppl_tokens} must be in [2, length/2) for --lengths {n}")
-    for d in depths:
-        if not 0 <= d <= 1:
-            raise ValueError(f"--depths: {d} is not a fraction in [0, 1]")
-    if trials < 0 or ppl_samples < 0:
-        raise ValueError(f"--trials and --ppl-samples must be >= 0, got {trials}, {ppl_samples}")
-    if trials and not depths:
-        raise ValueError("--depths: no depth given")
-    if ppl_chunk < 1:
-        raise ValueError(f"--ppl-chunk must be >= 1, got {ppl_chunk}")
-    if answer_tokens < 1:
-        raise ValueError(f"--answer-tokens must be >= 1, got {answer_tokens}")
+    check_eval_numbers(budgets, lengths, depths, trials, ppl_samples, ppl_tokens, ppl_chunk, answer_tokens,
+                       max_positions)
 
 
 def stats_id(stats: QueryStats) -> str:

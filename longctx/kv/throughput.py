@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_json
-from ..bench.measure import DTYPES, device_name, timed
+from ..bench.measure import DTYPES, device_name, resolve_device, timed
 from ..bench.throughput import is_oom
 from .cache import CompressedCache
 from .budgets import budget_tokens
@@ -160,7 +160,7 @@ def run_kv_throughput(s: KVThroughputSettings, device: str | None, out: str | Pa
     from .calibration import calibrate
 
     check_settings(s)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if s.max_batch and dev.type != "cuda":
         raise ValueError("the max-batch search needs a GPU's memory; leave 'max' out of --batches on the CPU")
     dtype = DTYPES[s.dtype]

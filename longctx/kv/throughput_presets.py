@@ -64,9 +64,13 @@ def check_settings(s: KVThroughputSettings) -> None:
         if name not in CACHES:
             raise ValueError(f"unknown cache {name!r}; expected some of {', '.join(CACHES)}")
     if not s.budgets or not all(0 < b <= 1 for b in s.budgets):
-        raise ValueError(f"budgets must be fractions in (0, 1], got {s.budgets}")
-    if min([*s.contexts, *s.batches, s.steps, s.eager_steps, s.slack, 1]) < 1:
-        raise ValueError("contexts, batches, steps, eager_steps and slack must be >= 1")
+        raise ValueError(f"--budgets must be fractions in (0, 1], got {s.budgets}")
+    for name, values in (("--contexts", s.contexts), ("--batches", s.batches), ("--steps", [s.steps]),
+                         ("eager_steps", [s.eager_steps]), ("slack", [s.slack])):
+        if any(v < 1 for v in values):
+            raise ValueError(f"{name} must be >= 1, got {values if name in ('--contexts', '--batches') else values[0]}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name}: a value is repeated in {list(values)}")
     if s.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {s.dtype!r}")
 

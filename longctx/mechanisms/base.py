@@ -22,6 +22,7 @@ the classmethod ``make_layer``; the rest are wrapped by the model's ``CausalSelf
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable
 
@@ -31,8 +32,17 @@ from torch import Tensor, nn
 from ..attention import check_qkv
 
 
+def check_dtype(dtype) -> torch.dtype:
+    """``dtype`` if it is a floating-point ``torch.dtype`` (what a state or its size is counted in); a clear error
+    naming it otherwise (a string such as ``"bfloat16"``, an integer dtype)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), "
+                         f"got {dtype!r}")
+    return dtype
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return torch.empty((), dtype=check_dtype(dtype)).element_size()
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -93,8 +103,12 @@ class Mechanism(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
 
     def check(self, q: Tensor, k: Tensor, v: Tensor, context_len: int | None = None) -> None:
-        """Raise a clear error for inputs that do not fit this mechanism."""
+        """Raise a clear error for inputs that do not fit this mechanism: ``q``, ``k``, ``v`` hold the same tokens
+        (one key and value per query), with this mechanism's heads and head dim."""
         check_qkv(q, k, v)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"{type(self).__name__}: q, k and v must hold the same tokens (one key and value per "
+                             f"query), got q {tuple(q.shape)}, k {tuple(k.shape)}")
         if q.shape[1] != self.n_head or k.shape[1] != self.n_kv_head:
             raise ValueError(f"{type(self).__name__} expects {self.n_head} query / {self.n_kv_head} KV heads, "
                              f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -160,7 +174,7 @@ class Mechanism(nn.Module):
 
     def prefill_static(self, q: Tensor, k: Tensor, v: Tensor, state, start: int) -> Tensor:
         """Default: the eager ``step`` from ``eager_state``, its result copied back (``state.load``)."""
-        self.check_static(q, k, v, state)
+        self.check_static(q, k, v, state, start)
         out, new = self.step(q, k, v, self.eager_state(state, start))
         state.load(new)
         return out
@@ -168,14 +182,18 @@ class Mechanism(nn.Module):
     def step_static(self, q: Tensor, k: Tensor, v: Tensor, state, pos: Tensor, variant: Any) -> Tensor:
         raise NotImplementedError
 
-    def check_static(self, q: Tensor, k: Tensor, v: Tensor, state) -> None:
-        """``check`` plus: ``state`` is this mechanism's static state for this batch, device and dtype."""
+    def check_static(self, q: Tensor, k: Tensor, v: Tensor, state, start: int | None = None) -> None:
+        """``check`` plus: ``state`` is this mechanism's static state for this batch, device and dtype, and the host
+        position ``start`` (``prefill_static``'s) an int >= 0."""
         self.check(q, k, v, context_len=1)
         self.expect_state(state, self.static_state, q)
+        if start is not None:
+            check_int("start", start, 0)
 
     def empty_output(self, q: Tensor, v: Tensor) -> Tensor | None:
-        """The output for no new tokens, ``[B, Hq, 0, Dv]`` (None when there are tokens)."""
-        return q.new_empty(*q.shape[:3], v.shape[-1]) if q.shape[2] == 0 else None
+        """The output where there is nothing to compute (no new tokens, or a batch of 0), ``[B, Hq, T, Dv]``; None
+        otherwise."""
+        return q.new_empty(*q.shape[:3], v.shape[-1]) if q.numel() == 0 else None
 
     def state_shapes(self, state, batch: int) -> dict:
         """``{name: (tensor, expected shape)}`` of an eager or static state of this mechanism (``expect_state``)."""
@@ -223,5 +241,9 @@ def lookup(name: str) -> tuple[type, dict]:
 def build_mechanism(name: str, n_head: int, n_kv_head: int, head_dim: int, **options) -> Mechanism:
     """Instantiate the mechanism registered as ``name``; ``options`` override its defaults."""
     cls, kwargs = lookup(name)
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "n_head", "n_kv_head", "head_dim"}
+    unknown = sorted(set(options) - known)
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        raise ValueError(f"unknown options {unknown} for mechanism {name!r}; known: {sorted(known)}")
     kwargs.update(options)
     return cls(n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, **kwargs)

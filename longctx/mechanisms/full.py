@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..attention import attention
 from ..decode_attention import decode_attention
-from .base import Mechanism, check_capacity, check_int, check_state_bytes_args, dtype_bytes, register
+from .base import Mechanism, check_capacity, check_dtype, check_int, check_state_bytes_args, dtype_bytes, register
 
 
 class KVBuffer:
@@ -79,12 +79,13 @@ class FullAttention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
-        if q.shape[2] == 0:
+        if q.numel() == 0:
             return self.empty_output(q, v)
         return attention(q, k, v, causal=True)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> KVCache:
-        empty = torch.empty(check_int("batch", batch), self.n_kv_head, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.empty(check_int("batch", batch), self.n_kv_head, 0, self.head_dim, device=device,
+                            dtype=check_dtype(dtype))
         return KVCache(empty, empty.clone())
 
     def state_shapes(self, state, batch: int) -> dict:
@@ -101,6 +102,7 @@ class FullAttention(Mechanism):
 
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticKVCache:
         shape = (check_int("batch", batch), self.n_kv_head, check_int("capacity", capacity), self.head_dim)
+        check_dtype(dtype)
         return StaticKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def eager_state(self, state: StaticKVCache, seen: int) -> KVCache:
@@ -108,7 +110,7 @@ class FullAttention(Mechanism):
 
     def prefill_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKVCache, start: int) -> Tensor:
         """The tokens go straight to their slots (no eager cache built)."""
-        self.check_static(q, k, v, state)
+        self.check_static(q, k, v, state, start)
         end = start + q.shape[2]
         check_capacity(start, q.shape[2], state.capacity)
         if q.shape[2] == 0:

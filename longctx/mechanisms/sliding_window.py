@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..attention import check_qkv, sdpa
 from ..decode_attention import decode_attention
-from .base import Mechanism, check_int, check_state_bytes_args, dtype_bytes, register
+from .base import Mechanism, check_dtype, check_int, check_state_bytes_args, dtype_bytes, register
 
 
 def window_mask(tq: int, tk: int, window: int, device=None) -> Tensor:
@@ -80,12 +80,13 @@ class SlidingWindowAttention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
-        if q.shape[2] == 0:
+        if q.numel() == 0:
             return self.empty_output(q, v)
         return sliding_window_attention(q, k, v, self.window)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> WindowCache:
         shape = (check_int("batch", batch), self.n_kv_head, self.window, self.head_dim)
+        check_dtype(dtype)
         return WindowCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def state_shapes(self, state, batch: int) -> dict:
@@ -115,6 +116,7 @@ class SlidingWindowAttention(Mechanism):
         return out, WindowCache(kb, vb, state.seen + n)
 
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticWindowCache:
+        check_int("capacity", capacity)   # the ring buffer holds the window whatever the capacity
         cache = self.init_state(batch, device, dtype)
         return StaticWindowCache(cache.k, cache.v)
 

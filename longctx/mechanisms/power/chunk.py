@@ -20,6 +20,7 @@ Differentiable through autograd. This is also the reference the Triton kernel
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,13 @@ def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
+
+
+def check_rope_base(base, name: str = "rope_base") -> float:
+    """A rotary base: a finite number > 1 (as ``GPTConfig.rope_base``); a clear error naming ``name`` otherwise."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 1 < base < math.inf:
+        raise ValueError(f"{name} must be a finite number > 1, got {base!r}")
+    return base
 
 
 def empty_state(batch: int, n_kv: int, d: int, e: int, deg: int, device, dtype) -> tuple[Tensor, Tensor]:
@@ -102,7 +110,7 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
     kp, vp = F.pad(k.to(ct), (0, 0, 0, pad)), F.pad(v.to(ct), (0, 0, 0, pad))
     lg = torch.zeros(B, Hkv, T, dtype=ct, device=q.device) if log_g is None else log_g.to(ct)
     G = torch.cumsum(F.pad(lg, (0, pad)), -1).view(B, Hkv, n, c)                 # padded tokens: log_g = 0
-    qc = qg.view(B, Hkv, -1, n, c, d)
+    qc = qg.view(B, Hkv, Hq // Hkv, n, c, d)
     kc, vc = kp.view(B, Hkv, n, c, d), vp.view(B, Hkv, n, c, e)
 
     # inside each chunk: attention-like weights
@@ -174,7 +182,11 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
     check_deg(deg)
     check_chunk_size(chunk_size)
     if rotary_base is not None:
+        check_rope_base(rotary_base, "rotary_base")
         pos = torch.arange(q.shape[2], device=q.device) if positions is None else positions
+        if not isinstance(pos, Tensor) or tuple(pos.shape) != (q.shape[2],):
+            raise ValueError(f"positions must be a tensor [seq] = [{q.shape[2]}], got "
+                             f"{tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__}")
         q, k = apply_rope(q, pos, rotary_base), apply_rope(k, pos, rotary_base)
     if takes_kernel(q, k, v, deg, chunk_size, use_kernel):
         from .chunk_triton import power_retention_triton

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...rope import apply_rope
-from ..base import Mechanism, check_int, check_state_bytes_args, register
-from .chunk import power_retention, takes_kernel
+from ...attention import check_scale
+from ..base import Mechanism, check_dtype, check_int, check_state_bytes_args, register
+from .chunk import check_rope_base, power_retention, takes_kernel
 from .expand import check_deg, expanded_dim
 from .naive import power_retention_naive
 from .recurrent import (PowerState, StaticPowerState, check_schedule, init_power_state, init_static_power_state,
@@ -67,6 +68,10 @@ class PowerRetention(Mechanism):
         check_schedule(chunk_size, switch_over)
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        check_scale(scale, head_dim)
+        check_rope_base(rope_base)
+        if use_kernel not in (None, True, False):
+            raise ValueError(f"use_kernel must be None, True or False, got {use_kernel!r}")
         if sequence_parallel and rotary:
             raise ValueError("rotary=True rotates at positions 0..T-1 of the shard; with sequence_parallel=True apply "
                              "RoPE at the global positions before the mechanism (the GPT does, with positions=...)")
@@ -95,7 +100,7 @@ class PowerRetention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.check(q, k, v)
-        if q.shape[2] == 0:
+        if q.numel() == 0:
             return self.empty_output(q, v)
         T = q.shape[2]
         q, k = self._rotate(q, k, 0)
@@ -110,7 +115,7 @@ class PowerRetention(Mechanism):
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> PowerState:
         return init_power_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.head_dim, self.gate != "none",
-                                device, dtype)
+                                device, check_dtype(dtype))
 
     def state_shapes(self, state, batch: int) -> dict:
         H, d, D = self.n_kv_head, self.head_dim, expanded_dim(self.head_dim, self.deg)
@@ -139,7 +144,7 @@ class PowerRetention(Mechanism):
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticPowerState:
         check_int("capacity", capacity)
         return init_static_power_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.head_dim, self.deg,
-                                       self.gate != "none", self.switch_over, device, dtype)
+                                       self.gate != "none", self.switch_over, device, check_dtype(dtype))
 
     def static_variant(self, pos: int) -> tuple[bool, bool]:
         return static_variant(pos, self.chunk_size, self.switch_over)
@@ -151,6 +156,10 @@ class PowerRetention(Mechanism):
         """Fewer than ``chunk_size`` tokens go one at a time through ``step_static``, in place (the eager form would
         copy ``S`` for every fold: more than a batch filling the GPU can afford); longer inputs through the eager
         form (the chunked form for a long prefill)."""
+        check_int("start", start, 0)
+        if q.shape[2] == 0:
+            self.check_static(q, k, v, state)
+            return self.empty_output(q, v)
         if q.shape[2] >= self.chunk_size:
             return super().prefill_static(q, k, v, state, start)
         outs = []

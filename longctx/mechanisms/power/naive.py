@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...attention import check_qkv
+from ...attention import check_qkv, check_scale
 from .expand import check_deg
 
 
@@ -38,6 +38,9 @@ def check_gate(log_g: Tensor | None, k: Tensor, poison: bool = True) -> Tensor |
     ``logsigmoid`` (finite, ``<= 0``): the poisoning then changes nothing."""
     if log_g is None:
         return None
+    if not isinstance(log_g, Tensor) or not log_g.dtype.is_floating_point:
+        raise TypeError(f"log_g must be a floating-point tensor [batch, kv_heads, seq] (or None), got "
+                        f"{log_g.dtype if isinstance(log_g, Tensor) else type(log_g).__name__}")
     B, Hkv, T = k.shape[:3]
     if tuple(log_g.shape) != (B, Hkv, T):
         raise ValueError(f"log_g must be [batch, kv_heads, seq] = {(B, Hkv, T)}, got {tuple(log_g.shape)}")
@@ -59,7 +62,9 @@ def poison_gate(log_g: Tensor) -> Tensor:
 
 
 def default_scale(d: int, scale: float | None) -> float:
-    return d ** -0.5 if scale is None else float(scale)
+    """``scale`` as a float, ``d ** -0.5`` where None; a ValueError unless finite and positive (a scale of 0 makes every
+    weight 0 and every output 0; a negative one flips the sign of even powers' bases, which they then hide)."""
+    return check_scale(scale, d)
 
 
 def group_queries(q: Tensor, n_kv: int) -> Tensor:
@@ -106,4 +111,4 @@ def power_retention_naive(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None 
     G = None if log_g is None else torch.cumsum(log_g.to(ct), -1)
     w = power_weights(qg, k.to(ct), G, G, deg, default_scale(q.shape[-1], scale))
     out = safe_ratio(w @ v.to(ct).unsqueeze(2), w.sum(-1))
-    return out.reshape(B, Hq, T, -1).to(q.dtype)
+    return out.reshape(B, Hq, T, v.shape[-1]).to(q.dtype)   # -1 is ambiguous for 0 elements (B or T of 0)

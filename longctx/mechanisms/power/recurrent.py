@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ...attention import check_qkv
+from ..base import check_dtype, check_int
 from .chunk import check_chunk_size, kernel_choice
 from .expand import check_deg, expanded_dim, sympow
 from .naive import check_gate, compute_dtype, default_scale, group_queries, power_weights, safe_ratio
@@ -40,7 +41,8 @@ class PowerState:
 
 def check_schedule(chunk_size: int, switch_over: int) -> None:
     check_chunk_size(chunk_size)
-    if not isinstance(switch_over, int) or switch_over < chunk_size or switch_over % chunk_size:
+    if (isinstance(switch_over, bool) or not isinstance(switch_over, int) or switch_over < chunk_size
+            or switch_over % chunk_size):
         raise ValueError(f"switch_over must be a multiple of chunk_size ({chunk_size}) and at least it, "
                          f"got {switch_over!r}")
 
@@ -55,16 +57,27 @@ def recent_count(context_len: int, chunk_size: int, switch_over: int) -> int:
 def init_power_state(batch: int, n_kv: int, d: int, e: int, gated: bool, device="cpu",
                      dtype=torch.float32) -> PowerState:
     """Empty state: no recent tokens, no ``S, z`` yet."""
+    _check_sizes(batch=batch, n_kv=n_kv, d=d, e=e)
     k = torch.empty(batch, n_kv, 0, d, device=device, dtype=dtype)
     v = torch.empty(batch, n_kv, 0, e, device=device, dtype=dtype)
     g = torch.empty(batch, n_kv, 0, device=device, dtype=compute_dtype(dtype)) if gated else None
     return PowerState(k, v, g)
 
 
+def _check_sizes(**sizes) -> None:
+    """Each of ``sizes`` an int >= 1 (``context_len``: >= 0), named in the error otherwise."""
+    for name, value in sizes.items():
+        check_int(name, value, 0 if name == "context_len" else 1)
+
+
 def power_state_bytes(context_len: int, batch: int, n_kv: int, d: int, e: int, deg: int, gated: bool,
                       chunk_size: int, switch_over: int, dtype=torch.bfloat16) -> int:
     """Bytes held by ``PowerState`` after ``context_len`` tokens (K/V in ``dtype``; S, z, g in its
     arithmetic dtype)."""
+    _check_sizes(context_len=context_len, batch=batch, n_kv=n_kv, d=d, e=e)
+    check_deg(deg)
+    check_schedule(chunk_size, switch_over)
+    check_dtype(dtype)
     kv_bytes = torch.empty((), dtype=dtype).element_size()
     st_bytes = torch.empty((), dtype=compute_dtype(dtype)).element_size()
     r = recent_count(context_len, chunk_size, switch_over)
@@ -73,6 +86,37 @@ def power_state_bytes(context_len: int, batch: int, n_kv: int, d: int, e: int, d
         D = expanded_dim(d, deg)
         total += batch * n_kv * D * (e + 1) * st_bytes
     return total
+
+
+def check_power_state(state: PowerState, q: Tensor, k: Tensor, v: Tensor, deg: int, chunk_size: int,
+                      switch_over: int) -> None:
+    """A clear error where ``state`` does not continue ``q [B, Hq, T, d]``, ``k [B, Hkv, T, d]``, ``v [B, Hkv, T, e]``:
+    not a ``PowerState``, another batch, KV heads, head dims, dtype or device, an ``S`` of another degree, or a
+    number of unfolded tokens that this ``chunk_size`` / ``switch_over`` would not leave after ``state.seen``.
+    (Shapes only: no host sync.)"""
+    if not isinstance(state, PowerState):
+        raise TypeError(f"state must be a PowerState (init_power_state), got {type(state).__name__}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k and v must hold the same tokens, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    (B, Hkv, _, d), e = k.shape, v.shape[-1]
+    r = recent_count(state.seen, chunk_size, switch_over)
+    D = expanded_dim(d, deg)
+    want = {"k": (state.k, (B, Hkv, r, d)), "v": (state.v, (B, Hkv, r, e)),
+            "g": (state.g, None if state.g is None else (B, Hkv, r)),
+            "S": (state.S, None if state.S is None else (B, Hkv, D, e)),
+            "z": (state.z, None if state.z is None else (B, Hkv, D))}
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"the state's {name} is {tuple(t.shape)}, expected {shape} for these tokens (batch {B}, "
+                             f"{Hkv} KV heads, d={d}, e={e}, deg={deg}, {r} unfolded tokens after {state.seen} with "
+                             f"chunk_size={chunk_size}, switch_over={switch_over}): a state made for other inputs or "
+                             "another configuration")
+    if (state.S is None) != (state.seen < switch_over):
+        raise ValueError(f"the state {'has no' if state.S is None else 'has an'} S after {state.seen} tokens, where "
+                         f"switch_over={switch_over} {'folds' if state.S is None else 'does not fold'}: a state made "
+                         "with another chunk_size / switch_over")
+    if state.k.dtype != k.dtype or state.k.device != k.device:
+        raise ValueError(f"the state's k is {state.k.dtype} on {state.k.device}; the tokens are {k.dtype} on {k.device}")
 
 
 def _fold(state: PowerState, n: int, deg: int) -> PowerState:
@@ -153,24 +197,27 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
     den = w.sum(-1)
     if state.S is not None:
         num, den = _read_folded(num, den, qg, gq, state.S, state.z, deg, scale)
-    out = safe_ratio(num, den).reshape(B, Hq, Tp, -1).to(q.dtype)
+    out = safe_ratio(num, den).reshape(B, Hq, Tp, v.shape[-1]).to(q.dtype)
     return out, PowerState(keys, vals, g, state.S, state.z, state.seen + Tp)
 
 
 def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log_g: Tensor | None = None,
                          deg: int = 2, scale: float | None = None, chunk_size: int = 64,
                          switch_over: int = 128, use_kernel: bool | None = None) -> tuple[Tensor, PowerState]:
-    """Consume ``T_new >= 1`` tokens: ``q [B,Hq,T_new,d]``, ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]``
+    """Consume ``T_new`` tokens (none: an empty output, the same state): ``q [B,Hq,T_new,d]``, ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]``
     (required exactly when the state is gated). Returns ``(o [B,Hq,T_new,e], new state)``; ``state`` is not
     modified. ``use_kernel``: one-token steps through the Triton decode kernel (CUDA, deg 2, head dims 16–128);
     ``None`` uses it wherever it applies, ``True`` raises where it does not."""
     check_qkv(q, k, v)
     check_deg(deg)
     check_schedule(chunk_size, switch_over)
+    check_power_state(state, q, k, v, deg, chunk_size, switch_over)
     if (log_g is None) != (state.g is None):
         raise ValueError("log_g must be given exactly when the state was made gated (init_power_state gated=True)")
     log_g = check_gate(log_g, k)
     scale = default_scale(q.shape[-1], scale)
+    if q.numel() == 0:   # no new tokens (or a batch of 0): nothing to add
+        return q.new_empty(*q.shape[:3], v.shape[-1]), state
     if q.shape[2] >= switch_over:   # pieces would be at most chunk_size tokens each, every one over all recent keys
         return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)
     outs, start, T = [], 0, q.shape[2]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Mechanism, check_state_bytes_args, lookup, register
+from ..base import Mechanism, check_int, check_state_bytes_args, lookup, register
 from .blocked import raytention_signals, raytention_signals_lookup
 from .naive import signal_width
 
@@ -111,13 +111,15 @@ class RayTentionLayer(nn.Module):
     def __init__(self, n_embd: int, n_head: int, ffn_hidden: int, tau_init: float, gamma_init: float,
                  block_size: int, layer_index: int):
         super().__init__()
+        for name, value in (("gamma_init", gamma_init), ("tau_init", tau_init)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 < gamma_init < 1.0:
             raise ValueError(f"gamma_init must be in (0, 1), got {gamma_init}")
         if tau_init <= 0:
             raise ValueError(f"tau_init must be > 0, got {tau_init}")
-        if block_size < 1 or n_head < 1 or ffn_hidden < 1:
-            raise ValueError(f"block_size, heads and ffn_hidden must be >= 1, got {block_size}, {n_head}, "
-                             f"{ffn_hidden}")
+        for name, value in (("block_size", block_size), ("heads", n_head), ("ffn_hidden", ffn_hidden)):
+            check_int(name, value)
         self.n_embd, self.n_head, self.block_size, self.layer_index = n_embd, n_head, block_size, layer_index
         self.q_proj = nn.Linear(n_embd, n_head * n_embd, bias=False)
         self.log_tau = nn.Parameter(torch.full((n_head,), math.log(tau_init)))
@@ -148,6 +150,8 @@ class RayTentionLayer(nn.Module):
     def step(self, x: Tensor, ctx, state: TokenHistory) -> tuple[Tensor, TokenHistory]:
         """``x [B, T_new, C]`` for tokens ``ctx.tokens [B, T_new]`` after ``state``: every new query is scored
         against all past and new keys (the signals depend on the query, so nothing else can be kept)."""
+        if not isinstance(state, TokenHistory):
+            raise TypeError(f"RayTention needs a TokenHistory (its init_state), got {type(state).__name__}")
         if ctx.tokens.shape[:2] != x.shape[:2] or state.ids.shape[0] != x.shape[0]:
             raise ValueError(f"x {tuple(x.shape)}, ctx.tokens {tuple(ctx.tokens.shape)} and the state's ids "
                              f"{tuple(state.ids.shape)} must agree on batch (and new length)")
@@ -183,6 +187,8 @@ class RayTentionLayer(nn.Module):
         return TokenHistory(state.ids[:, :seen])
 
     def prefill_static(self, x: Tensor, ctx, state: StaticTokenHistory, start: int) -> Tensor:
+        if not isinstance(state, StaticTokenHistory):
+            raise TypeError(f"RayTention needs a StaticTokenHistory (its init_static_state), got {type(state).__name__}")
         end = start + x.shape[1]
         if ctx.tokens.shape[:2] != x.shape[:2] or state.ids.shape[0] != x.shape[0] or end > state.ids.shape[1]:
             raise ValueError(f"x {tuple(x.shape)} and ctx.tokens {tuple(ctx.tokens.shape)} at position {start} do "
@@ -224,11 +230,13 @@ class RayTention(Mechanism):
         if unknown:
             raise ValueError(f"unknown raytention options {sorted(unknown)}; known: {sorted(options)}")
         options.update(config.mechanism_options)
+        def given(name, default):   # None means the default; 0 is refused, not replaced
+            return default if options[name] is None else options[name]
         return RayTentionLayer(
             n_embd=config.n_embd,
-            n_head=options["heads"] or config.n_head,
-            ffn_hidden=options["ffn_hidden"] or config.n_embd,
-            tau_init=options["tau_init"] or math.sqrt(config.n_embd),
+            n_head=given("heads", config.n_head),
+            ffn_hidden=given("ffn_hidden", config.n_embd),
+            tau_init=given("tau_init", math.sqrt(config.n_embd)),
             gamma_init=options["gamma_init"],
             block_size=options["block_size"],
             layer_index=_next_layer_index(config),

@@ -8,12 +8,13 @@ otherwise the option changes nothing. Off by default: data-parallel ranks hold d
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..base import Mechanism, check_int, check_state_bytes_args, dtype_bytes, register
+from ..base import Mechanism, check_dtype, check_int, check_state_bytes_args, dtype_bytes, register
 from ..sliding_window import SlidingWindowAttention
 from .naive import FEATURES, WRITES, feature_map
 from .recurrent import (StaticTensorCacheState, TensorCacheState, init_state, init_static_state, leaving,
@@ -51,6 +52,9 @@ class TensorCache(Mechanism):
             raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
         if write not in WRITES:
             raise ValueError(f"write must be one of {WRITES}, got {write!r}")
+        for name, value in (("decay_init", decay_init), ("eta_init", eta_init), ("gate_init", gate_init)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0 < decay_init < 1:
             raise ValueError(f"decay_init must be in (0, 1), got {decay_init}")
         if not 0 < eta_init < math.inf:
@@ -103,7 +107,7 @@ class TensorCache(Mechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Parallel form. ``q [B,Hq,T,D]``, ``k, v [B,Hkv,T,D]`` -> ``[B,Hq,T,D]``."""
         self.check(q, k, v)
-        if q.shape[2] == 0:
+        if q.numel() == 0:
             return self.empty_output(q, v)
         if self.sequence_parallel and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from ...distributed.tensor_cache import sharded_tensor_cache   # distributed imports the mechanisms
@@ -124,7 +128,8 @@ class TensorCache(Mechanism):
         return self._mix(l1, r)
 
     def init_state(self, batch: int, device="cpu", dtype=torch.float32) -> TensorCacheState:
-        return init_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
+        return init_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.window, self.write, device,
+                          check_dtype(dtype))
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: TensorCacheState) -> tuple[Tensor, TensorCacheState]:
         """Append ``T_new`` tokens ``q [B,Hq,T_new,D]``, ``k, v [B,Hkv,T_new,D]``; returns their outputs."""
@@ -154,7 +159,8 @@ class TensorCache(Mechanism):
 
     def init_static_state(self, batch: int, capacity: int, device="cpu", dtype=torch.float32) -> StaticTensorCacheState:
         check_int("capacity", capacity)
-        return init_static_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.window, self.write, device, dtype)
+        return init_static_state(check_int("batch", batch), self.n_kv_head, self.head_dim, self.window, self.write,
+                                 device, check_dtype(dtype))
 
     def static_variant(self, pos: int) -> tuple[bool, bool]:
         """``(evicts, flushes)``: whether the token at ``pos`` pushes one out of the window into the memory, and

@@ -221,10 +221,11 @@ class GPT(nn.Module):
             raise ValueError(f"idx must hold at least one sequence of at least one token, got {tuple(idx.shape)}")
         ranges = [torch.stack(torch.aminmax(idx))]
         if targets is not None:
-            if not isinstance(targets, Tensor) or targets.shape != idx.shape or targets.dtype not in (torch.int64,
-                                                                                                      torch.int32):
-                raise ValueError(f"targets must be integer token ids of idx's shape {tuple(idx.shape)}, got "
-                                 f"{f'{tuple(targets.shape)} {targets.dtype}' if isinstance(targets, Tensor) else type(targets).__name__}")
+            if (not isinstance(targets, Tensor) or targets.shape != idx.shape
+                    or targets.dtype not in (torch.int64, torch.int32)):
+                got = (f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, Tensor)
+                       else type(targets).__name__)
+                raise ValueError(f"targets must be integer token ids of idx's shape {tuple(idx.shape)}, got {got}")
             ranges.append(torch.stack(torch.aminmax(targets)).to(idx.device, torch.int64))
         (lo, hi), *rest = torch.stack([r.to(torch.int64) for r in ranges]).tolist()
         if lo < 0 or hi >= self.config.vocab_size:

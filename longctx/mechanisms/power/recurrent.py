@@ -204,8 +204,8 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerSt
 def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log_g: Tensor | None = None,
                          deg: int = 2, scale: float | None = None, chunk_size: int = 64,
                          switch_over: int = 128, use_kernel: bool | None = None) -> tuple[Tensor, PowerState]:
-    """Consume ``T_new`` tokens (none: an empty output, the same state): ``q [B,Hq,T_new,d]``, ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]``
-    (required exactly when the state is gated). Returns ``(o [B,Hq,T_new,e], new state)``; ``state`` is not
+    """Consume ``T_new`` tokens (none: an empty output, the same state): ``q [B,Hq,T_new,d]``,
+    ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]`` (required exactly when the state is gated). Returns ``(o [B,Hq,T_new,e], new state)``; ``state`` is not
     modified. ``use_kernel``: one-token steps through the Triton decode kernel (CUDA, deg 2, head dims 16–128);
     ``None`` uses it wherever it applies, ``True`` raises where it does not."""
     check_qkv(q, k, v)

@@ -8,8 +8,8 @@ the chosen configuration against the baseline and flash over T, at d = 128, and 
 CPU dry run of every path at toy sizes (interpreter; wall-clock times, no profile, flash refused on the CPU):
 
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/power_variants.py --device cpu --baseline /tmp/b.py \
-        --out /tmp/pv --tokens 256 --seqs 128,256 --variant-seqs 128,256 --chunk 64 --head-dim 16 --sections \
-        checks,variants,sweep,small
+        --out /tmp/pv --tokens 256 --seqs 128,256 --variant-seqs 256 --chunk 64 --chunks 64,128 --head-dim 16 \
+        --variants default,r64 --sections checks,variants,sweep
 
 Shapes (as ``power_retention.py``): 128K tokens per step, batch = 128K / T, 8 heads, d = e = 64, deg 2, gated,
 bf16, chunk 512. Configurations are compiled first in parallel processes (Triton's cache is shared), so the
@@ -25,7 +25,6 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,15 +34,14 @@ from longctx.atomic import atomic_write_json
 from longctx.mechanisms.power import power_retention_chunk
 from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_retention_triton
 
-# one change each from today's defaults; "v4" is composed from the winners (see compose())
+# today's defaults and one change each (earlier runs' configurations are written out in their JSON)
 VARIANTS = {
-    "skip": KernelConfig(),
-    "s16": KernelConfig(state_feature_rows=16),
-    "s16w8": KernelConfig(state_feature_rows=16, warps_state=8),
-    "o16": KernelConfig(out_feature_rows=16),
-    "o16w8": KernelConfig(out_feature_rows=16, warps_out=8),
-    "fused": KernelConfig(fused_scan=True),
-    "fused_b4": KernelConfig(fused_scan=True, scan_band=4),
+    "default": KernelConfig(),
+    "r64": KernelConfig(state_rows=64),
+    "st2": KernelConfig(stages_state=2),
+    "f16": KernelConfig(feature_rows=16),
+    "f4": KernelConfig(feature_rows=4),
+    "cst2": KernelConfig(stages_chunk=2),
 }
 CHUNK = 512
 DEVICE = "cuda"
@@ -172,39 +170,29 @@ def runner(name, baseline, c):
     return lambda q, k, v, g: power_retention_triton(q, k, v, g, chunk_size=c, config=cfg)
 
 
-def compose(times: dict) -> KernelConfig:
-    """Today's defaults with each winning change: the state kernel's step, the forward kernel's, the scan."""
-    def total(n):
-        return sum(times[n].values()) if n in times else float("inf")
-    cfg = KernelConfig()
-    state = min(("skip", "s16", "s16w8"), key=total)
-    out = min(("skip", "o16", "o16w8"), key=total)
-    scan = min(("skip", "fused", "fused_b4"), key=total)
-    return replace(cfg, state_feature_rows=VARIANTS[state].state_feature_rows,
-                   warps_state=VARIANTS[state].warps_state, out_feature_rows=VARIANTS[out].out_feature_rows,
-                   warps_out=VARIANTS[out].warps_out, fused_scan=VARIANTS[scan].fused_scan,
-                   scan_band=VARIANTS[scan].scan_band)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", required=True, help="an earlier chunk_triton.py to time beside")
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="configurations to compare (VARIANTS' names)")
     ap.add_argument("--sections", default="warm,checks,variants,profile,sweep,d128,small")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped")
     ap.add_argument("--variant-seqs", default="4096,131072", help="T at which the configurations are compared")
-    ap.add_argument("--chunk", type=int, default=CHUNK)
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="chunk of the checks and the first --chunks")
+    ap.add_argument("--chunks", default="512,1024", help="chunks at which the configurations are timed; the sweep "
+                    "also tries chunk = T up to 2048 (the same function: the chunk only moves work)")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--rep", type=int, default=150)
-    ap.add_argument("--v4", default=None, help="a KernelConfig as JSON for the later sections (else composed)")
+    ap.add_argument("--v4", default=None, help="a KernelConfig as JSON for the later sections (else the fastest)")
     ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args()
     global DEVICE
     DEVICE, c0, d = args.device, args.chunk, args.head_dim
     vseqs = [int(x) for x in args.variant_seqs.split(",")]
+    chunks = [int(x) for x in args.chunks.split(",")]
     baseline = load_baseline(args.baseline)
     if args.compile_only:
         compile_only(json.loads(args.compile_only), baseline)
@@ -223,11 +211,12 @@ def main() -> None:
     res["matmul_tflops"] = 2 * n ** 3 / bench(lambda: a @ b, 200) / 1e9
     del a, b
     log(f"{res['device']}: matmul {res['matmul_tflops']:.0f} TFLOP/s")
-    names = ["baseline", *VARIANTS]
+    names = ["baseline", *args.variants.split(",")]
     if "warm" in sections:
-        jobs = [[nm, c0, d, 8, 8] for nm in names]
-        jobs += [[nm, c, 32, 8, 4] for nm in ("baseline", "skip") for c in (32, 64, 128)]
-        jobs += [[nm, c, 128, 8, 8] for nm in ("baseline", "skip") for c in (512, 1024)]
+        jobs = [[nm, c, d, 8, 8] for nm in names for c in chunks]
+        jobs += [[nm, c, d, 8, 8] for nm in ("baseline", "default") for c in (1024, 2048) if c not in chunks]
+        jobs += [[nm, c, 32, 8, 4] for nm in ("baseline", "default") for c in (32, 64, 128)]
+        jobs += [[nm, c, 128, 8, 8] for nm in ("baseline", "default") for c in (512, 1024)]
         res["warm"] = warm(jobs, timeout=240)
         log(f"warm: {sum(v == 'ok' for v in res['warm'].values())}/{len(jobs)} ok; "
             + "; ".join(f"{k}: {v[-300:]}" for k, v in res["warm"].items() if v != "ok"))
@@ -244,57 +233,48 @@ def main() -> None:
                 res["checks"][nm] = {"error": repr(err)}
             log(f"check {nm}: {res['checks'][nm]}")
         save()
-    times = {}
+    times, best = {}, ("default", c0)
     if "variants" in sections:
         res["times"] = {}
         for nm in names:
-            times[nm] = {}
-            for T in vseqs:
-                try:
-                    f, fb = time_pair(runner(nm, baseline, c0), make_inputs(args.tokens // T, 8, 8, T, d), args.rep)
-                except Exception as err:  # noqa: BLE001
-                    traceback.print_exc()
-                    res["times"][f"{nm} T={T}"] = repr(err)
-                    times[nm][T] = float("inf")
-                    continue
-                times[nm][T] = fb
-                res["times"][f"{nm} T={T}"] = {"fwd_ms": f, "fwd_bwd_ms": fb}
-                log(f"{nm:10s} T={T:6d}: fwd {f:6.2f}  fwd+bwd {fb:6.2f} ms")
-            save()
-        best = compose(times)
-        CONFIGS["v4"] = best
-        res["v4"] = best.__dict__
-        if DEVICE == "cuda" and "warm" in sections:   # the shapes of the sections below, in parallel
-            key = json.dumps(best.__dict__)
-            jobs = [[key, c0, d, 8, 8]] + [[key, c, 32, 8, 4] for c in (32, 64, 128)]
-            jobs += [[key, c, 128, 8, 8] for c in (512, 1024)]
-            res["warm_v4"] = warm(jobs, timeout=240)
-            log(f"warm v4: {res['warm_v4']}")
-        for T in vseqs:
-            f, fb = time_pair(runner("v4", baseline, c0), make_inputs(args.tokens // T, 8, 8, T, d), args.rep)
-            res["times"][f"v4 T={T}"] = {"fwd_ms": f, "fwd_bwd_ms": fb}
-            log(f"v4 {best}: T={T}: fwd {f:6.2f}  fwd+bwd {fb:6.2f} ms")
-        res["checks"]["v4"] = check(runner("v4", baseline, c0), 4 * c0 + 77, d)
-        log(f"check v4: {res['checks']['v4']}")
+            for c in chunks:
+                times[nm, c] = 0.0
+                for T in vseqs:
+                    try:
+                        f, fb = time_pair(runner(nm, baseline, c), make_inputs(args.tokens // T, 8, 8, T, d), args.rep)
+                    except Exception as err:  # noqa: BLE001
+                        traceback.print_exc()
+                        res["times"][f"{nm} c={c} T={T}"] = repr(err)
+                        times[nm, c] = float("inf")
+                        continue
+                    times[nm, c] += fb
+                    res["times"][f"{nm} c={c} T={T}"] = {"fwd_ms": f, "fwd_bwd_ms": fb}
+                    log(f"{nm:10s} chunk {c:5d} T={T:6d}: fwd {f:6.2f}  fwd+bwd {fb:6.2f} ms")
+                save()
+        best = min((k for k in times if k[0] != "baseline"), key=times.get)
+        res["best"] = {"name": best[0], "chunk": best[1], **CONFIGS[best[0]].__dict__}
+        log(f"fastest: {best}")
         save()
+        CONFIGS["v4"] = CONFIGS[best[0]]
     if args.v4:
         CONFIGS["v4"] = KernelConfig(**json.loads(args.v4))
-    v4 = "v4" if "v4" in CONFIGS else "skip"
+    v4 = "v4" if "v4" in CONFIGS else "default"
     if "profile" in sections and DEVICE == "cuda":
         res["profile"], res["kernel_info"] = {}, {}
         for nm in ("baseline", v4):
             for T in vseqs:
-                res["profile"][f"{nm} T={T}"] = profile(runner(nm, baseline, c0),
+                res["profile"][f"{nm} T={T}"] = profile(runner(nm, baseline, best[1] if nm == v4 else c0),
                                                         make_inputs(args.tokens // T, 8, 8, T, d))
                 log(f"profile {nm} T={T}: {res['profile'][f'{nm} T={T}']}")
             res["kernel_info"][nm] = kernel_info(baseline.LAUNCHES if nm == "baseline" else LAUNCHES)
             log(f"kernel info {nm}: {res['kernel_info'][nm]}")
         save()
 
-    def row(label, T, d, hq, hkv, B, c, gate_shift=0.0):
+    def row(label, T, d, hq, hkv, B, c, gate_shift=0.0, v4_chunks=()):
+        """Baseline at chunk ``c``, v4 at ``c`` and at each of ``v4_chunks`` (keys ``v4 c=...``), flash."""
         ins = make_inputs(B, hq, hkv, T, d, gate_shift=gate_shift)
         r = {"T": T, "batch": B, "d": d, "heads": [hq, hkv], "chunk": c}
-        for nm in ("baseline", v4, "flash"):
+        for nm in ("baseline", v4, *(f"{v4} c={x}" for x in v4_chunks), "flash"):
             try:
                 if nm == "flash":
                     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -304,7 +284,8 @@ def main() -> None:
                             q, k.repeat_interleave(rep_, 1), v.repeat_interleave(rep_, 1), is_causal=True),
                             ins, args.rep)
                 else:
-                    f, fb = time_pair(runner(nm, baseline, c), ins, args.rep)
+                    name, _, cx = nm.partition(" c=")
+                    f, fb = time_pair(runner(name, baseline, int(cx) if cx else c), ins, args.rep)
                 r[nm] = {"fwd_ms": f, "fwd_bwd_ms": fb}
             except Exception as err:  # noqa: BLE001
                 r[nm] = repr(err)
@@ -317,7 +298,8 @@ def main() -> None:
     for T in map(int, args.seqs.split(",")):
         if "sweep" not in sections or time.time() > deadline:
             break
-        row("sweep", T, d, 8, 8, args.tokens // T, min(c0, T))
+        more = sorted({c for c in (*chunks, T) if c <= min(T, 2048)} - {min(best[1], T)})
+        row("sweep", T, d, 8, 8, args.tokens // T, min(best[1], T), v4_chunks=more)
     for T in vseqs:
         for c in (c0, 2 * c0):
             if "d128" in sections and time.time() < deadline:

@@ -39,7 +39,6 @@ weights need bf16's range), accumulation fp32; products with ``Z`` run in fp32 (
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -88,20 +87,19 @@ class KernelConfig:
     step of the state-delta kernel; ``feature_block``: width ``FB`` of the column blocks whose pairs hold the
     features (16: 2560 features for d = 64; 8: 2304, closer to the symmetric power's 2080, in smaller steps);
     ``feature_rows``: values of ``a`` per feature step of the backward's chunk kernels (a step holds
-    ``feature_rows x FB`` features; every kernel's step is capped at 256 x 64 / e features),
+    ``feature_rows x FB`` features; every kernel's step is capped at FB values and 256 x 64 / e features),
     ``state_feature_rows`` and ``out_feature_rows`` the same for the state-delta kernel and the forward's chunk
     kernel; ``scan_block``: state elements per program of the scan, ``scan_unroll``: chunks it loads at once;
     ``warps_*``, ``stages_*``: warps and software-pipelining depth of the state-delta and the chunk kernels
     (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
-    check every term tightly); ``fused_scan``: the state-delta programs also scan, in a chain of fp32 carries
-    (no ``_scan`` launch, no bf16 rounding of a chunk's contribution), ``scan_band`` sequences at a time."""
+    check every term tightly)."""
     block: int = 64
     state_rows: int = 128
     feature_block: int = 16
     feature_rows: int = 8
-    state_feature_rows: int = 8
-    out_feature_rows: int = 8
+    state_feature_rows: int = 16
+    out_feature_rows: int = 16
     scan_block: int = 1024
     scan_unroll: int = 4
     warps_state: int = 4
@@ -110,8 +108,6 @@ class KernelConfig:
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
-    fused_scan: bool = False
-    scan_band: int = 8
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -205,56 +201,21 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _ticket(COUNTERS, NC, NS: tl.constexpr, BAND: tl.constexpr, BACKWARD: tl.constexpr):
-        """The fused scan's order of work: a program takes the next ticket (so every smaller one belongs to a
-        program already running) and reads it as (band of ``BAND`` sequences, position in the chain of slots,
-        sequence, step), bands slowest, then positions: a slot waits only on lower tickets, and the carries in
-        flight are one band's. Returns (step, slot, sequence, position)."""
-        t = tl.atomic_add(COUNTERS, 1).to(tl.int64)
-        per_pos = BAND * (NS + 1)
-        per_band = (NC - 1) * per_pos
-        pos = (t % per_band) // per_pos
-        m = NC - 2 - pos if BACKWARD else pos
-        return t % (NS + 1), m, (t // per_band) * BAND + (t % per_pos) // (NS + 1), pos
-
-    @triton.jit
-    def _chain(acc, carry_ptrs, counter, pos, decay):
-        """The fused scan's link: wait until the previous slot of this (sequence, step) is done (``counter`` has
-        counted ``pos`` slots), add its fp32 carry decayed by this chunk's gate (``X_m = decay X_prev + delta_m``),
-        leave ``X_m`` as the carry and count this slot (release: the carry is written before the count)."""
-        if pos > 0:
-            done = tl.atomic_add(counter, 0, sem="acquire")
-            while done < pos:
-                done = tl.atomic_add(counter, 0, sem="acquire")
-            acc += decay * tl.load(carry_ptrs, cache_modifier=".cg")
-        tl.store(carry_ptrs, acc)
-        tl.debug_barrier()
-        tl.atomic_add(counter, 1, sem="release")
-        return acc
-
-    @triton.jit
-    def _state_deltas(X, Y, G, STEPS, SB, ZB, DEN, DELTA, COUNTERS, CARRY, NC, scale,
+    def _state_deltas(X, Y, G, STEPS, SB, ZB, DEN, DELTA, NC, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
                       C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
                       FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
-                      OPDT: tl.constexpr, PDT: tl.constexpr, FUSED: tl.constexpr, BAND: tl.constexpr,
-                      CL: tl.constexpr):
+                      OPDT: tl.constexpr, PDT: tl.constexpr):
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
         ``r_i = scale^2 exp(G_i - G_start)``, ``phi~`` the weighted query features and ``delta_i = do_i . o_i``.
         Programs ``0 .. NS-1`` write one feature step of ``S`` each, program ``NS`` writes ``Z``, into slot ``m``
         of ``NC - 1``: the contribution of chunk ``n = m`` (forward; the last chunk's reaches no later query) or
-        ``n = m + 1`` (backward; chunk 0's queries read the zero state). ``FUSED``: a 1-D grid in ticket order
-        (``_ticket``) whose programs also scan (``_chain``, fp32 carries ``CARRY [B*Hkv, NS + 1, CL]``), so the slots
-        hold the states (their gradients) on exit and ``_scan`` is not launched."""
-        if FUSED:
-            s, m, bkv, pos = _ticket(COUNTERS, NC, NS, BAND, BACKWARD)
-        else:
-            s = tl.program_id(0)
-            m = tl.program_id(1)
-            bkv = tl.program_id(2).to(tl.int64)
-            pos = 0
+        ``n = m + 1`` (backward; chunk 0's queries read the zero state)."""
+        s = tl.program_id(0)
+        m = tl.program_id(1)
+        bkv = tl.program_id(2).to(tl.int64)
         if BACKWARD:
             n = m + 1
         else:
@@ -270,11 +231,6 @@ if triton is not None:
             g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
             g_end = tl.load(g_ptr + c0 + C - 1)
         post = scale * scale if BACKWARD else 1.0
-        decay = 1.0                              # across chunk n: the fused scan's factor
-        if HAS_GATE:
-            decay = tl.exp(g_end - g_start)
-        carry = CARRY + (bkv * (NS + 1) + s) * CL
-        counter = COUNTERS + 1 + bkv * (NS + 1) + s
         # S and Z accumulate over the same rows, but Triton needs one accumulator shape per branch
         if s < NS:
             ca, cb, wab = _step(STEPS, s)
@@ -292,8 +248,6 @@ if triton is not None:
             if BACKWARD:
                 acc = acc * (post * wab)
             fi = tl.arange(0, FT)
-            if FUSED:
-                acc = _chain(acc, carry + fi[:, None] * E + tl.arange(0, E)[None, :], counter, pos, decay)
             tl.store(SB + ((bkv * (NC - 1) + m) * F + s * FT + fi[:, None]) * E + tl.arange(0, E)[None, :],
                      acc.to(SB.dtype.element_ty))
         else:
@@ -308,11 +262,7 @@ if triton is not None:
                         w = -w * tl.load(DELTA + xh * Tp + rows)
                     x = _cols(x_ptr, rows, 0, DK, DK)
                     accz += _mm32(tl.trans(x * w[:, None]), x)
-            accz = accz * post
-            if FUSED:
-                di = tl.arange(0, DK)
-                accz = _chain(accz, carry + di[:, None] * DK + di[None, :], counter, pos, decay)
-            tl.store(ZB + _z_offsets(bkv, m, NC - 1, DK), accz)
+            tl.store(ZB + _z_offsets(bkv, m, NC - 1, DK), accz * post)
 
     @triton.jit
     def _scan(BUF, G, NC, L, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
@@ -619,10 +569,10 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     NC = max(1, -(-T // C))
     for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
                             ("feature_block", cfg.feature_block, 8, 16), ("scan_block", cfg.scan_block, 16, 1 << 16),
-                            ("feature_rows", cfg.feature_rows, 2, cfg.feature_block),
-                            ("state_feature_rows", cfg.state_feature_rows, 2, cfg.feature_block),
-                            ("out_feature_rows", cfg.out_feature_rows, 2, cfg.feature_block),
-                            ("scan_unroll", cfg.scan_unroll, 1, 16), ("scan_band", cfg.scan_band, 1, 64)):
+                            ("feature_rows", cfg.feature_rows, 2, 16),   # capped at the block width below
+                            ("state_feature_rows", cfg.state_feature_rows, 2, 16),
+                            ("out_feature_rows", cfg.out_feature_rows, 2, 16),
+                            ("scan_unroll", cfg.scan_unroll, 1, 16)):
         if not _power_of_two(x) or not lo <= x <= hi:
             raise ValueError(f"KernelConfig.{name} must be a power of two in [{lo}, {hi}], got {x}")
     FB = min(cfg.feature_block, DK)
@@ -680,22 +630,11 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
     ZB = torch.empty(g.B * g.Hkv, slots, g.DK, g.DK, device=X.device, dtype=torch.float32)
     if g.NC == 1:
         return SB, ZB
-    ns, seqs = g.NS(g.FA_state), g.B * g.Hkv
-    if cfg.fused_scan:
-        cl = max(g.FA_state * g.FB * g.E, g.DK * g.DK)
-        counters = torch.zeros(1 + seqs * (ns + 1), device=X.device, dtype=torch.int32)  # the ticket, then counts
-        carry = torch.empty(seqs * (ns + 1) * cl, device=X.device, dtype=torch.float32)
-        grid = ((ns + 1) * (g.NC - 1) * seqs,)
-    else:
-        cl, counters, carry, grid = 1, SB, SB, (ns + 1, g.NC - 1, seqs)
-    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, grid,
-            X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, counters, carry, g.NC, scale,
-            HQ=g.Hq, HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
+    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (g.NS(g.FA_state) + 1, g.NC - 1, g.B * g.Hkv),
+            X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
+            HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
             **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
-            FUSED=cfg.fused_scan, BAND=math.gcd(seqs, cfg.scan_band), CL=cl, num_warps=cfg.warps_state,
-            num_stages=cfg.stages_state)
-    if cfg.fused_scan:
-        return SB, ZB
+            num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     for buf, L in ((SB, g.F * g.E), (ZB, g.DK * g.DK)):
         block = min(cfg.scan_block, triton.next_power_of_2(L))
         _launch("scan", _scan, (triton.cdiv(L, block), g.B * g.Hkv), buf, G, g.NC, L, HAS_GATE=has_gate,

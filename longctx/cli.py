@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench.presets import PRESETS, settings_for
+from .bench.presets import PRESETS, check_decode_memory, settings_for
 
 
 def numbers(text: str, option: str, kind=float) -> list:
@@ -82,6 +82,7 @@ def _bench(args) -> None:
         mechs = [m.strip() for m in args.mechanisms.split(",") if m.strip()]
         if not mechs:
             raise ValueError(f"--mechanisms: no mechanism named in {args.mechanisms!r}")
+    check_decode_memory(s, mechs)   # sizes no GPU holds: refused now, not by an out-of-memory after training
     from .bench.run import run_bench
 
     if run_bench(s, mechs, args.device, args.out, args.data, args.preset, not args.no_progress,

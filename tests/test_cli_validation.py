@@ -97,6 +97,8 @@ def no_model_loads(monkeypatch):
      "--measure-contexts 1000000000000000: full attention's KV cache at 1000000000000000 tokens takes at least"),
     (["--mechanisms", "sliding_window,raytention", "--measure-contexts", "1000000000000"],
      "--measure-contexts 1000000000000: RayTention's token ids"),
+    (["--mechanisms", "power,sliding_window", "--measure-contexts", "1073741825"],   # fixed states: no end to a prefill
+     "--measure-contexts: at most 2**30 = 1073741824 tokens"),
 ])
 def test_bench_refuses_bad_numbers_before_any_work(tmp_path, corpus, capsys, nothing_trains, args, message):
     out = tmp_path / "out"
@@ -113,7 +115,9 @@ def test_memory_bounds_refuse_no_preset_nor_a_large_gpu_run():
     big = settings_for("gpu", n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, block_size=4096, batch_size=64,
                        measure_contexts=[1 << 20])   # 4.3e9+ parameters, 69 GB of bf16 activations, 137 GB of KV
     check_decode_memory(big)
-    check_decode_memory(settings_for("cpu", measure_contexts=[10 ** 15]), ["power", "sliding_window"])   # fixed size
+    check_decode_memory(settings_for("cpu", measure_contexts=[2 ** 30]), ["power", "sliding_window"])   # fixed size
+    with pytest.raises(ValueError, match="at most 2\\*\\*30"):                  # ... but a prefill without end
+        check_decode_memory(settings_for("cpu", measure_contexts=[10 ** 15]), ["power", "sliding_window"])
 
 
 def test_memory_estimates_match_the_models():
@@ -339,6 +343,7 @@ def test_kv_eval_refuses_stats_that_are_not_stats(tmp_path, capsys, no_model_loa
 
 @pytest.mark.parametrize("args, message", [
     (["--trials", "-1"], "--trials must be >= 0, got -1"),
+    (["--trials", "0", "--ppl-samples", "0"], "--trials and --ppl-samples are both 0: nothing to evaluate"),
     (["--ppl-samples", "-1"], "--ppl-samples must be >= 0, got -1"),
     (["--calib-tokens", "0"], "--calib-tokens must be >= 1, got 0"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),

@@ -130,6 +130,7 @@ def check_settings(s: BenchSettings) -> None:
 #: (or, for --measure-contexts, after the models trained). The estimates are lower bounds; sizes under the bound
 #: that still do not fit stop at the out-of-memory error (``longctx.cli``).
 MAX_BYTES = 2 ** 40
+MAX_CONTEXT = 2 ** 30                    # --measure-contexts: a longer prefill would run for hours, whatever its state
 VOCAB_SIZE, MLP_RATIO = 256, 4           # the bench's models: GPTConfig's defaults (byte tokens, a 4x MLP)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Mechanisms whose decoding state grows with the context, and what it holds: a KV cache (full attention, and ring
@@ -182,8 +183,8 @@ def check_training_memory(s: BenchSettings) -> None:
 
 def check_decode_memory(s: BenchSettings, mechanisms: list[str] | None = None) -> None:
     """Refuse a ``--measure-contexts`` value at which the decoding state of one of ``mechanisms`` (None: every
-    mechanism but ``s.exclude``) could not fit any one GPU. Only states that grow with the context count
-    (``decode_state_bytes``); the other mechanisms' states have a fixed size."""
+    mechanism but ``s.exclude``) could not fit any one GPU (only states that grow with the context count,
+    ``decode_state_bytes``; the others have a fixed size), or above ``MAX_CONTEXT`` tokens."""
     context = max(s.measure_contexts)
     for name in [m for m in GROWING_STATES if m not in s.exclude] if mechanisms is None else mechanisms:
         need = decode_state_bytes(s, name, context)
@@ -192,3 +193,6 @@ def check_decode_memory(s: BenchSettings, mechanisms: list[str] | None = None) -
                     else f"{name} attention's KV cache at {context} tokens takes")
             raise _too_much(f"--measure-contexts {context}", what, need,
                             f"--measure-contexts (or leave {name} out of --mechanisms)")
+    if context > MAX_CONTEXT:   # fixed-size states fit, but the prefill would not end
+        raise ValueError(f"--measure-contexts: at most 2**30 = {MAX_CONTEXT} tokens (the decode measurement prefills "
+                         f"them: 2**30 tokens take ~18 min at 1M tokens/s), got {context}")

@@ -67,6 +67,8 @@ def check_eval_numbers(budgets, lengths, depths, trials, ppl_samples, ppl_tokens
             raise ValueError(f"--depths: {d} is not a fraction in [0, 1]")
     if trials < 0 or ppl_samples < 0:
         raise ValueError(f"--trials and --ppl-samples must be >= 0, got {trials}, {ppl_samples}")
+    if trials == 0 and ppl_samples == 0:
+        raise ValueError("--trials and --ppl-samples are both 0: nothing to evaluate")
     if trials and not depths:
         raise ValueError("--depths: no depth given")
     if ppl_chunk < 1:

@@ -95,7 +95,7 @@ class KernelConfig:
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly)."""
     block: int = 64
-    state_rows: int = 128
+    state_rows: int = 64
     feature_block: int = 16
     feature_rows: int = 8
     state_feature_rows: int = 16

@@ -175,11 +175,13 @@ def time_pair(fn, q, k, v, log_g, rep):
     return fwd, bench(fwd_bwd, rep)
 
 
-def kernel_info() -> dict:
-    """Registers, spills and shared memory of the last compiled launch of each kernel."""
-    from longctx.mechanisms.power.chunk_triton import LAUNCHES
+def kernel_info(launches: dict | None = None) -> dict:
+    """Registers, spills and shared memory of the last compiled launch of each kernel (``launches``: a kernel
+    module's ``LAUNCHES``, default ``chunk_triton``'s)."""
+    if launches is None:
+        from longctx.mechanisms.power.chunk_triton import LAUNCHES as launches
     info = {}
-    for name, k in LAUNCHES.items():
+    for name, k in launches.items():
         try:
             k._init_handles()
             info[name] = {"regs": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared}

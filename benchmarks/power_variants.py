@@ -30,9 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longctx.atomic import atomic_write_json
-from longctx.mechanisms.power import power_retention_chunk
-from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_retention_triton
+sys.path.insert(0, str(Path(__file__).parent))
+import power_retention as pr  # noqa: E402 - its timing, checking and profiling helpers (pr.DEVICE set in main)
+from power_retention import kernel_info, profile, rel, time_pair  # noqa: E402
+
+from longctx.atomic import atomic_write_json  # noqa: E402
+from longctx.mechanisms.power import power_retention_chunk  # noqa: E402
+from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_retention_triton  # noqa: E402
 
 # today's defaults and one change each (earlier runs' configurations are written out in their JSON)
 VARIANTS = {
@@ -70,28 +74,6 @@ def make_inputs(B, Hq, Hkv, T, d, seed=0, gate_shift=0.0):
     return q, k, v, log_g
 
 
-def bench(fn, rep):
-    """Median ms: ``triton.testing.do_bench`` on CUDA, one wall-clock run on the CPU dry run."""
-    if DEVICE == "cuda":
-        import triton
-        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1000
-
-
-def time_pair(fn, ins, rep):
-    leaves = [t.requires_grad_() for t in ins]
-    with torch.no_grad():
-        fwd = bench(lambda: fn(*ins), rep)
-    do = torch.randn_like(fn(*ins))
-    return fwd, bench(lambda: torch.autograd.grad(fn(*ins), leaves, do, allow_unused=True), rep)  # flash: no gate
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def check(fn, T, d, Hq=8, Hkv=8, seed=1):
     """Errors of o, dq, dk, dv, d log_g against the float32 PyTorch chunked form, and whether two runs on the
     same inputs agree bitwise."""
@@ -108,34 +90,6 @@ def check(fn, T, d, Hq=8, Hkv=8, seed=1):
     same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
     return {"errors_o_dq_dk_dv_dlogg": errs, "bitwise_repeatable": same,
             "finite": all(bool(torch.isfinite(x).all()) for x in (out, *grads))}
-
-
-def profile(fn, ins) -> dict:
-    from torch.profiler import ProfilerActivity
-    leaves = [t.requires_grad_() for t in ins]
-    do = torch.randn_like(fn(*ins))
-    torch.autograd.grad(fn(*ins), leaves, do)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-        torch.autograd.grad(fn(*ins), leaves, do)
-        torch.cuda.synchronize()
-    times = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t:
-            times[e.key[:50]] = t / 1000
-    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:10])
-
-
-def kernel_info(launches) -> dict:
-    info = {}
-    for name, k in launches.items():
-        try:
-            k._init_handles()
-            info[name] = {"regs": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared}
-        except Exception as err:  # noqa: BLE001 - diagnostics only
-            info[name] = repr(err)
-    return info
 
 
 def warm(jobs, timeout) -> dict:
@@ -191,6 +145,7 @@ def main() -> None:
     args, _ = ap.parse_known_args()
     global DEVICE
     DEVICE, c0, d = args.device, args.chunk, args.head_dim
+    pr.DEVICE = DEVICE
     vseqs = [int(x) for x in args.variant_seqs.split(",")]
     chunks = [int(x) for x in args.chunks.split(",")]
     baseline = load_baseline(args.baseline)
@@ -206,10 +161,7 @@ def main() -> None:
            "shapes": {"tokens": args.tokens, "heads": 8, "head_dim": d, "chunk": c0, "dtype": "bf16",
                       "gated": True}, "variants": {n: c.__dict__ for n, c in VARIANTS.items()}}
     save = lambda: atomic_write_json(path, res)  # noqa: E731
-    n = 8192 if DEVICE == "cuda" else 256
-    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    res["matmul_tflops"] = 2 * n ** 3 / bench(lambda: a @ b, 200) / 1e9
-    del a, b
+    res["matmul_tflops"] = pr.matmul_ceiling()
     log(f"{res['device']}: matmul {res['matmul_tflops']:.0f} TFLOP/s")
     names = ["baseline", *args.variants.split(",")]
     if "warm" in sections:
@@ -241,7 +193,8 @@ def main() -> None:
                 times[nm, c] = 0.0
                 for T in vseqs:
                     try:
-                        f, fb = time_pair(runner(nm, baseline, c), make_inputs(args.tokens // T, 8, 8, T, d), args.rep)
+                        f, fb = time_pair(runner(nm, baseline, c), *make_inputs(args.tokens // T, 8, 8, T, d),
+                                          args.rep)
                     except Exception as err:  # noqa: BLE001
                         traceback.print_exc()
                         res["times"][f"{nm} c={c} T={T}"] = repr(err)
@@ -264,7 +217,7 @@ def main() -> None:
         for nm in ("baseline", v4):
             for T in vseqs:
                 res["profile"][f"{nm} T={T}"] = profile(runner(nm, baseline, best[1] if nm == v4 else c0),
-                                                        make_inputs(args.tokens // T, 8, 8, T, d))
+                                                        *make_inputs(args.tokens // T, 8, 8, T, d))
                 log(f"profile {nm} T={T}: {res['profile'][f'{nm} T={T}']}")
             res["kernel_info"][nm] = kernel_info(baseline.LAUNCHES if nm == "baseline" else LAUNCHES)
             log(f"kernel info {nm}: {res['kernel_info'][nm]}")
@@ -282,10 +235,10 @@ def main() -> None:
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         f, fb = time_pair(lambda q, k, v, g: F.scaled_dot_product_attention(
                             q, k.repeat_interleave(rep_, 1), v.repeat_interleave(rep_, 1), is_causal=True),
-                            ins, args.rep)
+                            *ins[:3], None, args.rep)                                  # no gate
                 else:
                     name, _, cx = nm.partition(" c=")
-                    f, fb = time_pair(runner(name, baseline, int(cx) if cx else c), ins, args.rep)
+                    f, fb = time_pair(runner(name, baseline, int(cx) if cx else c), *ins, args.rep)
                 r[nm] = {"fwd_ms": f, "fwd_bwd_ms": fb}
             except Exception as err:  # noqa: BLE001
                 r[nm] = repr(err)

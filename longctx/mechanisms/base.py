@@ -241,9 +241,10 @@ def lookup(name: str) -> tuple[type, dict]:
 def build_mechanism(name: str, n_head: int, n_kv_head: int, head_dim: int, **options) -> Mechanism:
     """Instantiate the mechanism registered as ``name``; ``options`` override its defaults."""
     cls, kwargs = lookup(name)
-    known = set(inspect.signature(cls.__init__).parameters) - {"self", "n_head", "n_kv_head", "head_dim"}
+    params = inspect.signature(cls.__init__).parameters
+    known = set(params) - {"self", "n_head", "n_kv_head", "head_dim"}
     unknown = sorted(set(options) - known)
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"unknown options {unknown} for mechanism {name!r}; known: {sorted(known)}")
     kwargs.update(options)
     return cls(n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, **kwargs)

@@ -190,8 +190,8 @@ def kernel_info(launches: dict | None = None) -> dict:
     return info
 
 
-def profile(fn, q, k, v, log_g) -> dict:
-    """Device milliseconds per kernel name over one forward+backward (torch.profiler)."""
+def profile(fn, q, k, v, log_g, top: int = 12) -> dict:
+    """Device milliseconds per kernel name over one forward+backward (torch.profiler), the ``top`` longest."""
     from torch.profiler import ProfilerActivity
     leaves = [t.requires_grad_() for t in (q, k, v, log_g)]
     out = fn(q, k, v, log_g)
@@ -207,7 +207,7 @@ def profile(fn, q, k, v, log_g) -> dict:
         t = e.cuda_time_total if t is None else t
         if t:
             times[e.key[:60]] = t / 1000
-    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
 
 
 def matmul_ceiling() -> float:

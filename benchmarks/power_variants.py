@@ -13,7 +13,11 @@ CPU dry run of every path at toy sizes (interpreter; wall-clock times, no profil
 
 Shapes (as ``power_retention.py``): 128K tokens per step, batch = 128K / T, 8 heads, d = e = 64, deg 2, gated,
 bf16, chunk 512. Configurations are compiled first in parallel processes (Triton's cache is shared), so the
-timed process only loads them. Results go to ``<out>/power_variants.json`` (atomically) after every section.
+timed process only loads them. Sections: ``warm`` (compile), ``checks`` (exactness), ``variants`` (each
+configuration at ``--variant-seqs`` and ``--chunks``; the fastest goes on), ``profile`` (per-kernel device time,
+registers), ``sweep`` (over T, beside flash), ``d128``, ``small`` (the GPU bench's shape, with its device time)
+and ``host`` (a call's time at a size with almost no device work). Results go to ``<out>/power_variants.json``
+(atomically) after every section.
 """
 from __future__ import annotations
 
@@ -41,10 +45,8 @@ from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_
 # today's defaults and one change each (earlier runs' configurations are written out in their JSON)
 VARIANTS = {
     "default": KernelConfig(),
-    "r64": KernelConfig(state_rows=64),
+    "r32": KernelConfig(state_rows=32),
     "st2": KernelConfig(stages_state=2),
-    "f16": KernelConfig(feature_rows=16),
-    "f4": KernelConfig(feature_rows=4),
     "cst2": KernelConfig(stages_chunk=2),
 }
 CHUNK = 512
@@ -117,6 +119,30 @@ def compile_only(job, baseline):
 CONFIGS: dict = dict(VARIANTS)
 
 
+def host_costs(fn, n=300) -> dict:
+    """Milliseconds a call of ``fn`` (forward; forward+backward) and of flash takes at a size where the device
+    work is a few microseconds (batch 1, 1 head, T = 64, d = 32): the host's share of a small shape's time."""
+    q, k, v, g = make_inputs(1, 1, 1, 64, 32)
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    do = torch.randn_like(q)
+    calls = {"fwd": lambda: fn(q, k, v, g),
+             "fwd_bwd": lambda: torch.autograd.grad(fn(q, k, v, g), leaves, do),
+             "flash_fwd": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             "flash_fwd_bwd": lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                                          leaves[:3], do)}
+    out = {}
+    for name, call in calls.items():
+        for _ in range(10):
+            call()
+        pr.sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            call()
+        pr.sync()
+        out[name + "_ms"] = (time.perf_counter() - t) / n * 1e3
+    return out
+
+
 def runner(name, baseline, c):
     if name == "baseline":
         return lambda q, k, v, g: baseline.power_retention_triton(q, k, v, g, chunk_size=c)
@@ -131,7 +157,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="configurations to compare (VARIANTS' names)")
-    ap.add_argument("--sections", default="warm,checks,variants,profile,sweep,d128,small")
+    ap.add_argument("--sections", default="warm,checks,variants,profile,sweep,d128,small,host")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped")
     ap.add_argument("--variant-seqs", default="4096,131072", help="T at which the configurations are compared")
     ap.add_argument("--chunk", type=int, default=CHUNK, help="chunk of the checks and the first --chunks")
@@ -167,8 +193,8 @@ def main() -> None:
     if "warm" in sections:
         jobs = [[nm, c, d, 8, 8] for nm in names for c in chunks]
         jobs += [[nm, c, d, 8, 8] for nm in ("baseline", "default") for c in (1024, 2048) if c not in chunks]
-        jobs += [[nm, c, 32, 8, 4] for nm in ("baseline", "default") for c in (32, 64, 128)]
-        jobs += [[nm, c, 128, 8, 8] for nm in ("baseline", "default") for c in (512, 1024)]
+        jobs += [[nm, c, 32, 8, 4] for nm in ("baseline", "default") for c in (32, 64, 128) if "small" in sections]
+        jobs += [[nm, c, 128, 8, 8] for nm in ("baseline", "default") for c in (512, 1024) if "d128" in sections]
         res["warm"] = warm(jobs, timeout=240)
         log(f"warm: {sum(v == 'ok' for v in res['warm'].values())}/{len(jobs)} ok; "
             + "; ".join(f"{k}: {v[-300:]}" for k, v in res["warm"].items() if v != "ok"))
@@ -214,11 +240,12 @@ def main() -> None:
     v4 = "v4" if "v4" in CONFIGS else "default"
     if "profile" in sections and DEVICE == "cuda":
         res["profile"], res["kernel_info"] = {}, {}
-        for nm in ("baseline", v4):
-            for T in vseqs:
-                res["profile"][f"{nm} T={T}"] = profile(runner(nm, baseline, best[1] if nm == v4 else c0),
-                                                        *make_inputs(args.tokens // T, 8, 8, T, d))
-                log(f"profile {nm} T={T}: {res['profile'][f'{nm} T={T}']}")
+        for nm in dict.fromkeys((*names, v4)):      # every configuration at the first T and chunk, v4 at each T
+            for T in (vseqs if nm == v4 else vseqs[:1]):
+                key = f"{nm} T={T}" + (f" c={best[1]}" if nm == v4 else f" c={c0}")
+                res["profile"][key] = profile(runner(nm, baseline, best[1] if nm == v4 else c0),
+                                              *make_inputs(args.tokens // T, 8, 8, T, d))
+                log(f"profile {key}: {res['profile'][key]}")
             res["kernel_info"][nm] = kernel_info(baseline.LAUNCHES if nm == "baseline" else LAUNCHES)
             log(f"kernel info {nm}: {res['kernel_info'][nm]}")
         save()
@@ -260,6 +287,15 @@ def main() -> None:
     for c in (32, 64, 128):
         if "small" in sections and time.time() < deadline:
             row("small", 512, 32, 8, 4, 32 if DEVICE == "cuda" else 1, c, gate_shift=4.0)
+            if DEVICE == "cuda":   # device time of one forward+backward against the wall time above: host-bound?
+                kernels = profile(runner(v4, baseline, c), *make_inputs(32, 8, 4, 512, 32, gate_shift=4.0), top=100)
+                res.setdefault("small_device", []).append({"chunk": c, "device_ms": sum(kernels.values()),
+                                                           "kernels": kernels})
+                log(f"small chunk {c}: device {sum(kernels.values()):.3f} ms: {kernels}")
+                save()
+    if "host" in sections and time.time() < deadline:
+        res["host"] = host_costs(runner(v4, baseline, 32))
+        log(f"host: {res['host']}")
     res["wall_s"] = time.time() - T0
     save()
     log(f"done: {path}")

@@ -156,3 +156,38 @@ def test_compiled_kernel_every_head_dim_and_chunk(gen, d, chunk):
     errors = compiled_errors(gen, d, chunk)
     # bf16 on the GPU (benchmarks/README: o..dv <= 3.5e-3, d log_g 2-5e-2)
     assert max(errors[:4]) < 2e-2 and errors[4] < 0.15, errors   # o, dq, dk, dv; dlog_g (see benchmarks/README)
+
+
+@pytest.mark.parametrize("nb,fb,fa", [(4, 16, 16), (4, 16, 8), (8, 8, 2), (2, 16, 4), (1, 16, 16)])
+def test_step_columns_are_multiples_of_their_widths(nb, fb, fa):
+    """The kernels tell Triton that a step's first ``a`` column is a multiple of its ``fa`` values and its first
+    ``b`` column a multiple of ``fb`` (aligned, pipelined loads): the step table must keep that promise, and walk
+    every block pair ``A <= B`` and every ``a`` once."""
+    import torch
+
+    from longctx.mechanisms.power.chunk_triton import _steps
+
+    rows = _steps(nb, fb, fa, torch.device("cpu")).view(-1, 3).tolist()
+    assert all(ca % fa == 0 and cb % fb == 0 for ca, cb, _ in rows)
+    want = {(a, b * fb) for ab in range(nb) for b in range(ab, nb) for a in range(ab * fb, ab * fb + fb)}
+    got = [(ca + i, cb) for ca, cb, _ in rows for i in range(fa)]
+    assert sorted(got) == sorted(want)
+    assert all(w == (1 if ca // fb == cb // fb else 2) for ca, cb, w in rows)
+
+
+def test_feature_kernels_compile_to_hopper_matrix_instructions():
+    """Compiled for an H100 on this CPU (``benchmarks/power_kernel_resources.py``, Triton's bundled ptxas): the
+    four feature kernels of the default configuration use Hopper's wgmma (HGMMA), not the older HMMA path a
+    32-row block falls back to, and copy their loads asynchronously (pipelined)."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "power_kernel_resources.py"), "--json",
+                          "--T", "1024"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    if run.returncode != 0 and "cuobjdump" in run.stderr:
+        pytest.skip("Triton's bundled CUDA tools are missing")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert set(report) == {"fwd_deltas", "scan", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv"}
+    for name in ("fwd_deltas", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv"):
+        r = report[name]
+        assert r["HGMMA"] > 0 and r["HMMA"] == 0 and r["async_copies"] > 0, (name, r)

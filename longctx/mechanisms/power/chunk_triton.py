@@ -135,11 +135,16 @@ if triton is not None:
         return tl.dot(a, b, input_precision="tf32x3")
 
     @triton.jit
-    def _step(STEPS, s):
+    def _step(STEPS, s, FA: tl.constexpr, FB: tl.constexpr, ALIGNED: tl.constexpr):
         """Feature step ``s``: first column of its ``a`` values, first column of its ``b`` block, and the query
-        weight (1 on diagonal block pairs, 2 off them)."""
+        weight (1 on diagonal block pairs, 2 off them). ``ALIGNED``: the columns are declared multiples of ``FA``
+        and ``FB`` (they are), so Triton knows the column loads are aligned and can pipeline them (asynchronous
+        copies); unknown alignment kept them synchronous loads, waited on in every step."""
         ca = tl.load(STEPS + 3 * s)
         cb = tl.load(STEPS + 3 * s + 1)
+        if ALIGNED:
+            ca = tl.multiple_of(ca, FA)
+            cb = tl.multiple_of(cb, FB)
         w = tl.load(STEPS + 3 * s + 2).to(tl.float32)
         return ca, cb, w
 
@@ -233,7 +238,7 @@ if triton is not None:
         post = scale * scale if BACKWARD else 1.0
         # S and Z accumulate over the same rows, but Triton needs one accumulator shape per branch
         if s < NS:
-            ca, cb, wab = _step(STEPS, s)
+            ca, cb, wab = _step(STEPS, s, FA, FB, True)
             acc = tl.zeros([FT, E], dtype=tl.float32)
             for rr in range(NREP):
                 xh = _x_head(bkv, rr, HQ, HKV, BACKWARD)
@@ -241,9 +246,10 @@ if triton is not None:
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
                     w = _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
                     phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
                                               BC, FA, FB, PDT, OPDT))                          # [FT, BC]
-                    y = tl.load(Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]).to(tl.float32)
+                    y = tl.load(y_ptrs).to(tl.float32)
                     acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
             if BACKWARD:
                 acc = acc * (post * wab)
@@ -349,7 +355,9 @@ if triton is not None:
         s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
         acc = tl.zeros([BM, E], dtype=tl.float32)
         for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-            ca, cb, wab = _step(STEPS, s)
+            # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
+            # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
+            ca, cb, wab = _step(STEPS, s, FA, FB, False)
             phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
                             BM, FA, FB, PDT, OPDT)
             acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
@@ -404,7 +412,7 @@ if triton is not None:
         dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
         for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-            ca, cb, wab = _step(STEPS, s)
+            ca, cb, wab = _step(STEPS, s, FA, FB, True)
             st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             g = _mm(dnum, tl.trans(st), INTERP) * (r * wab)[:, None]                    # [BM, FT]
             qa = _cols(q_ptr, rows, ca, FA, DK)
@@ -467,7 +475,7 @@ if triton is not None:
         dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
         for s in tl.range(tl.where(n < NC - 1, NS, 0), num_stages=LOOP_STAGES):
-            ca, cb, wab = _step(STEPS, s)
+            ca, cb, wab = _step(STEPS, s, FA, FB, True)
             dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             ka = _cols(k_ptr, cols, ca, FA, DK)
             kb = _cols(k_ptr, cols, cb, FB, DK)

@@ -1,8 +1,9 @@
 """What the power-retention kernels compile to on an H100, read on a CPU machine with no GPU: registers, local
 memory (spills), shared memory, Hopper matrix instructions (HGMMA) against the older HMMA, loads Triton turned
-into asynchronous copies, and the programs an SM can hold. Costs no device time; Triton's bundled ``ptxas``
-and ``cuobjdump`` do the work. The GPU machine's Triton (3.6) allocates a little differently from this one's
-(3.8), so the numbers are leads to be confirmed by ``power_variants.py``'s ``kernel_info`` on the device.
+into asynchronous copies and synchronous tensor loads left inside loops, and the programs an SM can hold. Costs
+no device time; Triton's bundled ``ptxas`` and ``cuobjdump`` do the work. The GPU machine's Triton (3.6)
+allocates a little differently from this one's (3.8), so the numbers are leads to be confirmed by
+``power_variants.py``'s ``kernel_info`` on the device.
 
     PYTHONPATH=. python benchmarks/power_kernel_resources.py                        # the default configuration
     PYTHONPATH=. python benchmarks/power_kernel_resources.py --config '{"state_rows": 32}' --T 4096 --chunk 1024
@@ -71,6 +72,22 @@ def compile_sm90(kernel, args: tuple, kwargs: dict):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), options.get("num_warps", 4)
 
 
+def loop_loads(ttgir: str) -> int:
+    """Synchronous tensor loads (``tt.load`` of a tensor) inside loops of a kernel's TTGIR, where the pipeliner
+    did not make them asynchronous copies (``ttg.async_copy_global_to_local``, issued stages ahead); such a load
+    is waited on in its iteration, or, at best, issued one iteration ahead into registers."""
+    count, loops, depth = 0, [], 0
+    for line in ttgir.splitlines():
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            loops.append(depth)
+        if loops and " = tt.load " in line and line.rsplit(" : ", 1)[-1].startswith("tensor<"):   # not scalars
+            count += 1
+        depth += line.count("{") - line.count("}")
+        while loops and depth <= loops[-1]:
+            loops.pop()
+    return count
+
+
 def resources(compiled, warps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -86,7 +103,8 @@ def resources(compiled, warps: int) -> dict:
     by_shared = SM_SHARED // (shared + 1024)
     out = {"regs": regs, "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)), "shared": shared,
            "warps": warps, "programs_per_sm": min(by_regs, by_shared, SM_WARPS // warps),
-           "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local")}
+           "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+           "loop_loads": loop_loads(compiled.asm["ttgir"])}
     for op in ("HGMMA", "HMMA", "LDL", "STL"):
         out[op] = len(re.findall(rf"\b{op}\b", sass))
     return out

@@ -178,7 +178,10 @@ def test_step_columns_are_multiples_of_their_widths(nb, fb, fa):
 def test_feature_kernels_compile_to_hopper_matrix_instructions():
     """Compiled for an H100 on this CPU (``benchmarks/power_kernel_resources.py``, Triton's bundled ptxas): the
     four feature kernels of the default configuration use Hopper's wgmma (HGMMA), not the older HMMA path a
-    32-row block falls back to, and copy their loads asynchronously (pipelined)."""
+    32-row block falls back to, and the column loads of dq's and dk/dv's feature steps are asynchronous copies
+    (declared aligned; left synchronous, they were waited on in every step). The state-delta kernel keeps one
+    column block a synchronous load, issued a step ahead; the forward output kernel keeps both (aligned, it
+    spilled on the GPU)."""
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "power_kernel_resources.py"), "--json",
                           "--T", "1024"], capture_output=True, text=True, timeout=300,
@@ -191,3 +194,5 @@ def test_feature_kernels_compile_to_hopper_matrix_instructions():
     for name in ("fwd_deltas", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv"):
         r = report[name]
         assert r["HGMMA"] > 0 and r["HMMA"] == 0 and r["async_copies"] > 0, (name, r)
+    assert report["bwd_dq"]["loop_loads"] == report["bwd_dkv"]["loop_loads"] == 0, report
+    assert report["fwd_deltas"]["loop_loads"] <= 1 and report["bwd_deltas"]["loop_loads"] <= 1, report

@@ -15,8 +15,9 @@ Shapes (as ``power_retention.py``): 128K tokens per step, batch = 128K / T, 8 he
 bf16, chunk 512. Configurations are compiled first in parallel processes (Triton's cache is shared), so the
 timed process only loads them. Sections: ``warm`` (compile), ``checks`` (exactness), ``variants`` (each
 configuration at ``--variant-seqs`` and ``--chunks``; the fastest goes on), ``profile`` (per-kernel device time,
-registers), ``sweep`` (over T, beside flash), ``d128``, ``small`` (the GPU bench's shape, with its device time)
-and ``host`` (a call's time at a size with almost no device work). Results go to ``<out>/power_variants.json``
+registers), ``sweep`` (over T, beside flash), ``d128``, ``small`` (the GPU bench's shape, with its device time),
+``train`` (the GPU bench's model trained on random tokens) and ``host`` (a call's time at a size with almost no
+device work, and where it goes). Results go to ``<out>/power_variants.json``
 (atomically) after every section.
 """
 from __future__ import annotations
@@ -119,9 +120,10 @@ def compile_only(job, baseline):
 CONFIGS: dict = dict(VARIANTS)
 
 
-def host_costs(fn, n=300) -> dict:
+def host_costs(fn, n=None) -> dict:
     """Milliseconds a call of ``fn`` (forward; forward+backward) and of flash takes at a size where the device
     work is a few microseconds (batch 1, 1 head, T = 64, d = 32): the host's share of a small shape's time."""
+    n = n or (300 if DEVICE == "cuda" else 2)
     q, k, v, g = make_inputs(1, 1, 1, 64, 32)
     leaves = [t.requires_grad_() for t in (q, k, v, g)]
     do = torch.randn_like(q)
@@ -132,7 +134,7 @@ def host_costs(fn, n=300) -> dict:
                                                           leaves[:3], do)}
     out = {}
     for name, call in calls.items():
-        for _ in range(10):
+        for _ in range(10 if DEVICE == "cuda" else 1):
             call()
         pr.sync()
         t = time.perf_counter()
@@ -140,6 +142,81 @@ def host_costs(fn, n=300) -> dict:
             call()
         pr.sync()
         out[name + "_ms"] = (time.perf_counter() - t) / n * 1e3
+    return out
+
+
+def host_breakdown(module, fn, n=None) -> dict:
+    """Where a small call's host time goes, on ``host_costs``' inputs: microseconds of each Triton launch of one
+    forward+backward replayed alone (``launch_us``; the device work of each is a few microseconds), and the
+    forward+backward with the launches skipped (``glue_ms``: PyTorch operations, autograd, Python). ``module``:
+    the kernel module ``fn`` runs (its ``_launch`` is patched)."""
+    n = n or (300 if DEVICE == "cuda" else 2)
+    q, k, v, g = make_inputs(1, 1, 1, 64, 32)
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    do = torch.randn_like(q)
+    recorded, launch = [], module._launch
+
+    def record(name, kernel, grid, *args, **kw):
+        recorded.append((name, kernel, grid, args, kw))
+        launch(name, kernel, grid, *args, **kw)
+    module._launch = record
+    try:
+        torch.autograd.grad(fn(q, k, v, g), leaves, do)
+    finally:
+        module._launch = launch
+    out = {"launch_us": {}}
+    for i, (name, kernel, grid, args, kw) in enumerate(recorded):
+        pr.sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            kernel[grid](*args, **kw)
+        pr.sync()
+        out["launch_us"][f"{i}:{name}"] = (time.perf_counter() - t) / n * 1e6
+    module._launch = lambda *a, **kw: None
+    try:
+        for _ in range(10 if DEVICE == "cuda" else 1):
+            torch.autograd.grad(fn(q, k, v, g), leaves, do)
+        pr.sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            torch.autograd.grad(fn(q, k, v, g), leaves, do)
+        pr.sync()
+        out["glue_ms"] = (time.perf_counter() - t) / n * 1e3
+    finally:
+        module._launch = launch
+    out["launches_ms"] = sum(out["launch_us"].values()) / 1e3
+    return out
+
+
+def train_speed(baseline, steps=200, warmup=20) -> dict:
+    """Training tokens/s of the GPU bench's text model (``longctx bench --preset gpu``: 4 layers, width 256, 8 / 4
+    heads of 32, 512 tokens, batch 32, bf16, AdamW; its power layers run the kernel at chunk 32) on random tokens,
+    ``steps`` timed after ``warmup``: power through today's kernel file and through the baseline's, full
+    attention, in the order A B C B A (``{label: [tok/s, ...]}``: a drift of the host's speed shows as a spread).
+    The bench itself (its corpus, 1000 steps, two seeds) is not run here."""
+    from longctx.bench.presets import settings_for
+    from longctx.bench.run import _model
+    from longctx.bench.train import train
+    from longctx.mechanisms.power import chunk_triton
+    s = settings_for("gpu")
+    today = chunk_triton.power_retention_triton
+    out = {}
+    runs = [("power", "power", today), ("power baseline", "power", baseline.power_retention_triton),
+            ("full", "full", today)]
+    for label, mech, kernel in runs + runs[-2::-1]:
+        chunk_triton.power_retention_triton = kernel    # power_retention imports it from the module at each call
+        try:
+            model = _model(s, mech, torch.device(DEVICE), 0)
+            vocab = model.config.vocab_size
+
+            def batch(g):
+                x = torch.randint(0, vocab, (s.batch_size, s.block_size + 1), generator=g)
+                return x[:, :-1], x[:, 1:]
+            train(model, batch, warmup, s.lr, 0, progress=False)
+            out.setdefault(label, []).append(train(model, batch, steps, s.lr, 1, progress=False)["tokens_per_s"])
+        finally:
+            chunk_triton.power_retention_triton = today
+        log(f"train {label}: {out[label][-1]:,.0f} tok/s")
     return out
 
 
@@ -157,7 +234,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="configurations to compare (VARIANTS' names)")
-    ap.add_argument("--sections", default="warm,checks,variants,profile,sweep,d128,small,host")
+    ap.add_argument("--sections", default="warm,checks,variants,profile,sweep,d128,small,train,host")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped")
     ap.add_argument("--variant-seqs", default="4096,131072", help="T at which the configurations are compared")
     ap.add_argument("--chunk", type=int, default=CHUNK, help="chunk of the checks and the first --chunks")
@@ -293,9 +370,21 @@ def main() -> None:
                                                            "kernels": kernels})
                 log(f"small chunk {c}: device {sum(kernels.values()):.3f} ms: {kernels}")
                 save()
+    if "train" in sections and time.time() < deadline:
+        res["train_tokens_per_s"] = train_speed(baseline)
+        save()
     if "host" in sections and time.time() < deadline:
-        res["host"] = host_costs(runner(v4, baseline, 32))
-        log(f"host: {res['host']}")
+        from longctx.mechanisms.power import chunk_triton
+        for _ in range(3):   # alternated: the host's speed drifts within a job
+            for key, nm in (("host", v4), ("host_baseline", "baseline")):
+                res.setdefault(key + "_runs", []).append(host_costs(runner(nm, baseline, 32)))
+        for key in ("host", "host_baseline"):
+            runs = res[key + "_runs"]
+            res[key] = {m: sorted(r[m] for r in runs)[1] for m in runs[0]}     # medians
+        res["host_breakdown"] = host_breakdown(chunk_triton, runner(v4, baseline, 32))
+        res["host_breakdown_baseline"] = host_breakdown(baseline, runner("baseline", baseline, 32))
+        log(f"host: {res['host']}; baseline {res['host_baseline']}")
+        log(f"host breakdown: {res['host_breakdown']}; baseline {res['host_breakdown_baseline']}")
     res["wall_s"] = time.time() - T0
     save()
     log(f"done: {path}")

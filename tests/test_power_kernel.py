@@ -19,7 +19,7 @@ g = torch.Generator().manual_seed(int(sys.argv[1]))
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False, **config):
+def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False, reset_at=None, **config):
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
     if tiny_first_weight:  # q_0 almost orthogonal to k_0: row 0 is v_0 with a weight ~1e-6, its dq exactly 0
@@ -27,7 +27,10 @@ def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=F
         q[:, :, 0] -= (q[:, :, 0] * k0).sum(-1, keepdim=True) / (k0 * k0).sum(-1, keepdim=True) * k0 * 0.999
     q, k = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
     v = torch.randn(B, hkv, T, e, generator=g).to(dtype).requires_grad_()
-    log_g = (-0.2 * torch.rand(B, hkv, T, generator=g)).requires_grad_() if gated else None
+    log_g = (-0.2 * torch.rand(B, hkv, T, generator=g)) if gated else None
+    if reset_at is not None:  # a gate of exp(-1e6): the state is forgotten there, every later gate factor exact
+        log_g[..., reset_at] = -1e6
+    log_g = log_g.requires_grad_() if gated else None
     leaves = [q, k, v] + ([log_g] if gated else [])
     out = power_retention_triton(q, k, v, log_g, chunk_size=chunk, config=KernelConfig(block=16, operands=operands, **config))
     assert out.dtype == dtype and out.shape == (B, hq, T, e) and torch.isfinite(out).all()
@@ -58,10 +61,17 @@ res = {
     # e = 128, the widest values (a delta program's accumulator is 128 features x 128), and six chunks (the
     # scan folds them four at a time)
     "exact_e128": case(1, 1, 1, 90, 16, 128, 16, True, torch.float16, "fp32"),
+    # a hard reset at the end of the first chunk: a running sum of the gate over the whole sequence sat at -1e6
+    # after it, where float32 values are 0.06 apart, and every later gate factor was off by up to 6%
+    "exact_hard_reset": case(1, 2, 1, 64, 16, 16, 16, True, torch.float16, "fp32", reset_at=15),
     # the fast path: bf16 operands, as on the GPU
     "bf16_gated_gqa": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16"),
     "bf16_tiny_first_weight": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16", tiny_first_weight=True),
 }
+import longctx.mechanisms.power.chunk_triton as ct
+ct.GATE_BLOCK = 8   # the gate kernels walk several blocks: each chunk in two, the sequence in nine (the last part)
+res["exact_gate_blocks"] = case(2, 2, 1, 70, 16, 16, 16, True, torch.float16, "fp32")
+ct.GATE_BLOCK = 2048
 errors = {}
 q = torch.randn(1, 2, 8, 24).half()
 for label, call in [("d=24", lambda: power_retention_triton(q, q, q)),
@@ -100,7 +110,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     report = json.loads(run.stdout.strip().splitlines()[-1])
     errors = report["errors"]
     for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_mixed_steps", "exact_one_chunk",
-                 "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128"):  # o, dq, dk, dv (, dlog_g)
+                 "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset", "exact_gate_blocks"):
         # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
         # 40 seeds
         assert max(errors[name]) < 1e-3, (name, errors[name])
@@ -185,12 +195,13 @@ def test_feature_kernels_compile_to_hopper_matrix_instructions():
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "power_kernel_resources.py"), "--json",
                           "--T", "1024"], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(root)))
+                         env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                              "PYTHONPATH": str(root)})            # compiles for sm_90: not the interpreter
     if run.returncode != 0 and "cuobjdump" in run.stderr:
         pytest.skip("Triton's bundled CUDA tools are missing")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert set(report) == {"fwd_deltas", "scan", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv"}
+    assert set(report) == {"gate_sums", "fwd_deltas", "scan", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv", "gate_grad"}
     for name in ("fwd_deltas", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv"):
         r = report[name]
         assert r["HGMMA"] > 0 and r["HMMA"] == 0 and r["async_copies"] > 0, (name, r)

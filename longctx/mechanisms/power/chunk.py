@@ -109,7 +109,9 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
     qg = F.pad(group_queries(q.to(ct), Hkv), (0, 0, 0, pad))                    # [B, Hkv, R, Tp, d]
     kp, vp = F.pad(k.to(ct), (0, 0, 0, pad)), F.pad(v.to(ct), (0, 0, 0, pad))
     lg = torch.zeros(B, Hkv, T, dtype=ct, device=q.device) if log_g is None else log_g.to(ct)
-    G = torch.cumsum(F.pad(lg, (0, pad)), -1).view(B, Hkv, n, c)                 # padded tokens: log_g = 0
+    # the gate summed inside each chunk (padded tokens: log_g = 0); every factor below is a difference inside one
+    # chunk or a chunk's total, so no running sum over the sequence (which loses the gate's low bits) is needed
+    G = F.pad(lg, (0, pad)).view(B, Hkv, n, c).cumsum(-1)
     qc = qg.view(B, Hkv, Hq // Hkv, n, c, d)
     kc, vc = kp.view(B, Hkv, n, c, d), vp.view(B, Hkv, n, c, e)
 
@@ -122,15 +124,14 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
     den = w.sum(-1)
 
     # each chunk's own state
-    G_end = G[..., -1]                                                            # [B, Hkv, n]
-    G_start = F.pad(G_end[..., :-1], (1, 0))                                      # level just before each chunk
+    G_end = G[..., -1]                                                            # [B, Hkv, n]: whole chunk
     phik = sympow(kc, deg) * torch.exp(G_end[..., None] - G)[..., None]          # [B, Hkv, n, c, D]
     dS = torch.einsum("bhncD,bhnce->bhnDe", phik, vc)
     dz = phik.sum(-2)
-    gamma = torch.exp(G_end - G_start)
+    gamma = torch.exp(G_end)
     # queries read the state through r (deg-homogeneity of phi carries the scale and the gate)
-    r = (scale ** deg) * torch.exp(G - G_start[..., None]).unsqueeze(2)          # [B, Hkv, 1, n, c]
-    return Chunks(num, den, qc, r, dS, dz, gamma, G_end[..., -1], deg, T, q.dtype)
+    r = (scale ** deg) * torch.exp(G).unsqueeze(2)                               # [B, Hkv, 1, n, c]
+    return Chunks(num, den, qc, r, dS, dz, gamma, G_end.sum(-1), deg, T, q.dtype)
 
 
 def chunks_state(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:

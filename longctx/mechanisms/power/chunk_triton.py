@@ -12,27 +12,33 @@ product of two bf16 numbers rounded once is what a float32 product cast to bf16 
 through a step is two reductions of the ``[rows, FA, FB]`` feature gradient. The normaliser's state is kept
 apart as the dense ``Z = sum_j k_j k_j^T`` (``[d, d]`` float32), so ``phi(q) . z = q^T Z q``.
 
-Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = cumulative log-gate, float32):
+Kernels (``C`` = chunk, ``n`` = chunk index, ``G`` = the log-gate summed inside each chunk, float32: ``G_i`` is
+the sum of ``log_g`` from the chunk's first token to ``i``; every gate factor is a difference inside one chunk or
+a chunk's total, so no offset from earlier chunks is carried and long sequences lose no precision to it):
 
 1. ``_state_deltas`` grid (steps + 1, chunks - 1, B*Hkv), every chunk at once: the chunk's own contribution to
    the state, ``phi(K_n)^T (beta V_n)`` for one feature step per program and ``Z`` in the last program; in the
    backward the same for the state gradients (``phi(Q_n)^T (r dO_n / den)``, summed over a KV head's queries).
    The state entering chunk 0 and the gradient of the one leaving the last chunk are zero: the last chunk's
    forward contribution and chunk 0's backward one are neither computed nor stored, nor read by 3-5.
-2. ``_scan``         grid (state slices, B*Hkv): in place, turns the contributions into the states between
-   chunks (forward) or their gradients (backward, reverse order): ``X <- decay_n X + delta_n``. Memory-bound;
-   the only sequential walk, and it moves no features.
+2. ``_scan``         grid (slices of S, then of Z, B*Hkv): in place, turns the contributions into the states
+   between chunks (forward) or their gradients (backward, reverse order): ``X <- decay_n X + delta_n``.
+   Memory-bound; the only sequential walk, and it moves no features.
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
-   state part ``scale^2 exp(G_i - G_start) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
+   state part ``scale^2 exp(G_i) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser).
 4. ``_bwd_dq``       grid as 3; also writes ``delta_i = do_i . o_i``. The backward runs 4, then 1 and 2 for the
    state gradients, then 5.
 5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
 
-Gate gradient. Every weight is ``w_ij = (scale q_i . k_j)^2 exp(G_i - G_j)``, so
+Around them, ``_gate_sums`` makes ``G`` from ``log_g`` (the forward's first launch) and ``_gate_grad`` makes
+``d log_g`` (the backward's last): one launch each where PyTorch took 3 and 10 operations.
+
+Gate gradient. Every weight is ``w_ij = (scale q_i . k_j)^2 exp(G_i - G_j)`` (``G`` here the gate's running sum
+over the sequence: only its differences inside a chunk and the chunks' totals are formed), so
 ``dL/dG_t = sum_j dL/dw_tj w_tj - sum_i dL/dw_it w_it``: kernels 4 and 5 accumulate the two sums in fp32 (for
 the state parts they are ``phi(q_i) . g_i`` and ``phi(k_j) . g_j`` with ``g`` the feature gradients), and
-``d log_g`` is the reverse cumulative sum. Matmul operands are bf16 (fp16 inputs too: the states and the power
+``d log_g`` is the reverse cumulative sum (float64). Matmul operands are bf16 (fp16 inputs too: the states and the power
 weights need bf16's range), accumulation fp32; products with ``Z`` run in fp32 (three-pass tf32 on a GPU). Plain
 ``@triton.jit`` without autotuning, so the same code runs under ``TRITON_INTERPRET=1`` on CPU.
 """
@@ -64,6 +70,7 @@ def _interpreting() -> bool:
 
 
 GRID_MAX = 65535  # launch grid limit of the 2nd / 3rd dimension: chunks, batch x heads
+GATE_BLOCK = 2048  # tokens per step of the gate kernels' walks (a chunk in _gate_sums, the sequence in _gate_grad)
 
 
 def _supported(q: Tensor, v: Tensor, deg: int, chunk_size: int) -> bool:
@@ -190,7 +197,7 @@ if triton is not None:
         return ((bkv * NSLOT + m) * DK + di[:, None]) * DK + di[None, :]
 
     @triton.jit
-    def _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD: tl.constexpr,
+    def _row_weights(DEN, xh, g_ptr, rows, g_end, Tp, BACKWARD: tl.constexpr,
                      HAS_GATE: tl.constexpr, BC: tl.constexpr):
         """Per-row weights of the state contributions (see ``_state_deltas``; without the ``-delta`` of ``dZ``),
         ``[BC]`` float32."""
@@ -198,7 +205,7 @@ if triton is not None:
             den = tl.load(DEN + xh * Tp + rows)
             w = 1.0 / tl.where(den == 0.0, 1.0, den)
             if HAS_GATE:
-                w = w * tl.exp(tl.load(g_ptr + rows) - g_start)
+                w = w * tl.exp(tl.load(g_ptr + rows))
         elif HAS_GATE:
             w = tl.exp(g_end - tl.load(g_ptr + rows))
         else:
@@ -214,7 +221,7 @@ if triton is not None:
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
-        ``r_i = scale^2 exp(G_i - G_start)``, ``phi~`` the weighted query features and ``delta_i = do_i . o_i``.
+        ``r_i = scale^2 exp(G_i)``, ``phi~`` the weighted query features and ``delta_i = do_i . o_i``.
         Programs ``0 .. NS-1`` write one feature step of ``S`` each, program ``NS`` writes ``Z``, into slot ``m``
         of ``NC - 1``: the contribution of chunk ``n = m`` (forward; the last chunk's reaches no later query) or
         ``n = m + 1`` (backward; chunk 0's queries read the zero state)."""
@@ -230,10 +237,8 @@ if triton is not None:
         Tp = NC * C
         c0 = n * C
         g_ptr = G + bkv * Tp
-        g_start = 0.0
         g_end = 0.0
         if HAS_GATE:
-            g_start = tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0)
             g_end = tl.load(g_ptr + c0 + C - 1)
         post = scale * scale if BACKWARD else 1.0
         # S and Z accumulate over the same rows, but Triton needs one accumulator shape per branch
@@ -245,7 +250,7 @@ if triton is not None:
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
-                    w = _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    w = _row_weights(DEN, xh, g_ptr, rows, g_end, Tp, BACKWARD, HAS_GATE, BC)
                     y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
                     phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
                                               BC, FA, FB, PDT, OPDT))                          # [FT, BC]
@@ -263,7 +268,7 @@ if triton is not None:
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
-                    w = _row_weights(DEN, xh, g_ptr, rows, g_start, g_end, Tp, BACKWARD, HAS_GATE, BC)
+                    w = _row_weights(DEN, xh, g_ptr, rows, g_end, Tp, BACKWARD, HAS_GATE, BC)
                     if BACKWARD:
                         w = -w * tl.load(DELTA + xh * Tp + rows)
                     x = _cols(x_ptr, rows, 0, DK, DK)
@@ -271,15 +276,14 @@ if triton is not None:
             tl.store(ZB + _z_offsets(bkv, m, NC - 1, DK), accz * post)
 
     @triton.jit
-    def _scan(BUF, G, NC, L, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
-              BLOCK: tl.constexpr, U: tl.constexpr):
-        """In place over ``BUF [B*Hkv, NC - 1, L]``, the slots of ``_state_deltas``. Forward: slot ``m`` holds chunk
-        ``m``'s contribution on entry and the state leaving chunk ``m`` on exit, ``X_m = decay_m X_{m-1} + delta_m``.
+    def _scan_slice(BUF, G, NC, L, pid, bkv, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+                    BLOCK: tl.constexpr, U: tl.constexpr):
+        """In place over elements ``pid * BLOCK ...`` of ``BUF [B*Hkv, NC - 1, L]``, the slots of ``_state_deltas``.
+        Forward: slot ``m`` holds chunk ``m``'s contribution on entry and the state leaving chunk ``m`` on exit,
+        ``X_m = decay_m X_{m-1} + delta_m`` (``decay_n = exp(G at chunk n's last token)``, the chunk's whole gate).
         ``REVERSE``: slot ``m`` holds chunk ``m + 1``'s contribution and then the gradient of the state leaving
         chunk ``m``, ``X_m = decay_{m+1} X_{m+1} + delta_{m+1}``. ``U`` slots are loaded at once (independent loads
         in flight), then folded in order in registers."""
-        pid = tl.program_id(0)
-        bkv = tl.program_id(1).to(tl.int64)
         NSLOT = NC - 1
         off = pid * BLOCK + tl.arange(0, BLOCK)
         base = BUF + bkv * NSLOT * L
@@ -294,8 +298,7 @@ if triton is not None:
             mask = valid[:, None] & (off < L)[None, :]
             delta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)                    # [U, BLOCK]
             if HAS_GATE:
-                g_start = tl.load(g_ptr + n * C - 1, mask=valid & (n > 0), other=0.0)
-                decay = tl.exp(tl.load(g_ptr + n * C + C - 1, mask=valid, other=0.0) - g_start)
+                decay = tl.exp(tl.load(g_ptr + n * C + C - 1, mask=valid, other=0.0))
             else:
                 decay = tl.full([U], 1.0, tl.float32)
             out = tl.zeros([U, BLOCK], dtype=tl.float32)
@@ -304,6 +307,53 @@ if triton is not None:
                 x = x * tl.sum(tl.where(pick, decay, 0.0), 0) + tl.sum(tl.where(pick[:, None], delta, 0.0), 0)
                 out += tl.where(pick[:, None], x[None, :], 0.0)
             tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scan(SB, ZB, G, NC, LS, LZ, NPS, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+              BLOCK_S: tl.constexpr, BLOCK_Z: tl.constexpr, U: tl.constexpr):
+        """Both scans in one launch (one launch less a direction: small shapes are bound by launches): programs
+        ``0 .. NPS - 1`` walk slices of ``S`` (``LS = F * E`` elements a slot), the rest slices of ``Z``
+        (``LZ = d * d``)."""
+        pid = tl.program_id(0)
+        bkv = tl.program_id(1).to(tl.int64)
+        if pid < NPS:
+            _scan_slice(SB, G, NC, LS, pid, bkv, HAS_GATE, REVERSE, C, BLOCK_S, U)
+        else:
+            _scan_slice(ZB, G, NC, LZ, pid - NPS, bkv, HAS_GATE, REVERSE, C, BLOCK_Z, U)
+
+    @triton.jit
+    def _gate_sums(LG, G, T, NC, C: tl.constexpr, BLK: tl.constexpr):
+        """``G [B*Hkv, NC * C]`` (fp32) from ``log_g [B*Hkv, T]``: the gate summed inside chunk ``n`` (program 0),
+        padded tokens 0, every value that is not ``<= 0`` NaN (``check_gate``'s rule on CUDA): the sum carries it to
+        the chunk's later tokens, the chunk's state contribution and decay to every later chunk. ``-inf`` needs
+        nothing: the gate differences from it on (``-inf - -inf``) are NaN, and so is its chunk's contribution."""
+        n = tl.program_id(0)
+        row = tl.program_id(1).to(tl.int64)
+        carry = tl.sum(tl.zeros([BLK], dtype=tl.float32), 0)
+        for s0 in range(0, C, BLK):
+            i = s0 + tl.arange(0, BLK)
+            t = n * C + i
+            x = tl.load(LG + row * T + t, mask=(i < C) & (t < T), other=0.0).to(tl.float32)
+            x = tl.where(x <= 0.0, x, float("nan"))
+            tl.store(G + row * NC * C + t, tl.cumsum(x, 0) + carry, mask=i < C)
+            carry += tl.sum(x, 0)
+
+    @triton.jit
+    def _gate_grad(DGQ, DGK, DLG, T, Tp, REP: tl.constexpr, BLK: tl.constexpr):
+        """``d log_g [B*Hkv, T]`` (its dtype): ``dL/dlog_g_s = sum_{t >= s} dG_t`` with ``dG_t`` the sum over the
+        KV head's ``REP`` query heads of ``DGQ [B*Hq, Tp]`` minus ``DGK [B*Hkv, Tp]``, walked from the end in float64
+        (a difference of large sums; padded tokens add 0)."""
+        row = tl.program_id(0).to(tl.int64)
+        carry = tl.sum(tl.zeros([BLK], dtype=tl.float64), 0)
+        nblk = tl.cdiv(T, BLK)
+        for j in range(nblk):
+            t = (nblk - 1 - j) * BLK + tl.arange(0, BLK)
+            m = t < T
+            dg = -tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)
+            for r in tl.static_range(REP):
+                dg += tl.load(DGQ + (row * REP + r) * Tp + t, mask=m, other=0.0).to(tl.float64)
+            tl.store(DLG + row * T + t, (tl.cumsum(dg, 0, reverse=True) + carry).to(DLG.dtype.element_ty), mask=m)
+            carry += tl.sum(dg, 0)
 
     @triton.jit
     def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
@@ -331,7 +381,7 @@ if triton is not None:
         den = tl.zeros([BM], dtype=tl.float32)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
-            r = scale * scale * tl.exp(gi - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
+            r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
         for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
@@ -400,7 +450,7 @@ if triton is not None:
         tl.store(DELTA + bh * Tp + rows, delta)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
-            r = scale * scale * tl.exp(gi - tl.load(g_ptr + c0 - 1, mask=n > 0, other=0.0))
+            r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
         fi = tl.arange(0, FT)
@@ -570,6 +620,11 @@ def _power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
+def _pow2_at_least(x: int) -> int:
+    """The smallest power of two ``>= x`` (``triton.next_power_of_2`` costs microseconds a call in triton 3.8)."""
+    return 1 << max(x - 1, 0).bit_length()
+
+
 def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfig) -> _Geometry:
     B, Hq, T, DK = q.shape
     Hkv, E = k.shape[1], v.shape[-1]
@@ -608,14 +663,6 @@ def _pad(x: Tensor, g: _Geometry) -> Tensor:
     return (x if g.Tp == g.T else F.pad(x, (0, 0, 0, g.Tp - g.T))).contiguous()
 
 
-def _cumsum(x: Tensor, c: int) -> Tensor:
-    """Inclusive cumulative sum over the last dim (a multiple of ``c``) in two levels, inside chunks of ``c`` and
-    then over the chunk totals: PyTorch's scan of a few long rows is slow (0.2 ms for 8 rows of 128K)."""
-    inner = x.unflatten(-1, (-1, c)).cumsum(-1)
-    totals = inner[..., -1]
-    return (inner + (totals.cumsum(-1) - totals)[..., None]).flatten(-2)
-
-
 def _launch(name: str, kernel, grid, *args, **kwargs) -> None:
     LAUNCHES[name] = kernel[grid](*args, **kwargs)
 
@@ -643,18 +690,13 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
             HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
             **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
             num_warps=cfg.warps_state, num_stages=cfg.stages_state)
-    for buf, L in ((SB, g.F * g.E), (ZB, g.DK * g.DK)):
-        block = min(cfg.scan_block, triton.next_power_of_2(L))
-        _launch("scan", _scan, (triton.cdiv(L, block), g.B * g.Hkv), buf, G, g.NC, L, HAS_GATE=has_gate,
-                REVERSE=backward, C=g.C, BLOCK=block, U=cfg.scan_unroll, num_warps=4)
+    LS, LZ = g.F * g.E, g.DK * g.DK
+    block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
+    nps = -(-LS // block_s)
+    _launch("scan", _scan, (nps - (-LZ // block_z), g.B * g.Hkv), SB, ZB, G, g.NC, LS, LZ, nps,
+            HAS_GATE=has_gate, REVERSE=backward, C=g.C, BLOCK_S=block_s, BLOCK_Z=block_z, U=cfg.scan_unroll,
+            num_warps=4)
     return SB, ZB
-
-
-def poison(log_g: Tensor) -> Tensor:
-    """The gate with every value that is not ``<= 0`` (positive, NaN, +inf) set to NaN, which the cumulative sum
-    carries to every later token (``check_gate``'s rule on CUDA, in two elementwise kernels). ``-inf`` needs nothing:
-    the differences of its cumulative sums are already NaN."""
-    return torch.where(log_g <= 0, log_g, float("nan"))
 
 
 class _PowerRetentionFn(torch.autograd.Function):
@@ -663,8 +705,10 @@ class _PowerRetentionFn(torch.autograd.Function):
         g = _geometry(q, k, v, chunk_size, cfg)
         qp, kp, vp = _pad(q, g), _pad(k, g), _pad(v, g)
         has_gate = log_g is not None
-        if has_gate:
-            G = _cumsum(F.pad(poison(log_g.float()), (0, g.Tp - g.T)), g.C).contiguous()
+        if has_gate:   # one launch: a small call's time is mostly the host's, ~30 us an operation (H100 machine)
+            G = torch.empty(g.B, g.Hkv, g.Tp, device=q.device, dtype=torch.float32)
+            _launch("gate_sums", _gate_sums, (g.NC, g.B * g.Hkv), log_g.contiguous(), G, g.T, g.NC, C=g.C,
+                    BLK=min(_pow2_at_least(g.C), GATE_BLOCK), num_warps=4)
         else:
             G = torch.zeros(1, device=q.device, dtype=torch.float32)
         SB, ZB = _states(kp, vp, G, None, None, g, cfg, scale, has_gate, backward=False)
@@ -707,8 +751,9 @@ class _PowerRetentionFn(torch.autograd.Function):
                 PDT=_product_type(kp, cfg), **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
-            dG = dgq.view(g.B, g.Hkv, g.Hq // g.Hkv, g.Tp).sum(2).double() - dgk.double()   # [B, Hkv, Tp]
-            dlog_g = (dG + dG.sum(-1, keepdim=True) - _cumsum(dG, g.C))[..., :g.T].to(ctx.log_g_dtype)  # from the end
+            dlog_g = torch.empty(g.B, g.Hkv, g.T, device=dev, dtype=ctx.log_g_dtype)
+            _launch("gate_grad", _gate_grad, (g.B * g.Hkv,), dgq, dgk, dlog_g, g.T, g.Tp, REP=g.Hq // g.Hkv,
+                    BLK=min(_pow2_at_least(g.T), GATE_BLOCK), num_warps=8)
         T = g.T
         return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dlog_g, None, None, None
 
@@ -725,6 +770,6 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
                          f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
-    log_g = check_gate(log_g, k, poison=False)     # poisoned in the forward (poison): no autograd node
+    log_g = check_gate(log_g, k, poison=False)     # poisoned by the forward's first kernel: no autograd node
     return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
                                    config or KernelConfig())

@@ -346,7 +346,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         carry = tl.sum(tl.zeros([BLK], dtype=tl.float64), 0)
         nblk = tl.cdiv(T, BLK)
-        for j in range(nblk):
+        for j in tl.range(nblk, num_stages=3):   # loads issued ahead (asynchronous copies): the walk is sequential
             t = (nblk - 1 - j) * BLK + tl.arange(0, BLK)
             m = t < T
             dg = -tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)

@@ -23,6 +23,7 @@ device work, and where it goes). Results go to ``<out>/power_variants.json``
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import subprocess
@@ -120,40 +121,49 @@ def compile_only(job, baseline):
 CONFIGS: dict = dict(VARIANTS)
 
 
-def host_costs(fn, n=None) -> dict:
-    """Milliseconds a call of ``fn`` (forward; forward+backward) and of flash takes at a size where the device
-    work is a few microseconds (batch 1, 1 head, T = 64, d = 32): the host's share of a small shape's time."""
+def tiny_call():
+    """Inputs where the device work is a few microseconds (batch 1, 1 head, T = 64, d = 32): ``(q, k, v, log_g)``
+    as autograd leaves, and an output gradient."""
+    leaves = [t.requires_grad_() for t in make_inputs(1, 1, 1, 64, 32)]
+    return leaves, torch.randn_like(leaves[0])
+
+
+def host_ms(call, n=None, warmup=None) -> float:
+    """Milliseconds a call of ``call`` takes, between device synchronisations around ``n`` calls (the host's time
+    where the device work is small)."""
     n = n or (300 if DEVICE == "cuda" else 2)
-    q, k, v, g = make_inputs(1, 1, 1, 64, 32)
-    leaves = [t.requires_grad_() for t in (q, k, v, g)]
-    do = torch.randn_like(q)
+    for _ in range(warmup if warmup is not None else (10 if DEVICE == "cuda" else 1)):
+        call()
+    pr.sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        call()
+    pr.sync()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def host_costs(fn) -> dict:
+    """Milliseconds a call of ``fn`` (forward; forward+backward) and of flash takes on ``tiny_call``'s inputs: the
+    host's share of a small shape's time."""
+    leaves, do = tiny_call()
+    q, k, v, g = leaves
     calls = {"fwd": lambda: fn(q, k, v, g),
              "fwd_bwd": lambda: torch.autograd.grad(fn(q, k, v, g), leaves, do),
              "flash_fwd": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
              "flash_fwd_bwd": lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                                           leaves[:3], do)}
-    out = {}
-    for name, call in calls.items():
-        for _ in range(10 if DEVICE == "cuda" else 1):
-            call()
-        pr.sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            call()
-        pr.sync()
-        out[name + "_ms"] = (time.perf_counter() - t) / n * 1e3
-    return out
+    return {name + "_ms": host_ms(call) for name, call in calls.items()}
 
 
-def host_breakdown(module, fn, n=None) -> dict:
-    """Where a small call's host time goes, on ``host_costs``' inputs: microseconds of each Triton launch of one
+def host_breakdown(module, fn) -> dict:
+    """Where a small call's host time goes, on ``tiny_call``'s inputs: microseconds of each Triton launch of one
     forward+backward replayed alone (``launch_us``; the device work of each is a few microseconds), and the
     forward+backward with the launches skipped (``glue_ms``: PyTorch operations, autograd, Python). ``module``:
     the kernel module ``fn`` runs (its ``_launch`` is patched)."""
-    n = n or (300 if DEVICE == "cuda" else 2)
-    q, k, v, g = make_inputs(1, 1, 1, 64, 32)
-    leaves = [t.requires_grad_() for t in (q, k, v, g)]
-    do = torch.randn_like(q)
+    leaves, do = tiny_call()
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*leaves), leaves, do)
     recorded, launch = [], module._launch
 
     def record(name, kernel, grid, *args, **kw):
@@ -161,27 +171,14 @@ def host_breakdown(module, fn, n=None) -> dict:
         launch(name, kernel, grid, *args, **kw)
     module._launch = record
     try:
-        torch.autograd.grad(fn(q, k, v, g), leaves, do)
+        fwd_bwd()
     finally:
         module._launch = launch
-    out = {"launch_us": {}}
-    for i, (name, kernel, grid, args, kw) in enumerate(recorded):
-        pr.sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            kernel[grid](*args, **kw)
-        pr.sync()
-        out["launch_us"][f"{i}:{name}"] = (time.perf_counter() - t) / n * 1e6
+    out = {"launch_us": {f"{i}:{name}": 1e3 * host_ms(functools.partial(kernel[grid], *args, **kw), warmup=0)
+                         for i, (name, kernel, grid, args, kw) in enumerate(recorded)}}
     module._launch = lambda *a, **kw: None
     try:
-        for _ in range(10 if DEVICE == "cuda" else 1):
-            torch.autograd.grad(fn(q, k, v, g), leaves, do)
-        pr.sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            torch.autograd.grad(fn(q, k, v, g), leaves, do)
-        pr.sync()
-        out["glue_ms"] = (time.perf_counter() - t) / n * 1e3
+        out["glue_ms"] = host_ms(fwd_bwd)
     finally:
         module._launch = launch
     out["launches_ms"] = sum(out["launch_us"].values()) / 1e3
@@ -207,9 +204,8 @@ def train_speed(baseline, steps=200, warmup=20) -> dict:
         chunk_triton.power_retention_triton = kernel    # power_retention imports it from the module at each call
         try:
             model = _model(s, mech, torch.device(DEVICE), 0)
-            vocab = model.config.vocab_size
 
-            def batch(g):
+            def batch(g, vocab=model.config.vocab_size):
                 x = torch.randint(0, vocab, (s.batch_size, s.block_size + 1), generator=g)
                 return x[:, :-1], x[:, 1:]
             train(model, batch, warmup, s.lr, 0, progress=False)

@@ -201,7 +201,8 @@ def test_feature_kernels_compile_to_hopper_matrix_instructions():
         pytest.skip("Triton's bundled CUDA tools are missing")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert set(report) == {"gate_sums", "fwd_deltas", "scan", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv", "gate_grad"}
+    assert set(report) == {"gate_sums", "fwd_deltas", "scan", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv",
+                           "gate_grad"}
     for name in ("fwd_deltas", "fwd_out", "bwd_dq", "bwd_deltas", "bwd_dkv"):
         r = report[name]
         assert r["HGMMA"] > 0 and r["HMMA"] == 0 and r["async_copies"] > 0, (name, r)

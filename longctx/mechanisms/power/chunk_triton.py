@@ -102,6 +102,8 @@ class KernelConfig:
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly)."""
     block: int = 64
+    key_block: int = 64
+    inner_block: int = 64
     state_rows: int = 64
     feature_block: int = 16
     feature_rows: int = 8
@@ -112,9 +114,14 @@ class KernelConfig:
     warps_state: int = 4
     warps_chunk: int = 4
     warps_out: int = 4
+    warps_dkv: int = 4
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
+    split_dq: bool = False
+    stages_dq_state: int = 3
+    maxnreg_dq_state: int | None = None
+    weights_on_x: bool = True
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -217,7 +224,7 @@ if triton is not None:
                       HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
                       C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
                       FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
-                      OPDT: tl.constexpr, PDT: tl.constexpr):
+                      OPDT: tl.constexpr, PDT: tl.constexpr, WX: tl.constexpr):
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
@@ -252,10 +259,15 @@ if triton is not None:
                     rows = c0 + s0 + tl.arange(0, BC)
                     w = _row_weights(DEN, xh, g_ptr, rows, g_end, Tp, BACKWARD, HAS_GATE, BC)
                     y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
-                    phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
-                                              BC, FA, FB, PDT, OPDT))                          # [FT, BC]
-                    y = tl.load(y_ptrs).to(tl.float32)
-                    acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
+                    xa = _cols(x_ptr, rows, ca, FA, DK)
+                    if WX:
+                        phit = tl.trans(_features(xa * w[:, None], _cols(x_ptr, rows, cb, FB, DK),
+                                                  BC, FA, FB, PDT, OPDT))                      # [FT, BC]
+                        acc += _mm(phit, tl.load(y_ptrs).to(OPDT), INTERP)
+                    else:
+                        phit = tl.trans(_features(xa, _cols(x_ptr, rows, cb, FB, DK), BC, FA, FB, PDT, OPDT))
+                        y = tl.load(y_ptrs).to(tl.float32)
+                        acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
             if BACKWARD:
                 acc = acc * (post * wab)
             fi = tl.arange(0, FT)
@@ -358,8 +370,8 @@ if triton is not None:
     @triton.jit
     def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
-                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
+                 FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
                  PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -384,8 +396,8 @@ if triton is not None:
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
-            cols = j0 + tl.arange(0, BM)
+        for j0 in tl.range(c0, m0 + BM, BN, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
+            cols = j0 + tl.arange(0, BN)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
             x = _mm(q, tl.trans(kk), INTERP) * scale
@@ -421,11 +433,13 @@ if triton is not None:
         tl.store(DEN + bh * Tp + rows, den)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, NC, scale,
+    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DQ32, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
-                F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                LOOP_STAGES: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
+                FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                LOOP_STAGES: tl.constexpr, PART: tl.constexpr):
+        """``PART`` 0: the state part and the in-chunk part; 1: the state part only, its dq in float32 to ``DQ32``
+        (and ``delta``, the state part of ``dg``); 2: the in-chunk part on top of part 1's."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -445,57 +459,71 @@ if triton is not None:
         do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
         den = tl.load(DEN + bh * Tp + rows)
         den = tl.where(den == 0.0, 1.0, den)
-        # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward
-        delta = tl.sum(do.to(tl.float32) * tl.load(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :]), 1)
-        tl.store(DELTA + bh * Tp + rows, delta)
+        if PART == 2:
+            delta = tl.load(DELTA + bh * Tp + rows)
+        else:
+            # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward
+            delta = tl.sum(do.to(tl.float32) * tl.load(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :]), 1)
+            tl.store(DELTA + bh * Tp + rows, delta)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        fi = tl.arange(0, FT)
-        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
-        dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
-        dden = -delta / den
-        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
-        dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
-        dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-        dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-            ca, cb, wab = _step(STEPS, s, FA, FB, True)
-            st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
-            g = _mm(dnum, tl.trans(st), INTERP) * (r * wab)[:, None]                    # [BM, FT]
-            qa = _cols(q_ptr, rows, ca, FA, DK)
-            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
-            dg += tl.sum(da * qa, 1)
-            dqa = _scatter_cols(dqa, da, ca, FA, DK)
-            dqb = _scatter_cols(dqb, db, cb, FB, DK)
-        q32 = q.to(tl.float32)
-        qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
-        rz = r * dden
-        dg += tl.sum(qz * q32, 1) * rz
-        dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK)) + qz * (2.0 * rz)[:, None]
-        for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):
-            cols = j0 + tl.arange(0, BM)
-            kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
-            vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
-            x = _mm(q, tl.trans(kk), INTERP) * scale
-            vis = rows[:, None] >= cols[None, :]
-            if HAS_GATE:
-                ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
-            else:
-                ex = tl.where(vis, 1.0, 0.0)
-            dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
-            dg += tl.sum(dw * x * x * ex, 1)
-            dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
-        tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
+        if PART == 2:
+            dq = tl.load(DQ32 + bh * Tp * DK + rows[:, None] * DK + di[None, :])
+            dg = tl.load(DGQ + bh * Tp + rows)
+        else:
+            fi = tl.arange(0, FT)
+            s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
+            dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
+            dden = -delta / den
+            # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
+            dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
+            dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+            dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
+            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
+                ca, cb, wab = _step(STEPS, s, FA, FB, True)
+                st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+                # the feature gradient is r_i wab (dnum_i . S_f): wab goes on the two folds (FA + FB values a
+                # row, where the [BM, FT] tile would take FT), r on the sums after the loop
+                g = _mm(dnum, tl.trans(st), INTERP)                                     # [BM, FT]
+                qa = _cols(q_ptr, rows, ca, FA, DK)
+                da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
+                da = da * wab
+                db = db * wab
+                dg += tl.sum(da * qa, 1)
+                dqa = _scatter_cols(dqa, da, ca, FA, DK)
+                dqb = _scatter_cols(dqb, db, cb, FB, DK)
+            q32 = q.to(tl.float32)
+            qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
+            rz = r * dden
+            dg = dg * r + tl.sum(qz * q32, 1) * rz
+            dq = (tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))) * r[:, None] + qz * (2.0 * rz)[:, None]
+        if PART == 1:
+            tl.store(DQ32 + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq)
+        else:
+            for j0 in tl.range(c0, m0 + BM, BN, num_stages=LOOP_STAGES):
+                cols = j0 + tl.arange(0, BN)
+                kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
+                vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
+                x = _mm(q, tl.trans(kk), INTERP) * scale
+                vis = rows[:, None] >= cols[None, :]
+                if HAS_GATE:
+                    ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
+                else:
+                    ex = tl.where(vis, 1.0, 0.0)
+                dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
+                dg += tl.sum(dw * x * x * ex, 1)
+                dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
+            tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
     def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
-                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
+                 FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
                  PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
@@ -541,8 +569,8 @@ if triton is not None:
         dv = dv * beta[:, None]
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)
-            for i0 in tl.range(j0, c0 + C, BM, num_stages=LOOP_STAGES):
-                rows = i0 + tl.arange(0, BM)
+            for i0 in tl.range(j0, c0 + C, BN, num_stages=LOOP_STAGES):
+                rows = i0 + tl.arange(0, BN)
                 q = tl.load(Q + bh * Tp * DK + rows[:, None] * DK + di[None, :])
                 do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
                 den = tl.load(DEN + bh * Tp + rows)
@@ -586,7 +614,9 @@ class _Geometry:
     NC: int
     NB: int
     NP: int
-    BM: int
+    BM: int      # query rows per program of the forward's chunk kernel and dq
+    BK: int      # key rows per program of dk/dv
+    BN: int      # rows of the other side per step of the chunk kernels' in-chunk loops (capped at BM, BK)
     BC: int      # rows per step of the state-delta kernel
     FB: int      # width of a column block: a block pair holds FB x FB features
     FA: int      # values of ``a`` per feature step of the backward's chunk kernels
@@ -597,11 +627,11 @@ class _Geometry:
     def Tp(self) -> int:
         return self.NC * self.C
 
-    def loop_stages(self, cfg: "KernelConfig") -> int:
+    def loop_stages(self, cfg: "KernelConfig", rows: int) -> int:
         """Pipeline stages of the chunk kernels' loops (feature steps, blocks inside the chunk): 1 where a chunk
         is one block. Pipelined there, both loops faulted with an illegal address (H100, triton 3.6, chunk 64,
         d 16 and 32, 3 stages, 4 warps; fine with 1 stage); the in-chunk loop then has a single trip anyway."""
-        return 1 if self.C == self.BM else cfg.stages_chunk
+        return 1 if self.C == rows else cfg.stages_chunk
 
     @property
     def F(self) -> int:
@@ -630,7 +660,8 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     Hkv, E = k.shape[1], v.shape[-1]
     C = chunk_size
     NC = max(1, -(-T // C))
-    for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
+    for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("key_block", cfg.key_block, 16, 1 << 10),
+                            ("inner_block", cfg.inner_block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
                             ("feature_block", cfg.feature_block, 8, 16), ("scan_block", cfg.scan_block, 16, 1 << 16),
                             ("feature_rows", cfg.feature_rows, 2, 16),   # capped at the block width below
                             ("state_feature_rows", cfg.state_feature_rows, 2, 16),
@@ -650,12 +681,17 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     def fa(rows: int) -> int:  # a step holds at most 256 x 64 / e features (a delta program's fp32 accumulator)
         return min(rows, FB, max(2, 16384 // (FB * E)))
 
-    BM = min(cfg.block, C)
-    if BM == C >= 64 and DK <= 32:
+    def rows(block: int) -> int:
+        r = min(block, C)
+        while C % r:   # a chunk of 192 and blocks of 128
+            r //= 2
         # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
         # triton 3.6, compute-sanitizer; at any pipeline depth): two blocks per chunk instead
-        BM = C // 2
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
+        return C // 2 if r == C >= 64 and DK <= 32 else r
+
+    BM, BK = rows(cfg.block), rows(cfg.key_block)
+    BN = min(cfg.inner_block, C)
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, BK, BN, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
                      fa(cfg.state_feature_rows), fa(cfg.out_feature_rows))
 
 
@@ -689,6 +725,7 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
             X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
             HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
             **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
+            WX=cfg.weights_on_x,
             num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
@@ -717,9 +754,9 @@ class _PowerRetentionFn(torch.autograd.Function):
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
                 qp, kp, vp, G, _steps(g.NB, g.FB, g.FA_out, q.device), SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
-                HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
-                INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
-                LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
+                HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, BN=min(g.BN, g.BM), DK=g.DK, E=g.E,
+                **g.features(g.FA_out), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
+                LOOP_STAGES=g.loop_stages(cfg, g.BM), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
@@ -730,9 +767,8 @@ class _PowerRetentionFn(torch.autograd.Function):
         qp, kp, vp, G, O32, DEN, SB, ZB = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
         steps = _steps(g.NB, g.FB, g.FA, qp.device)
-        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA),
-                      INTERP=_interpreting(), OPDT=cfg.operand_type(), LOOP_STAGES=g.loop_stages(cfg),
-                      num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
+        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, DK=g.DK, E=g.E, **g.features(g.FA),
+                      INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
         dev = qp.device
         # delta_i = do_i . o_i, written by kernel 4 from the fp32 output: with the rounded one, the cancellation
@@ -740,15 +776,24 @@ class _PowerRetentionFn(torch.autograd.Function):
         delta = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=qp.dtype)
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
-        _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, g.NC, scale, **common)
+        dq_args = (qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, None, dgq, g.NC, scale)
+        dq_kw = dict(BM=g.BM, BN=min(g.BN, g.BM), LOOP_STAGES=g.loop_stages(cfg, g.BM), num_warps=cfg.warps_chunk,
+                     **common)
+        if cfg.split_dq and g.NC > 1:
+            dq32 = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=torch.float32)
+            dq_args = dq_args[:12] + (dq32,) + dq_args[13:]
+            _launch("bwd_dq_state", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq), *dq_args, PART=1,
+                    **{**dq_kw, "LOOP_STAGES": cfg.stages_dq_state, "maxnreg": cfg.maxnreg_dq_state})
+            _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq), *dq_args, PART=2, **dq_kw)
+        else:
+            _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq), *dq_args, PART=0, **dq_kw)
         DSB, DZB = _states(qp, dop, G, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
-        _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BM, g.B * g.Hkv),
-                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale,
-                PDT=_product_type(kp, cfg), **common)
+        _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BK, g.B * g.Hkv),
+                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale, BM=g.BK, BN=min(g.BN, g.BK),
+                LOOP_STAGES=g.loop_stages(cfg, g.BK), num_warps=cfg.warps_dkv, PDT=_product_type(kp, cfg), **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
             dlog_g = torch.empty(g.B, g.Hkv, g.T, device=dev, dtype=ctx.log_g_dtype)

@@ -47,9 +47,7 @@ from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_
 # today's defaults and one change each (earlier runs' configurations are written out in their JSON)
 VARIANTS = {
     "default": KernelConfig(),
-    "wy": KernelConfig(weights_on_x=False),
-    "split": KernelConfig(split_dq=True),
-    "split168": KernelConfig(split_dq=True, feature_rows=4, stages_dq_state=2, maxnreg_dq_state=168),
+    "tma": KernelConfig(tma=True),
 }
 CHUNK = 512
 DEVICE = "cuda"

@@ -102,8 +102,6 @@ class KernelConfig:
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly)."""
     block: int = 64
-    key_block: int = 64
-    inner_block: int = 64
     state_rows: int = 64
     feature_block: int = 16
     feature_rows: int = 8
@@ -114,14 +112,10 @@ class KernelConfig:
     warps_state: int = 4
     warps_chunk: int = 4
     warps_out: int = 4
-    warps_dkv: int = 4
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
-    split_dq: bool = False
-    stages_dq_state: int = 3
-    maxnreg_dq_state: int | None = None
-    weights_on_x: bool = True
+    tma: bool = False
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -224,7 +218,7 @@ if triton is not None:
                       HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
                       C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
                       FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
-                      OPDT: tl.constexpr, PDT: tl.constexpr, WX: tl.constexpr):
+                      OPDT: tl.constexpr, PDT: tl.constexpr, TMA: tl.constexpr):
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
@@ -252,22 +246,28 @@ if triton is not None:
         if s < NS:
             ca, cb, wab = _step(STEPS, s, FA, FB, True)
             acc = tl.zeros([FT, E], dtype=tl.float32)
+            if TMA:
+                NX = (tl.num_programs(2) // HKV) * HQ * Tp if BACKWARD else tl.num_programs(2) * Tp
+                xa_desc = tl.make_tensor_descriptor(X, shape=[NX, DK], strides=[DK, 1], block_shape=[BC, FA])
+                xb_desc = tl.make_tensor_descriptor(X, shape=[NX, DK], strides=[DK, 1], block_shape=[BC, FB])
+                y_desc = tl.make_tensor_descriptor(Y, shape=[NX, E], strides=[E, 1], block_shape=[BC, E])
             for rr in range(NREP):
                 xh = _x_head(bkv, rr, HQ, HKV, BACKWARD)
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
                     w = _row_weights(DEN, xh, g_ptr, rows, g_end, Tp, BACKWARD, HAS_GATE, BC)
-                    y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
-                    xa = _cols(x_ptr, rows, ca, FA, DK)
-                    if WX:
-                        phit = tl.trans(_features(xa * w[:, None], _cols(x_ptr, rows, cb, FB, DK),
-                                                  BC, FA, FB, PDT, OPDT))                      # [FT, BC]
-                        acc += _mm(phit, tl.load(y_ptrs).to(OPDT), INTERP)
+                    if TMA:
+                        r0 = (xh * Tp + c0 + s0).to(tl.int32)
+                        phit = tl.trans(_features(xa_desc.load([r0, ca]).to(tl.float32),
+                                                  xb_desc.load([r0, cb]).to(tl.float32), BC, FA, FB, PDT, OPDT))
+                        y = y_desc.load([r0, 0]).to(tl.float32)
                     else:
-                        phit = tl.trans(_features(xa, _cols(x_ptr, rows, cb, FB, DK), BC, FA, FB, PDT, OPDT))
+                        y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
+                        phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
+                                                  BC, FA, FB, PDT, OPDT))                      # [FT, BC]
                         y = tl.load(y_ptrs).to(tl.float32)
-                        acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
+                    acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
             if BACKWARD:
                 acc = acc * (post * wab)
             fi = tl.arange(0, FT)
@@ -370,9 +370,9 @@ if triton is not None:
     @triton.jit
     def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
-                 FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
+                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -396,8 +396,8 @@ if triton is not None:
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        for j0 in tl.range(c0, m0 + BM, BN, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
-            cols = j0 + tl.arange(0, BN)
+        for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
+            cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
             x = _mm(q, tl.trans(kk), INTERP) * scale
@@ -413,16 +413,31 @@ if triton is not None:
             den += tl.sum(w.to(tl.float32), 1)
             num += _mm(w, vv.to(OPDT), INTERP)
         # the state entering the chunk (slot n - 1), one feature step at a time; chunk 0's is zero: no steps
-        fi = tl.arange(0, FT)
-        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
         acc = tl.zeros([BM, E], dtype=tl.float32)
-        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-            # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
-            # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
-            ca, cb, wab = _step(STEPS, s, FA, FB, False)
-            phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
-                            BM, FA, FB, PDT, OPDT)
-            acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
+        if TMA:
+            NQ = tl.num_programs(1) * Tp
+            qa_desc = tl.make_tensor_descriptor(Q, shape=[NQ, DK], strides=[DK, 1], block_shape=[BM, FA])
+            qb_desc = tl.make_tensor_descriptor(Q, shape=[NQ, DK], strides=[DK, 1], block_shape=[BM, FB])
+            NSR = (tl.num_programs(1) // HQ) * HKV * (NC - 1) * F
+            s_desc = tl.make_tensor_descriptor(SB, shape=[NSR, E], strides=[E, 1], block_shape=[FT, E])
+            row0 = (bh * Tp + m0).to(tl.int32)
+            srow0 = ((bkv * (NC - 1) + n - 1) * F).to(tl.int32)
+            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
+                ca, cb, wab = _step(STEPS, s, FA, FB, False)
+                xa = qa_desc.load([row0, ca]).to(tl.float32) * wab
+                xb = qb_desc.load([row0, cb]).to(tl.float32)
+                phi = _features(xa, xb, BM, FA, FB, PDT, OPDT)
+                acc += _mm(phi, s_desc.load([srow0 + s * FT, 0]), INTERP)
+        else:
+            fi = tl.arange(0, FT)
+            s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
+            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
+                # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
+                # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
+                ca, cb, wab = _step(STEPS, s, FA, FB, False)
+                phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
+                                BM, FA, FB, PDT, OPDT)
+                acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
         q32 = q.to(tl.float32)
         z = tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0)
         num += acc * r[:, None]
@@ -433,13 +448,11 @@ if triton is not None:
         tl.store(DEN + bh * Tp + rows, den)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DQ32, DGQ, NC, scale,
+    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
-                FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                LOOP_STAGES: tl.constexpr, PART: tl.constexpr):
-        """``PART`` 0: the state part and the in-chunk part; 1: the state part only, its dq in float32 to ``DQ32``
-        (and ``delta``, the state part of ``dg``); 2: the in-chunk part on top of part 1's."""
+                BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
+                F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -459,71 +472,61 @@ if triton is not None:
         do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
         den = tl.load(DEN + bh * Tp + rows)
         den = tl.where(den == 0.0, 1.0, den)
-        if PART == 2:
-            delta = tl.load(DELTA + bh * Tp + rows)
-        else:
-            # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward
-            delta = tl.sum(do.to(tl.float32) * tl.load(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :]), 1)
-            tl.store(DELTA + bh * Tp + rows, delta)
+        # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward
+        delta = tl.sum(do.to(tl.float32) * tl.load(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :]), 1)
+        tl.store(DELTA + bh * Tp + rows, delta)
         if HAS_GATE:
             gi = tl.load(g_ptr + rows)
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        if PART == 2:
-            dq = tl.load(DQ32 + bh * Tp * DK + rows[:, None] * DK + di[None, :])
-            dg = tl.load(DGQ + bh * Tp + rows)
-        else:
-            fi = tl.arange(0, FT)
-            s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
-            dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
-            dden = -delta / den
-            # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
-            dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
-            dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-            dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-                ca, cb, wab = _step(STEPS, s, FA, FB, True)
-                st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
-                # the feature gradient is r_i wab (dnum_i . S_f): wab goes on the two folds (FA + FB values a
-                # row, where the [BM, FT] tile would take FT), r on the sums after the loop
-                g = _mm(dnum, tl.trans(st), INTERP)                                     # [BM, FT]
-                qa = _cols(q_ptr, rows, ca, FA, DK)
-                da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
-                da = da * wab
-                db = db * wab
-                dg += tl.sum(da * qa, 1)
-                dqa = _scatter_cols(dqa, da, ca, FA, DK)
-                dqb = _scatter_cols(dqb, db, cb, FB, DK)
-            q32 = q.to(tl.float32)
-            qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
-            rz = r * dden
-            dg = dg * r + tl.sum(qz * q32, 1) * rz
-            dq = (tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))) * r[:, None] + qz * (2.0 * rz)[:, None]
-        if PART == 1:
-            tl.store(DQ32 + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq)
-        else:
-            for j0 in tl.range(c0, m0 + BM, BN, num_stages=LOOP_STAGES):
-                cols = j0 + tl.arange(0, BN)
-                kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
-                vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
-                x = _mm(q, tl.trans(kk), INTERP) * scale
-                vis = rows[:, None] >= cols[None, :]
-                if HAS_GATE:
-                    ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
-                else:
-                    ex = tl.where(vis, 1.0, 0.0)
-                dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
-                dg += tl.sum(dw * x * x * ex, 1)
-                dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
-            tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
+        fi = tl.arange(0, FT)
+        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
+        dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
+        dden = -delta / den
+        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
+        dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
+        dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+        dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
+        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
+            ca, cb, wab = _step(STEPS, s, FA, FB, True)
+            st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+            # the feature gradient is r_i wab (dnum_i . S_f): wab goes on the two folds (FA + FB values a row,
+            # where the [BM, FT] tile would take FT), r on the sums after the loop
+            g = _mm(dnum, tl.trans(st), INTERP)                                         # [BM, FT]
+            qa = _cols(q_ptr, rows, ca, FA, DK)
+            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
+            da = da * wab
+            db = db * wab
+            dg += tl.sum(da * qa, 1)
+            dqa = _scatter_cols(dqa, da, ca, FA, DK)
+            dqb = _scatter_cols(dqb, db, cb, FB, DK)
+        q32 = q.to(tl.float32)
+        qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
+        rz = r * dden
+        dg = dg * r + tl.sum(qz * q32, 1) * rz
+        dq = (tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))) * r[:, None] + qz * (2.0 * rz)[:, None]
+        for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):
+            cols = j0 + tl.arange(0, BM)
+            kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
+            vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
+            x = _mm(q, tl.trans(kk), INTERP) * scale
+            vis = rows[:, None] >= cols[None, :]
+            if HAS_GATE:
+                ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
+            else:
+                ex = tl.where(vis, 1.0, 0.0)
+            dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
+            dg += tl.sum(dw * x * x * ex, 1)
+            dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
+        tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
     def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
-                 FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
+                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
                  PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
@@ -569,8 +572,8 @@ if triton is not None:
         dv = dv * beta[:, None]
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)
-            for i0 in tl.range(j0, c0 + C, BN, num_stages=LOOP_STAGES):
-                rows = i0 + tl.arange(0, BN)
+            for i0 in tl.range(j0, c0 + C, BM, num_stages=LOOP_STAGES):
+                rows = i0 + tl.arange(0, BM)
                 q = tl.load(Q + bh * Tp * DK + rows[:, None] * DK + di[None, :])
                 do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
                 den = tl.load(DEN + bh * Tp + rows)
@@ -614,9 +617,7 @@ class _Geometry:
     NC: int
     NB: int
     NP: int
-    BM: int      # query rows per program of the forward's chunk kernel and dq
-    BK: int      # key rows per program of dk/dv
-    BN: int      # rows of the other side per step of the chunk kernels' in-chunk loops (capped at BM, BK)
+    BM: int
     BC: int      # rows per step of the state-delta kernel
     FB: int      # width of a column block: a block pair holds FB x FB features
     FA: int      # values of ``a`` per feature step of the backward's chunk kernels
@@ -627,11 +628,11 @@ class _Geometry:
     def Tp(self) -> int:
         return self.NC * self.C
 
-    def loop_stages(self, cfg: "KernelConfig", rows: int) -> int:
+    def loop_stages(self, cfg: "KernelConfig") -> int:
         """Pipeline stages of the chunk kernels' loops (feature steps, blocks inside the chunk): 1 where a chunk
         is one block. Pipelined there, both loops faulted with an illegal address (H100, triton 3.6, chunk 64,
         d 16 and 32, 3 stages, 4 warps; fine with 1 stage); the in-chunk loop then has a single trip anyway."""
-        return 1 if self.C == rows else cfg.stages_chunk
+        return 1 if self.C == self.BM else cfg.stages_chunk
 
     @property
     def F(self) -> int:
@@ -660,8 +661,7 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     Hkv, E = k.shape[1], v.shape[-1]
     C = chunk_size
     NC = max(1, -(-T // C))
-    for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("key_block", cfg.key_block, 16, 1 << 10),
-                            ("inner_block", cfg.inner_block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
+    for name, x, lo, hi in (("block", cfg.block, 16, 1 << 10), ("state_rows", cfg.state_rows, 16, 1 << 10),
                             ("feature_block", cfg.feature_block, 8, 16), ("scan_block", cfg.scan_block, 16, 1 << 16),
                             ("feature_rows", cfg.feature_rows, 2, 16),   # capped at the block width below
                             ("state_feature_rows", cfg.state_feature_rows, 2, 16),
@@ -681,17 +681,12 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     def fa(rows: int) -> int:  # a step holds at most 256 x 64 / e features (a delta program's fp32 accumulator)
         return min(rows, FB, max(2, 16384 // (FB * E)))
 
-    def rows(block: int) -> int:
-        r = min(block, C)
-        while C % r:   # a chunk of 192 and blocks of 128
-            r //= 2
+    BM = min(cfg.block, C)
+    if BM == C >= 64 and DK <= 32:
         # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
         # triton 3.6, compute-sanitizer; at any pipeline depth): two blocks per chunk instead
-        return C // 2 if r == C >= 64 and DK <= 32 else r
-
-    BM, BK = rows(cfg.block), rows(cfg.key_block)
-    BN = min(cfg.inner_block, C)
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, BK, BN, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
+        BM = C // 2
+    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
                      fa(cfg.state_feature_rows), fa(cfg.out_feature_rows))
 
 
@@ -725,7 +720,7 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
             X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
             HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
             **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
-            WX=cfg.weights_on_x,
+            TMA=cfg.tma,
             num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
@@ -754,9 +749,10 @@ class _PowerRetentionFn(torch.autograd.Function):
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
                 qp, kp, vp, G, _steps(g.NB, g.FB, g.FA_out, q.device), SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
-                HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, BN=min(g.BN, g.BM), DK=g.DK, E=g.E,
-                **g.features(g.FA_out), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
-                LOOP_STAGES=g.loop_stages(cfg, g.BM), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
+                HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
+                INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
+                LOOP_STAGES=g.loop_stages(cfg), TMA=cfg.tma, num_warps=cfg.warps_out,
+                num_stages=cfg.stages_chunk)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
@@ -767,8 +763,9 @@ class _PowerRetentionFn(torch.autograd.Function):
         qp, kp, vp, G, O32, DEN, SB, ZB = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
         steps = _steps(g.NB, g.FB, g.FA, qp.device)
-        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, DK=g.DK, E=g.E, **g.features(g.FA),
-                      INTERP=_interpreting(), OPDT=cfg.operand_type(), num_stages=cfg.stages_chunk)
+        common = dict(HQ=g.Hq, HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA),
+                      INTERP=_interpreting(), OPDT=cfg.operand_type(), LOOP_STAGES=g.loop_stages(cfg),
+                      num_warps=cfg.warps_chunk, num_stages=cfg.stages_chunk)
         dop = _pad(do.to(qp.dtype), g)
         dev = qp.device
         # delta_i = do_i . o_i, written by kernel 4 from the fp32 output: with the rounded one, the cancellation
@@ -776,24 +773,15 @@ class _PowerRetentionFn(torch.autograd.Function):
         delta = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=qp.dtype)
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
-        dq_args = (qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, None, dgq, g.NC, scale)
-        dq_kw = dict(BM=g.BM, BN=min(g.BN, g.BM), LOOP_STAGES=g.loop_stages(cfg, g.BM), num_warps=cfg.warps_chunk,
-                     **common)
-        if cfg.split_dq and g.NC > 1:
-            dq32 = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=torch.float32)
-            dq_args = dq_args[:12] + (dq32,) + dq_args[13:]
-            _launch("bwd_dq_state", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq), *dq_args, PART=1,
-                    **{**dq_kw, "LOOP_STAGES": cfg.stages_dq_state, "maxnreg": cfg.maxnreg_dq_state})
-            _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq), *dq_args, PART=2, **dq_kw)
-        else:
-            _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq), *dq_args, PART=0, **dq_kw)
+        _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
+                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, g.NC, scale, **common)
         DSB, DZB = _states(qp, dop, G, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
-        _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BK, g.B * g.Hkv),
-                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale, BM=g.BK, BN=min(g.BN, g.BK),
-                LOOP_STAGES=g.loop_stages(cfg, g.BK), num_warps=cfg.warps_dkv, PDT=_product_type(kp, cfg), **common)
+        _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BM, g.B * g.Hkv),
+                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale,
+                PDT=_product_type(kp, cfg), **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
             dlog_g = torch.empty(g.B, g.Hkv, g.T, device=dev, dtype=ctx.log_g_dtype)
@@ -816,5 +804,7 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
     log_g = check_gate(log_g, k, poison=False)     # poisoned by the forward's first kernel: no autograd node
-    return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
-                                   config or KernelConfig())
+    config = config or KernelConfig()
+    if config.tma and q.is_cuda:   # device-side tensor descriptors take a scratch buffer from the allocator
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale), config)

@@ -47,7 +47,9 @@ from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_
 # today's defaults and one change each (earlier runs' configurations are written out in their JSON)
 VARIANTS = {
     "default": KernelConfig(),
-    "tma": KernelConfig(tma=True),
+    "r32": KernelConfig(state_rows=32),
+    "st2": KernelConfig(stages_state=2),
+    "cst2": KernelConfig(stages_chunk=2),
 }
 CHUNK = 512
 DEVICE = "cuda"

@@ -115,7 +115,6 @@ class KernelConfig:
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
-    tma: bool = False
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -218,7 +217,7 @@ if triton is not None:
                       HQ: tl.constexpr, HKV: tl.constexpr, BACKWARD: tl.constexpr, HAS_GATE: tl.constexpr,
                       C: tl.constexpr, BC: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr,
                       FA: tl.constexpr, F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr,
-                      OPDT: tl.constexpr, PDT: tl.constexpr, TMA: tl.constexpr):
+                      OPDT: tl.constexpr, PDT: tl.constexpr):
         """Chunk ``n``'s own contribution. Forward (``X = K, Y = V``): ``S += phi(k_j) beta_j v_j^T``,
         ``Z += beta_j k_j k_j^T`` with ``beta_j = exp(G_end - G_j)``. Backward (``X = Q, Y = dO``, the KV head's
         query heads): ``dS += phi~(q_i) r_i do_i^T / den_i``, ``dZ += r_i (-delta_i / den_i) q_i q_i^T`` with
@@ -246,27 +245,16 @@ if triton is not None:
         if s < NS:
             ca, cb, wab = _step(STEPS, s, FA, FB, True)
             acc = tl.zeros([FT, E], dtype=tl.float32)
-            if TMA:
-                NX = (tl.num_programs(2) // HKV) * HQ * Tp if BACKWARD else tl.num_programs(2) * Tp
-                xa_desc = tl.make_tensor_descriptor(X, shape=[NX, DK], strides=[DK, 1], block_shape=[BC, FA])
-                xb_desc = tl.make_tensor_descriptor(X, shape=[NX, DK], strides=[DK, 1], block_shape=[BC, FB])
-                y_desc = tl.make_tensor_descriptor(Y, shape=[NX, E], strides=[E, 1], block_shape=[BC, E])
             for rr in range(NREP):
                 xh = _x_head(bkv, rr, HQ, HKV, BACKWARD)
                 x_ptr = X + xh * Tp * DK
                 for s0 in range(0, C, BC):
                     rows = c0 + s0 + tl.arange(0, BC)
                     w = _row_weights(DEN, xh, g_ptr, rows, g_end, Tp, BACKWARD, HAS_GATE, BC)
-                    if TMA:
-                        r0 = (xh * Tp + c0 + s0).to(tl.int32)
-                        phit = tl.trans(_features(xa_desc.load([r0, ca]).to(tl.float32),
-                                                  xb_desc.load([r0, cb]).to(tl.float32), BC, FA, FB, PDT, OPDT))
-                        y = y_desc.load([r0, 0]).to(tl.float32)
-                    else:
-                        y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
-                        phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
-                                                  BC, FA, FB, PDT, OPDT))                      # [FT, BC]
-                        y = tl.load(y_ptrs).to(tl.float32)
+                    y_ptrs = Y + xh * Tp * E + rows[:, None] * E + tl.arange(0, E)[None, :]
+                    phit = tl.trans(_features(_cols(x_ptr, rows, ca, FA, DK), _cols(x_ptr, rows, cb, FB, DK),
+                                              BC, FA, FB, PDT, OPDT))                          # [FT, BC]
+                    y = tl.load(y_ptrs).to(tl.float32)
                     acc += _mm(phit, (y * w[:, None]).to(OPDT), INTERP)
             if BACKWARD:
                 acc = acc * (post * wab)
@@ -372,7 +360,7 @@ if triton is not None:
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                  BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                  F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr):
+                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -413,31 +401,16 @@ if triton is not None:
             den += tl.sum(w.to(tl.float32), 1)
             num += _mm(w, vv.to(OPDT), INTERP)
         # the state entering the chunk (slot n - 1), one feature step at a time; chunk 0's is zero: no steps
+        fi = tl.arange(0, FT)
+        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
         acc = tl.zeros([BM, E], dtype=tl.float32)
-        if TMA:
-            NQ = tl.num_programs(1) * Tp
-            qa_desc = tl.make_tensor_descriptor(Q, shape=[NQ, DK], strides=[DK, 1], block_shape=[BM, FA])
-            qb_desc = tl.make_tensor_descriptor(Q, shape=[NQ, DK], strides=[DK, 1], block_shape=[BM, FB])
-            NSR = (tl.num_programs(1) // HQ) * HKV * (NC - 1) * F
-            s_desc = tl.make_tensor_descriptor(SB, shape=[NSR, E], strides=[E, 1], block_shape=[FT, E])
-            row0 = (bh * Tp + m0).to(tl.int32)
-            srow0 = ((bkv * (NC - 1) + n - 1) * F).to(tl.int32)
-            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-                ca, cb, wab = _step(STEPS, s, FA, FB, False)
-                xa = qa_desc.load([row0, ca]).to(tl.float32) * wab
-                xb = qb_desc.load([row0, cb]).to(tl.float32)
-                phi = _features(xa, xb, BM, FA, FB, PDT, OPDT)
-                acc += _mm(phi, s_desc.load([srow0 + s * FT, 0]), INTERP)
-        else:
-            fi = tl.arange(0, FT)
-            s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
-            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-                # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
-                # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
-                ca, cb, wab = _step(STEPS, s, FA, FB, False)
-                phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
-                                BM, FA, FB, PDT, OPDT)
-                acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
+        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
+            # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
+            # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
+            ca, cb, wab = _step(STEPS, s, FA, FB, False)
+            phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
+                            BM, FA, FB, PDT, OPDT)
+            acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
         q32 = q.to(tl.float32)
         z = tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0)
         num += acc * r[:, None]
@@ -720,7 +693,6 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
             X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
             HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
             **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
-            TMA=cfg.tma,
             num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
@@ -751,8 +723,7 @@ class _PowerRetentionFn(torch.autograd.Function):
                 qp, kp, vp, G, _steps(g.NB, g.FB, g.FA_out, q.device), SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
                 HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
                 INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
-                LOOP_STAGES=g.loop_stages(cfg), TMA=cfg.tma, num_warps=cfg.warps_out,
-                num_stages=cfg.stages_chunk)
+                LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
@@ -804,7 +775,5 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
     log_g = check_gate(log_g, k, poison=False)     # poisoned by the forward's first kernel: no autograd node
-    config = config or KernelConfig()
-    if config.tma and q.is_cuda:   # device-side tensor descriptors take a scratch buffer from the allocator
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
-    return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale), config)
+    return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
+                                   config or KernelConfig())

@@ -50,6 +50,9 @@ VARIANTS = {
     "r32": KernelConfig(state_rows=32),
     "st2": KernelConfig(stages_state=2),
     "cst2": KernelConfig(stages_chunk=2),
+    "cuda_d": KernelConfig(cuda=("deltas",)),     # the hand-written Hopper kernels (hopper.py)
+    "cuda_o": KernelConfig(cuda=("out",)),
+    "cuda": KernelConfig(cuda=("deltas", "out")),
 }
 CHUNK = 512
 DEVICE = "cuda"

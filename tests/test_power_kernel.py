@@ -76,7 +76,11 @@ errors = {}
 q = torch.randn(1, 2, 8, 24).half()
 for label, call in [("d=24", lambda: power_retention_triton(q, q, q)),
                     ("chunk=48", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=48)),
-                    ("grid", lambda: power_retention_triton(*[torch.zeros(65536, 1, 2, 16).half()] * 3, chunk_size=16))]:
+                    ("grid", lambda: power_retention_triton(*[torch.zeros(65536, 1, 2, 16).half()] * 3, chunk_size=16)),
+                    ("cuda deltas on cpu", lambda: power_retention_triton(
+                        *[torch.zeros(1, 1, 128, 64).bfloat16()] * 3, chunk_size=64, config=KernelConfig(cuda=("deltas",)))),
+                    ("deltas name", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=16,
+                                                                   config=KernelConfig(cuda=("tilelang",))))]:
     try:
         call()
     except ValueError as err:
@@ -121,6 +125,9 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     assert "head dims d, e in (16, 32, 64, 128)" in report["refused"]["d=24"]
     assert "chunk_size=48" in report["refused"]["chunk=48"]
     assert "65536 exceeds the kernel's grid" in report["refused"]["grid"]
+    # the CUDA state-delta kernel says why it cannot run instead of falling back: CPU inputs; an unknown kernel
+    assert "cuda=('deltas',)) cannot run here: inputs on cpu, not CUDA" in report["refused"]["cuda deltas on cpu"]
+    assert "unknown CUDA kernel 'tilelang'" in report["refused"]["deltas name"]
     assert report["applies_to_big_batch"] is False  # power_retention falls back to the PyTorch chunked form
     assert report["poisoned"] == {bad: [True, True] for bad in ("0.5", "nan", "-inf", "inf")}, report["poisoned"]
 
@@ -166,6 +173,80 @@ def test_compiled_kernel_every_head_dim_and_chunk(gen, d, chunk):
     errors = compiled_errors(gen, d, chunk)
     # bf16 on the GPU (benchmarks/README: o..dv <= 3.5e-3, d log_g 2-5e-2)
     assert max(errors[:4]) < 2e-2 and errors[4] < 0.15, errors   # o, dq, dk, dv; dlog_g (see benchmarks/README)
+
+
+HOPPER = pytest.mark.skipif(not __import__("torch").cuda.is_available()
+                            or __import__("torch").cuda.get_device_capability() != (9, 0),
+                            reason="the CUDA kernels (hopper.py) need a Hopper GPU (sm_90a)")
+
+
+@HOPPER
+@pytest.mark.parametrize("kernels", [("deltas",), ("out",), ("deltas", "out")])
+@pytest.mark.parametrize("chunk", [64, 128, 256])
+def test_compiled_cuda_kernels_against_the_reference(gen, chunk, kernels):
+    """``KernelConfig(cuda=...)`` (``hopper.py``'s wgmma kernels) end to end, as the default kernels above:
+    d = e = 64 (the shapes they cover), GQA (the backward's deltas sum two query heads), gated, a padded last
+    chunk."""
+    from longctx.mechanisms.power.chunk_triton import KernelConfig
+
+    errors = compiled_errors(gen, 64, chunk, KernelConfig(cuda=kernels))
+    assert max(errors[:4]) < 2e-2 and errors[4] < 0.15, errors
+
+
+@HOPPER
+@pytest.mark.parametrize("gated", [False, True])
+def test_cuda_forward_out_equals_the_triton_kernel(gen, gated):
+    """The CUDA output kernel against the Triton one on the same inputs (and so the same states): the same
+    products in the same precision but ``q Z q`` (Z split into two bf16 halves there, three-pass tf32 here), summed
+    in another order: equal to bf16 rounding in every row, the normaliser to ~1e-5."""
+    import torch
+    import torch.nn.functional as F
+
+    from longctx.mechanisms.power.chunk_triton import KernelConfig, power_retention_triton
+
+    torch.manual_seed(torch_seed(gen))
+    B, hq, hkv, T, C = 2, 4, 2, 5 * 128 - 9, 128
+    q, k, v = (torch.randn(B, h, T, 64, device="cuda").bfloat16() for h in (hq, hkv, hkv))
+    log_g = F.logsigmoid(4 + torch.randn(B, hkv, T, device="cuda")) if gated else None
+    o_t, o_c = (power_retention_triton(q, k, v, log_g, chunk_size=C, config=KernelConfig(cuda=c)).double()
+                for c in ((), ("out",)))
+    err = (o_c - o_t).norm(dim=-1) / o_t.norm(dim=-1)
+    assert err.max() < 1e-2, (err.max().item(), err.amax(dim=(0, 1)).topk(5).indices.tolist())   # worst rows
+
+
+@HOPPER
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_cuda_state_deltas_equal_the_triton_kernel(gen, backward, gated):
+    """The states (forward) or state gradients (backward) between chunks from the CUDA kernel against the Triton
+    kernel's on the same inputs: the same products in the same precision, summed in another order, so equal to
+    bf16 rounding at every element (a feature or a token mapped wrong moves whole rows)."""
+    import torch
+
+    from longctx.mechanisms.power.chunk_triton import KernelConfig, _geometry, _states
+
+    torch.manual_seed(torch_seed(gen))
+    B, hq, hkv, T, C = 2, 4, 2, 4 * 128, 128
+    q = torch.randn(B, hq, T, 64, device="cuda").bfloat16()
+    k = torch.randn(B, hkv, T, 64, device="cuda").bfloat16()
+    v = torch.randn(B, hkv, T, 64, device="cuda").bfloat16()
+    G = torch.randn(B, hkv, T // C, C, device="cuda").mul(0.05).neg().abs().neg().cumsum(-1).view(B, hkv, T)
+    G = G.contiguous() if gated else torch.zeros(1, device="cuda")
+    den = torch.rand(B, hq, T, device="cuda") + 0.5
+    den[0, 0, 5] = 0.0                                                     # the kernels' den == 0 rule
+    delta = torch.randn(B, hq, T, device="cuda")
+    do = torch.randn(B, hq, T, 64, device="cuda").bfloat16()
+    X, Y = (q, do) if backward else (k, v)
+    out = {}
+    for name in ("triton", "cuda"):
+        cfg = KernelConfig(cuda=("deltas",) if name == "cuda" else ())
+        g = _geometry(q, k, v, C, cfg)
+        out[name] = _states(X, Y, G, den if backward else None, delta if backward else None, g, cfg, 0.125, gated,
+                            backward)
+    (s_t, z_t), (s_c, z_c) = out["triton"], out["cuda"]
+    err = (s_c.double() - s_t.double()).norm(dim=-1) / s_t.double().norm(dim=-1).clamp_min(1e-30)
+    assert err.max() < 1e-2, (err.max().item(), err.flatten(0, 1).max(0).values.view(-1, 16).max(1).values)
+    assert torch.equal(z_c, z_t)                                           # Z: the same Triton program
 
 
 @pytest.mark.parametrize("nb,fb,fa", [(4, 16, 16), (4, 16, 8), (8, 8, 2), (2, 16, 4), (1, 16, 16)])

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...attention import check_qkv
+from . import hopper
 from .naive import check_gate, default_scale
 
 try:
@@ -100,7 +101,9 @@ class KernelConfig:
     ``warps_*``, ``stages_*``: warps and software-pipelining depth of the state-delta and the chunk kernels
     (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
-    check every term tightly)."""
+    check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
+    ``"deltas"`` (the state deltas' feature steps) and / or ``"out"`` (the forward's output kernel): sm_90, bf16,
+    e = 64 (``"out"``: d = 64 too), the default feature steps, chunks that are multiples of 64."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -115,6 +118,7 @@ class KernelConfig:
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
+    cuda: tuple = ()
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -654,6 +658,13 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     def fa(rows: int) -> int:  # a step holds at most 256 x 64 / e features (a delta program's fp32 accumulator)
         return min(rows, FB, max(2, 16384 // (FB * E)))
 
+    for name in cfg.cuda:
+        why = hopper.why_not(name, q, DK, E, FB, fa(cfg.out_feature_rows if name == "out" else cfg.state_feature_rows),
+                             C)
+        if why is None and cfg.operands != "bf16":
+            why = f"operands {cfg.operands!r}, not 'bf16'"
+        if why is not None:
+            raise ValueError(f"KernelConfig(cuda=({name!r},)) cannot run here: {why}")
     BM = min(cfg.block, C)
     if BM == C >= 64 and DK <= 32:
         # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
@@ -689,11 +700,16 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
     ZB = torch.empty(g.B * g.Hkv, slots, g.DK, g.DK, device=X.device, dtype=torch.float32)
     if g.NC == 1:
         return SB, ZB
-    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (g.NS(g.FA_state) + 1, g.NC - 1, g.B * g.Hkv),
-            X, Y, G, _steps(g.NB, g.FB, g.FA_state, X.device), SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
+    steps, ns = _steps(g.NB, g.FB, g.FA_state, X.device), g.NS(g.FA_state)
+    if "deltas" in cfg.cuda:   # the feature steps on wgmma; the Triton launch below then writes Z alone (NS = 0)
+        hopper.state_deltas(X, Y, G, steps, SB, den, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq, hkv=g.Hkv,
+                            batch=g.B, scale=scale, has_gate=has_gate, backward=backward)
+        ns = 0
+    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (ns + 1, g.NC - 1, g.B * g.Hkv),
+            X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
             HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
-            **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(X, cfg),
-            num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+            **{**g.features(g.FA_state), "NS": ns}, INTERP=_interpreting(), OPDT=cfg.operand_type(),
+            PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
     nps = -(-LS // block_s)
@@ -719,11 +735,16 @@ class _PowerRetentionFn(torch.autograd.Function):
         O = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=q.dtype)
         O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
-        _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, _steps(g.NB, g.FB, g.FA_out, q.device), SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
-                HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
-                INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
-                LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
+        steps = _steps(g.NB, g.FB, g.FA_out, q.device)
+        if "out" in cfg.cuda:
+            hopper.forward_out(qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, ns=g.NS(g.FA_out), nc=g.NC, chunk=g.C,
+                               f=g.F, hq=g.Hq, hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate)
+        else:
+            _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
+                    qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
+                    HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
+                    INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
+                    LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype

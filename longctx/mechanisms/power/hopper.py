@@ -7,6 +7,10 @@ build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``
 the default feature steps (column blocks of 16, 16 values of ``a`` a step) and chunks that are a multiple of 64.
 The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against them and
 against the float64 reference on the GPU (``tests/test_power_kernel.py``, the Hopper cases).
+
+Exact (the deltas equal the Triton kernel's bitwise) but **not faster yet**: on an H100 at 4K tokens, chunk 512,
+the deltas take what Triton's do (2.50 against 2.51 ms, both directions) and the output kernel 3.22 against 1.45
+ms; both wait on unpipelined global loads (``benchmarks/power_retention_notes.md``, v8). Off by default.
 """
 from __future__ import annotations
 
@@ -73,5 +77,5 @@ def forward_out(q: Tensor, k: Tensor, v: Tensor, G: Tensor, steps: Tensor, SB: T
     """Writes ``O [B, Hq, Tp, 64]`` (bf16), ``O32`` (fp32) and ``DEN [B, Hq, Tp]`` (``chunk_triton._fwd_out``):
     ``q [B, Hq, Tp, 64]``, ``k, v [B, Hkv, Tp, 64]`` bf16 contiguous, ``SB``, ``ZB`` the states between chunks."""
     _kernel("out", q.device.index)(
-        grid=(nc * chunk // 64, batch * hq), block=(THREADS, 1, 1), shared_mem=KERNELS["out"][2],
+        grid=(nc * chunk // 64, batch * hq, 1), block=(THREADS, 1, 1), shared_mem=KERNELS["out"][2],
         args=[q, k, v, G, steps, SB, ZB, O, O32, DEN, nc, chunk, f, ns, hq, hkv, int(has_gate), float(scale)])

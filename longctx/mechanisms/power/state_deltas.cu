@@ -41,7 +41,8 @@ struct Tile {        // one thread's share of a 64-token tile, loaded from globa
     uint4 y[4];      // Y[4tq + r][8eb .. 8eb + 7]
     uint2 xa[2];     // X[2p + r][ca + 4qd .. + 3]
     uint4 xb;        // X[tb][cb + 8hb .. + 7]
-    float4 w;        // row weights of tokens 4tq .. 4tq + 3
+    float4 g;        // G (gate sums) of tokens 4tq .. 4tq + 3
+    float4 den;      // and their normalisers (backward): the weights are formed in store(), a tile after the loads
 };
 
 __device__ __forceinline__ float bf_lo(u32 x) { return __uint_as_float(x << 16); }
@@ -136,21 +137,16 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
             L.xa[r] = *reinterpret_cast<const uint2*>(xrow + (long long)(2 * p + r) * DK + ca + 4 * qd);
         L.xb = *reinterpret_cast<const uint4*>(xrow + (long long)tb * DK + cb + 8 * hb);
         const long long tw = t0 + 4 * tq;
+        L.g = has_gate ? *reinterpret_cast<const float4*>(gp + tw) : make_float4(0.f, 0.f, 0.f, 0.f);
+        L.den = backward ? *reinterpret_cast<const float4*>(DEN + xh * Tp + tw) : make_float4(1.f, 1.f, 1.f, 1.f);
+    };
+
+    auto weight = [&](float gv, float den) {    // forward exp(G_end - G_j); backward exp(G_i) / den_i (den 0 -> 1)
         if (backward) {
-            float4 den = *reinterpret_cast<const float4*>(DEN + xh * Tp + tw);
-            L.w = make_float4(1.f / (den.x == 0.f ? 1.f : den.x), 1.f / (den.y == 0.f ? 1.f : den.y),
-                              1.f / (den.z == 0.f ? 1.f : den.z), 1.f / (den.w == 0.f ? 1.f : den.w));
-            if (has_gate) {
-                float4 gv = *reinterpret_cast<const float4*>(gp + tw);
-                L.w.x *= __expf(gv.x); L.w.y *= __expf(gv.y); L.w.z *= __expf(gv.z); L.w.w *= __expf(gv.w);
-            }
-        } else if (has_gate) {
-            float4 gv = *reinterpret_cast<const float4*>(gp + tw);
-            L.w = make_float4(__expf(g_end - gv.x), __expf(g_end - gv.y), __expf(g_end - gv.z),
-                              __expf(g_end - gv.w));
-        } else {
-            L.w = make_float4(1.f, 1.f, 1.f, 1.f);
+            const float inv = 1.f / (den == 0.f ? 1.f : den);
+            return has_gate ? inv * __expf(gv) : inv;
         }
+        return has_gate ? __expf(g_end - gv) : 1.f;
     };
 
     auto store = [&](const Tile& L, unsigned char* buf) {
@@ -161,6 +157,8 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         const u32* y1 = reinterpret_cast<const u32*>(&L.y[1]);
         const u32* y2 = reinterpret_cast<const u32*>(&L.y[2]);
         const u32* y3 = reinterpret_cast<const u32*>(&L.y[3]);
+        const float w0 = weight(L.g.x, L.den.x), w1 = weight(L.g.y, L.den.y), w2 = weight(L.g.z, L.den.z),
+                    w3 = weight(L.g.w, L.den.w);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int wd = j >> 1;
@@ -168,7 +166,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
             float v1 = (j & 1) ? bf_hi(y1[wd]) : bf_lo(y1[wd]);
             float v2 = (j & 1) ? bf_hi(y2[wd]) : bf_lo(y2[wd]);
             float v3 = (j & 1) ? bf_hi(y3[wd]) : bf_lo(y3[wd]);
-            uint2 pk = make_uint2(pack_bf16(v0 * L.w.x, v1 * L.w.y), pack_bf16(v2 * L.w.z, v3 * L.w.w));
+            uint2 pk = make_uint2(pack_bf16(v0 * w0, v1 * w1), pack_bf16(v2 * w2, v3 * w3));
             *reinterpret_cast<uint2*>(yt + j * 16) = pk;
         }
         // x_a^T: row a holds tokens 0..63

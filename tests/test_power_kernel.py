@@ -80,7 +80,9 @@ for label, call in [("d=24", lambda: power_retention_triton(q, q, q)),
                     ("cuda deltas on cpu", lambda: power_retention_triton(
                         *[torch.zeros(1, 1, 128, 64).bfloat16()] * 3, chunk_size=64, config=KernelConfig(cuda=("deltas",)))),
                     ("deltas name", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=16,
-                                                                   config=KernelConfig(cuda=("tilelang",))))]:
+                                                                   config=KernelConfig(cuda=("tilelang",)))),
+                    ("cuda as a string", lambda: power_retention_triton(q[..., :16], q[..., :16], q[..., :16], chunk_size=16,
+                                                                        config=KernelConfig(cuda="deltas")))]:
     try:
         call()
     except ValueError as err:
@@ -128,6 +130,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     # the CUDA state-delta kernel says why it cannot run instead of falling back: CPU inputs; an unknown kernel
     assert "cuda=('deltas',)) cannot run here: inputs on cpu, not CUDA" in report["refused"]["cuda deltas on cpu"]
     assert "unknown CUDA kernel 'tilelang'" in report["refused"]["deltas name"]
+    assert "takes a tuple of kernel names" in report["refused"]["cuda as a string"]
     assert report["applies_to_big_batch"] is False  # power_retention falls back to the PyTorch chunked form
     assert report["poisoned"] == {bad: [True, True] for bad in ("0.5", "nan", "-inf", "inf")}, report["poisoned"]
 

@@ -102,8 +102,8 @@ class KernelConfig:
     (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
-    ``"deltas"`` (the state deltas' feature steps) and / or ``"out"`` (the forward's output kernel): sm_90, bf16,
-    e = 64 (``"out"``: d = 64 too), the default feature steps, chunks that are multiples of 64."""
+    ``"deltas"`` (the state deltas' feature steps) and / or ``"out"`` (the forward's output kernel), a tuple: sm_90,
+    bf16, d = e = 64, the default feature steps, chunks that are multiples of 64."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -658,6 +658,8 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     def fa(rows: int) -> int:  # a step holds at most 256 x 64 / e features (a delta program's fp32 accumulator)
         return min(rows, FB, max(2, 16384 // (FB * E)))
 
+    if not isinstance(cfg.cuda, tuple):
+        raise ValueError(f"KernelConfig.cuda takes a tuple of kernel names (e.g. ('deltas', 'out')), got {cfg.cuda!r}")
     for name in cfg.cuda:
         why = hopper.why_not(name, q, DK, E, FB, fa(cfg.out_feature_rows if name == "out" else cfg.state_feature_rows),
                              C)

@@ -3,8 +3,7 @@
 ``Z`` stays Triton's) and ``"out"`` (``forward_out.cu``: the forward's output kernel).
 
 Compiled at first use for sm_90a with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch >= 2.8, a CUDA
-build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64`` (``"deltas"``: any d, e = 64),
-the default feature steps (column blocks of 16, 16 values of ``a`` a step) and chunks that are a multiple of 64.
+build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column blocks of 16, 16 values of ``a`` a step) and chunks that are a multiple of 64.
 The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against them and
 against the float64 reference on the GPU (``tests/test_power_kernel.py``, the Hopper cases).
 
@@ -29,7 +28,7 @@ FB, FA, TILE = 16, 16, 64                      # the feature steps and the token
 
 def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int) -> str | None:
     """Why kernel ``name`` cannot run these inputs (``None``: it can)."""
-    if name not in KERNELS:
+    if not isinstance(name, str) or name not in KERNELS:
         return f"unknown CUDA kernel {name!r} (known: {', '.join(KERNELS)})"
     if not X.is_cuda:
         return f"inputs on {X.device}, not CUDA"
@@ -39,8 +38,8 @@ def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int) 
         return f"PyTorch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     if X.dtype != torch.bfloat16:
         return f"dtype {X.dtype}, not bf16"
-    if e != 64 or (name == "out" and d != 64):
-        return f"d={d}, e={e}; {name!r} needs e = 64" + (" and d = 64" if name == "out" else "")
+    if (d, e) != (64, 64):
+        return f"d={d}, e={e}; the kernels are written for (and tested at) d = e = 64"
     if (fb, fa) != (FB, FA):
         return f"feature steps of {fb} x {fa}; the kernel needs {FB} x {FA}"
     if chunk % TILE:

@@ -1,7 +1,7 @@
 // Chunked power retention, deg 2: every chunk's own contribution to the state, one feature step a block, on
 // Hopper's warpgroup MMA (wgmma, sm_90a). Same inputs, outputs and feature order as the Triton kernel
-// ``_state_deltas`` (chunk_triton.py) for bf16, d a multiple of 16, e = 64, column blocks of FB = 16 and steps of
-// FA = 16 values of ``a`` (256 features):
+// ``_state_deltas`` (chunk_triton.py) for bf16, d a multiple of 16 (hopper.py admits d = 64, the size tested), e = 64,
+// column blocks of FB = 16 and steps of FA = 16 values of ``a`` (256 features):
 //   forward  (X = K, Y = V):   S_m[f, :] = sum_j phi_f(k_j) beta_j v_j,  beta_j = exp(G_end - G_j),  n = m
 //   backward (X = Q, Y = dO):  dS_m[f, :] = scale^2 w_f sum_i phi_f(q_i) exp(G_i) do_i / den_i,      n = m + 1
 //                              (summed over the KV head's query heads)

@@ -183,6 +183,17 @@ HOPPER = pytest.mark.skipif(not __import__("torch").cuda.is_available()
                             reason="the CUDA kernels (hopper.py) need a Hopper GPU (sm_90a)")
 
 
+@pytest.mark.parametrize("file", ["state_deltas.cu", "forward_out.cu"])
+def test_cuda_kernel_sources_are_whole_for_nvrtc(file):
+    """NVRTC gets one string with no include path: the shared header must be pasted in for the kernel's
+    ``#include`` (CI has no GPU to compile them; a missed include would fail only there)."""
+    from longctx.mechanisms.power import hopper
+
+    src = hopper._source(file)
+    assert "#include" not in src
+    assert src.count("#define WGMMA_64x64x16") == 1 and f"power_{file[:-3]}(" in src
+
+
 @HOPPER
 @pytest.mark.parametrize("kernels", [("deltas",), ("out",), ("deltas", "out")])
 @pytest.mark.parametrize("chunk", [64, 128, 256])

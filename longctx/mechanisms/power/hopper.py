@@ -22,6 +22,7 @@ from torch import Tensor
 HERE = Path(__file__).parent
 KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 0),      # name -> (file, entry, dynamic smem)
            "out": ("forward_out.cu", "power_forward_out", 58368)}
+COMMON = "hopper_common.cuh"                   # the helpers both kernels include
 THREADS = 128                                  # one warpgroup a block
 FB, FA, TILE = 16, 16, 64                      # the feature steps and the token tile the kernels are written for
 
@@ -47,11 +48,17 @@ def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int) 
     return None
 
 
+def _source(file: str) -> str:
+    """The kernel's source with ``hopper_common.cuh`` pasted in for its ``#include`` (nvcc finds the header beside
+    the file; NVRTC is given one string, with no include path that depends on the PyTorch version)."""
+    return (HERE / file).read_text().replace(f'#include "{COMMON}"', (HERE / COMMON).read_text())
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, device: int):
     file, entry, smem = KERNELS[name]
     with torch.cuda.device(device):
-        kernel = torch.cuda._compile_kernel((HERE / file).read_text(), entry, compute_capability="90a")
+        kernel = torch.cuda._compile_kernel(_source(file), entry, compute_capability="90a")
         if smem:
             kernel.set_shared_memory_config(smem)
     return kernel

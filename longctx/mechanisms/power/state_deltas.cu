@@ -33,9 +33,7 @@
 #define OUT_BYTES (FT * OUT_ROW)
 #define SMEM_BYTES (2 * BUF_BYTES > OUT_BYTES ? 2 * BUF_BYTES : OUT_BYTES)
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
+#include "hopper_common.cuh"
 
 struct Tile {        // one thread's share of a 64-token tile, loaded from global memory
     uint4 y[4];      // Y[4tq + r][8eb .. 8eb + 7]
@@ -45,58 +43,9 @@ struct Tile {        // one thread's share of a 64-token tile, loaded from globa
     float4 den;      // and their normalisers (backward): the weights are formed in store(), a tile after the loads
 };
 
-__device__ __forceinline__ float bf_lo(u32 x) { return __uint_as_float(x << 16); }
-__device__ __forceinline__ float bf_hi(u32 x) { return __uint_as_float(x & 0xffff0000u); }
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {   // round to nearest even, lo in the low half
-    u32 d;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    return d;
-}
-
-__device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {
-    u32 d;
-    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ u64 desc_b(u32 addr) {      // K-major, no swizzle
-    return (u64)((addr & 0x3ffff) >> 4) | ((u64)(LBO >> 4) << 16) | ((u64)(SBO >> 4) << 32);
-}
-
-#define WGMMA_64x64x16(d, a, desc)                                                                          \
-    asm volatile(                                                                                           \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                        \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "                                             \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                           \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                 \
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                       \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),          \
-          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),        \
-          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),        \
-          "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                             \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
 __device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-__device__ __forceinline__ u32 lds32(u32 addr) {
-    u32 v;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-    return v;
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
@@ -216,9 +165,9 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
                 a[i][3] = mul_bf16x2(hi, r3);
             }
             wgmma_fence();
-            const u64 desc = desc_b(buf + sl * SLICE_BYTES);
+            const u64 dsc = desc(buf + sl * SLICE_BYTES, LBO, SBO);     // K-major, no swizzle
 #pragma unroll
-            for (int i = 0; i < 4; ++i) WGMMA_64x64x16(acc[i], a[i], desc);
+            for (int i = 0; i < 4; ++i) WGMMA_64x64x16(acc[i], a[i][0], a[i][1], a[i][2], a[i][3], dsc, 0, 1);
             wgmma_commit();
             wgmma_wait<1>();
         }

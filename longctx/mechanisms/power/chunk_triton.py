@@ -703,15 +703,19 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
     if g.NC == 1:
         return SB, ZB
     steps, ns = _steps(g.NB, g.FB, g.FA_state, X.device), g.NS(g.FA_state)
-    if "deltas" in cfg.cuda:   # the feature steps on wgmma; the Triton launch below then writes Z alone (NS = 0)
-        hopper.state_deltas(X, Y, G, steps, SB, den, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq, hkv=g.Hkv,
-                            batch=g.B, scale=scale, has_gate=has_gate, backward=backward)
-        ns = 0
-    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (ns + 1, g.NC - 1, g.B * g.Hkv),
-            X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
-            HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
-            **{**g.features(g.FA_state), "NS": ns}, INTERP=_interpreting(), OPDT=cfg.operand_type(),
-            PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+    if "deltas" in cfg.cuda:   # S and Z on wgmma (hopper.py), summed there too where the grid is large enough
+        nseg, acc = hopper.segments((ns + 1) * g.B * g.Hkv, g.NC - 1, X.device)
+        hopper.state_deltas(X, Y, G, steps, SB, ZB, den, delta, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq,
+                            hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate, backward=backward, nseg=nseg,
+                            acc=acc)
+        if acc:
+            return SB, ZB
+    else:
+        _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (ns + 1, g.NC - 1, g.B * g.Hkv),
+                X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
+                HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
+                **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(),
+                PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
     nps = -(-LS // block_s)

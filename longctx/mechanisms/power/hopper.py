@@ -1,15 +1,14 @@
 """Hand-written Hopper (sm_90a, wgmma) kernels in place of some of ``chunk_triton``'s Triton kernels, chosen with
-``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the state deltas' feature steps, both directions;
-``Z`` stays Triton's) and ``"out"`` (``forward_out.cu``: the forward's output kernel).
+``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the states between chunks, ``S`` and ``Z``, both
+directions; on grids that fill the GPU it also sums them, so the scan is not launched) and ``"out"``
+(``forward_out.cu``: the forward's output kernel, 128 query rows a block).
 
 Compiled at first use for sm_90a with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch >= 2.8, a CUDA
-build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column blocks of 16, 16 values of ``a`` a step) and chunks that are a multiple of 64.
-The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against them and
-against the float64 reference on the GPU (``tests/test_power_kernel.py``, the Hopper cases).
-
-Exact (the deltas equal the Triton kernel's bitwise) but **not faster yet**: on an H100 at 4K tokens, chunk 512,
-the deltas take what Triton's do (2.50 against 2.51 ms, both directions) and the output kernel 3.22 against 1.45
-ms; both wait on unpipelined global loads (``benchmarks/power_retention_notes.md``, v8). Off by default.
+build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column
+blocks of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``). The Triton
+kernels cover the rest and are what CI tests (no GPU there): these are checked against them and against the float64
+reference on the GPU (``tests/test_power_kernel.py``, the Hopper cases). Off by default; measured speeds are in
+``benchmarks/power_retention_notes.md`` (v8, v9).
 """
 from __future__ import annotations
 
@@ -20,31 +19,31 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 0),      # name -> (file, entry, dynamic smem)
-           "out": ("forward_out.cu", "power_forward_out", 58368)}
+KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 98816),      # name -> (file, entry, dynamic smem)
+           "out": ("forward_out.cu", "power_forward_out", 101632)}
 COMMON = "hopper_common.cuh"                   # the helpers both kernels include
-THREADS = 128                                  # one warpgroup a block
-FB, FA, TILE = 16, 16, 64                      # the feature steps and the token tile the kernels are written for
+FB, FA = 16, 16                                # the feature steps the kernels are written for
+TILE = {"deltas": 64, "out": 128}              # the chunk holds whole token tiles / query blocks
 
 
 def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int) -> str | None:
     """Why kernel ``name`` cannot run these inputs (``None``: it can)."""
     if not isinstance(name, str) or name not in KERNELS:
         return f"unknown CUDA kernel {name!r} (known: {', '.join(KERNELS)})"
-    if not X.is_cuda:
-        return f"inputs on {X.device}, not CUDA"
-    if torch.cuda.get_device_capability(X.device) != (9, 0):
-        return f"{torch.cuda.get_device_name(X.device)} is not a Hopper GPU (sm_90)"
-    if not hasattr(torch.cuda, "_compile_kernel"):
-        return f"PyTorch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     if X.dtype != torch.bfloat16:
         return f"dtype {X.dtype}, not bf16"
     if (d, e) != (64, 64):
         return f"d={d}, e={e}; the kernels are written for (and tested at) d = e = 64"
     if (fb, fa) != (FB, FA):
         return f"feature steps of {fb} x {fa}; the kernel needs {FB} x {FA}"
-    if chunk % TILE:
-        return f"chunk {chunk} is not a multiple of {TILE}"
+    if chunk % TILE[name]:
+        return f"chunk {chunk} is not a multiple of {TILE[name]}"
+    if not X.is_cuda:
+        return f"inputs on {X.device}, not CUDA"
+    if torch.cuda.get_device_capability(X.device) != (9, 0):
+        return f"{torch.cuda.get_device_name(X.device)} is not a Hopper GPU (sm_90)"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"PyTorch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     return None
 
 
@@ -64,17 +63,36 @@ def _kernel(name: str, device: int):
     return kernel
 
 
-def state_deltas(X: Tensor, Y: Tensor, G: Tensor, steps: Tensor, SB: Tensor, den: Tensor | None, *, ns: int,
-                 nc: int, chunk: int, f: int, hq: int, hkv: int, batch: int, scale: float, has_gate: bool,
-                 backward: bool) -> None:
-    """Writes ``SB [B*Hkv, nc - 1, f, 64]`` (bf16): feature steps ``0 .. ns - 1`` of every chunk's contribution
-    (``chunk_triton._state_deltas``). ``X [B, H, Tp, d]``, ``Y [B, H, Tp, 64]`` bf16 contiguous (H = Hkv forward,
-    Hq backward), ``G [B*Hkv, Tp]`` the in-chunk gate sums (fp32), ``steps`` int32 ``[ns * 3]``, ``den [B, Hq, Tp]``
-    (backward)."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def segments(blocks: int, slots: int, device: torch.device) -> tuple[int, bool]:
+    """How ``state_deltas`` splits each KV head's ``slots`` chunk slots for ``blocks`` blocks a segment: one segment
+    walked by every block, summing the states itself (no scan), when that fills two waves of 2 blocks an SM;
+    else enough segments to fill them, each block writing its chunks' contributions for the scan to sum."""
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if blocks >= target:
+        return 1, True
+    return min(slots, -(-target // blocks)), False
+
+
+def state_deltas(X: Tensor, Y: Tensor, G: Tensor, steps: Tensor, SB: Tensor, ZB: Tensor, den: Tensor | None,
+                 delta: Tensor | None, *, ns: int, nc: int, chunk: int, f: int, hq: int, hkv: int, batch: int,
+                 scale: float, has_gate: bool, backward: bool, nseg: int, acc: bool) -> None:
+    """Writes ``SB [B*Hkv, nc - 1, f, 64]`` (bf16, feature steps ``0 .. ns - 1``) and ``ZB [B*Hkv, nc - 1, 64, 64]``
+    (fp32): every chunk's own contribution (``chunk_triton._state_deltas``), or with ``acc`` (``nseg = 1``) the
+    states themselves (what ``chunk_triton._scan`` makes of the contributions). ``X [B, H, Tp, 64]``,
+    ``Y [B, H, Tp, 64]`` bf16 contiguous (H = Hkv forward, Hq backward), ``G [B*Hkv, Tp]`` the in-chunk gate sums
+    (fp32), ``steps`` int32 ``[ns * 3]``, ``den, delta [B, Hq, Tp]`` fp32 (backward); ``nseg`` segments of chunks
+    (``segments``)."""
+    if acc and nseg != 1:
+        raise ValueError(f"state_deltas sums the states itself only in one segment, got {nseg}")
     _kernel("deltas", X.device.index)(
-        grid=(ns, nc - 1, batch * hkv), block=(THREADS, 1, 1),
-        args=[X, Y, G, steps, SB, G if den is None else den, nc, chunk, X.shape[-1], f, hq, hkv, int(backward),
-              int(has_gate), float(scale * scale)])
+        grid=(ns + 1, nseg, batch * hkv), block=(128, 1, 1), shared_mem=KERNELS["deltas"][2],
+        args=[X, Y, G, steps, SB, ZB, G if den is None else den, G if delta is None else delta, nc, chunk, f, ns,
+              hq, hkv, int(backward), int(has_gate), int(acc), float(scale * scale)])
 
 
 def forward_out(q: Tensor, k: Tensor, v: Tensor, G: Tensor, steps: Tensor, SB: Tensor, ZB: Tensor, O: Tensor,
@@ -83,5 +101,5 @@ def forward_out(q: Tensor, k: Tensor, v: Tensor, G: Tensor, steps: Tensor, SB: T
     """Writes ``O [B, Hq, Tp, 64]`` (bf16), ``O32`` (fp32) and ``DEN [B, Hq, Tp]`` (``chunk_triton._fwd_out``):
     ``q [B, Hq, Tp, 64]``, ``k, v [B, Hkv, Tp, 64]`` bf16 contiguous, ``SB``, ``ZB`` the states between chunks."""
     _kernel("out", q.device.index)(
-        grid=(nc * chunk // 64, batch * hq, 1), block=(THREADS, 1, 1), shared_mem=KERNELS["out"][2],
+        grid=(nc * chunk // 128, batch * hq, 1), block=(256, 1, 1), shared_mem=KERNELS["out"][2],
         args=[q, k, v, G, steps, SB, ZB, O, O32, DEN, nc, chunk, f, ns, hq, hkv, int(has_gate), float(scale)])

@@ -49,6 +49,11 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
+// the same, copying src_bytes (0 or 16) and filling the rest with zeros: a predicate without a branch (a branch
+// around cp.async inside a wgmma loop made ptxas serialise the loop's wgmma: C7515)
+__device__ __forceinline__ void cp_async16_n(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
@@ -58,3 +63,10 @@ __device__ __forceinline__ u32 lds32(u32 addr) {
     return v;
 }
 
+// a [64 rows][64] bf16 tile in wgmma's no-swizzle layout: byte offset of (row, 16-byte column chunk); core matrices
+// of 8 rows x 16 bytes, 8 chunks a row group
+__device__ __forceinline__ u32 tile_off(int row, int chunk) { return (row >> 3) * 1024 + chunk * 128 + (row & 7) * 16; }
+// item k (of 512) of such a tile when threads copy it 16 bytes at a time: 8 consecutive threads take one chunk of 8
+// consecutive rows (one core matrix: no bank conflict in shared memory; a warp reads whole 64-byte row pieces)
+__device__ __forceinline__ int item_row(int k) { return ((k >> 6) << 3) | (k & 7); }
+__device__ __forceinline__ int item_chunk(int k) { return (k >> 3) & 7; }

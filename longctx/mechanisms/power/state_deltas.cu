@@ -235,63 +235,61 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
     const u32 xb_lane = OFF_X + (((lane >> 4) << 3) + (lane & 7)) * XR + 32 + ((lane >> 3) & 1) * 16;
     const u32 xa_lane = OFF_XAT + warp * XA_ROW + 4 * c;
     u32 A[2][4][4];
-    for (int t0 = 0; t0 < ntiles; t0 += tiles_slot) {
-      for (int t = t0; t < t0 + tiles_slot; ++t) {
-        const u32 st = sbase + (t % NSTAGE) * STAGE_BYTES;
-        const u32 xat = sbase + xa_lane + (t & 1) * XAT_BYTES;
+    for (int t0 = 0; t0 < ntiles; t0 += tiles_slot) {                 // a slot's tiles
+        for (int t = t0; t < t0 + tiles_slot; ++t) {
+            const u32 st = sbase + (t % NSTAGE) * STAGE_BYTES;
+            const u32 xat = sbase + xa_lane + (t & 1) * XAT_BYTES;
 #pragma unroll
-        for (int sl = 0; sl < 4; ++sl) {
-            u32 (&a)[4][4] = A[sl & 1];
-            u32 r0, r1, r2, r3;
-            ldsm_x4_trans(st + xb_lane + sl * 16 * XR, r0, r1, r2, r3);
+            for (int sl = 0; sl < 4; ++sl) {
+                u32 (&a)[4][4] = A[sl & 1];
+                u32 r0, r1, r2, r3;
+                ldsm_x4_trans(st + xb_lane + sl * 16 * XR, r0, r1, r2, r3);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u32 row = xat + 4 * i * XA_ROW + sl * 32;
-                const u32 lo = lds32(row), hi = lds32(row + 16);
-                a[i][0] = mul_bf16x2(lo, r0);
-                a[i][1] = mul_bf16x2(lo, r1);
-                a[i][2] = mul_bf16x2(hi, r2);
-                a[i][3] = mul_bf16x2(hi, r3);
-            }
-            wgmma_fence();
-            const u64 dsc = desc(st + sl * 2048, 1024, 128);              // Y: MN-major (tokens = K, e = N)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) WGMMA_64x64x16(acc[i], a[i][0], a[i][1], a[i][2], a[i][3], dsc, 1, 1);
-            wgmma_commit();
-            wgmma_wait<1>();
-        }
-        if (t + 1 < ntiles) advance(t);
-      }
-        {                                                     // the slot's last tile: write it, then decay or restart
-            const int t = t0 + tiles_slot - 1;
-            wgmma_wait<0>();
-            __syncthreads();                                  // the previous slot's rows are written out
-            const float sc = backward ? (float)post * wab : 1.f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {                     // scale, round to bf16, stage, write 16 bytes a thread
-                const int f = (4 * i + warp) * 16 + g;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    unsigned char* o = smem + OFF_OUT + f * OUT_ROW + (8 * j + 2 * c) * 2;
-                    *reinterpret_cast<u32*>(o) = pack_bf16(acc[i][4 * j] * sc, acc[i][4 * j + 1] * sc);
-                    *reinterpret_cast<u32*>(o + 8 * OUT_ROW) =
-                        pack_bf16(acc[i][4 * j + 2] * sc, acc[i][4 * j + 3] * sc);
+                for (int i = 0; i < 4; ++i) {
+                    const u32 row = xat + 4 * i * XA_ROW + sl * 32;
+                    const u32 lo = lds32(row), hi = lds32(row + 16);
+                    a[i][0] = mul_bf16x2(lo, r0);
+                    a[i][1] = mul_bf16x2(lo, r1);
+                    a[i][2] = mul_bf16x2(hi, r2);
+                    a[i][3] = mul_bf16x2(hi, r3);
                 }
+                wgmma_fence();
+                const u64 dsc = desc(st + sl * 2048, 1024, 128);              // Y: MN-major (tokens = K, e = N)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) WGMMA_64x64x16(acc[i], a[i][0], a[i][1], a[i][2], a[i][3], dsc, 1, 1);
+                wgmma_commit();
+                wgmma_wait<1>();
             }
-            __syncthreads();
-            u16* out = SB + ((bkv * (NC - 1) + slot(t / tiles_slot)) * (long long)F + (long long)s * FT) * E;
-#pragma unroll
-            for (int it = 0; it < FT * E * 2 / 16 / 128; ++it) {
-                const int k = tid + 128 * it, row = k >> 3, col = k & 7;
-                *reinterpret_cast<uint4*>(out + row * E + col * 8) =
-                    *reinterpret_cast<const uint4*>(smem + OFF_OUT + row * OUT_ROW + col * 16);
-            }
-            const float dk = ACC && t + 1 < ntiles ? decay(t + 1) : 0.f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 32; ++j) acc[i][j] *= dk;     // a NaN goes where the scan would take it
+            if (t + 1 < ntiles) advance(t);
         }
+        const int t = t0 + tiles_slot - 1;                  // the slot's last tile: write it, then decay or restart
+        wgmma_wait<0>();
+        __syncthreads();                                    // the previous slot's rows are written out
+        const float sc = backward ? (float)post * wab : 1.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {                       // scale, round to bf16, stage, write 16 bytes a thread
+            const int f = (4 * i + warp) * 16 + g;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                unsigned char* o = smem + OFF_OUT + f * OUT_ROW + (8 * j + 2 * c) * 2;
+                *reinterpret_cast<u32*>(o) = pack_bf16(acc[i][4 * j] * sc, acc[i][4 * j + 1] * sc);
+                *reinterpret_cast<u32*>(o + 8 * OUT_ROW) =
+                    pack_bf16(acc[i][4 * j + 2] * sc, acc[i][4 * j + 3] * sc);
+            }
+        }
+        __syncthreads();
+        u16* out = SB + ((bkv * (NC - 1) + slot(t / tiles_slot)) * (long long)F + (long long)s * FT) * E;
+#pragma unroll
+        for (int it = 0; it < FT * E * 2 / 16 / 128; ++it) {
+            const int k = tid + 128 * it, row = k >> 3, col = k & 7;
+            *reinterpret_cast<uint4*>(out + row * E + col * 8) =
+                *reinterpret_cast<const uint4*>(smem + OFF_OUT + row * OUT_ROW + col * 16);
+        }
+        const float dk = ACC && t + 1 < ntiles ? decay(t + 1) : 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 32; ++j) acc[i][j] *= dk;     // a NaN goes where the scan would take it
     }
     cp_wait<0>();
 }

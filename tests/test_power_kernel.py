@@ -195,20 +195,21 @@ def test_cuda_kernel_sources_are_whole_for_nvrtc(file):
 
 
 def test_hopper_kernels_name_what_they_do_not_cover():
-    """``hopper.why_not``: shape and dtype refusals come before the device's (a CPU machine learns them too); the
+    """``hopper.why_not``: shape, dtype and operand refusals come before the device's (a CPU machine learns them); the
     output kernel takes chunks of whole 128-row blocks, the deltas kernel of 64-token tiles."""
     import torch
 
     from longctx.mechanisms.power import hopper
 
     X = torch.zeros(1, 1, 256, 64, dtype=torch.bfloat16)
-    assert hopper.why_not("out", X, 64, 64, 16, 16, 64) == "chunk 64 is not a multiple of 128"
-    assert hopper.why_not("deltas", X, 64, 64, 16, 16, 96) == "chunk 96 is not a multiple of 64"
-    assert hopper.why_not("deltas", X, 64, 64, 16, 16, 64) == "inputs on cpu, not CUDA"
-    assert hopper.why_not("out", X, 64, 64, 16, 16, 256) == "inputs on cpu, not CUDA"
-    assert hopper.why_not("deltas", X.half(), 64, 64, 16, 16, 64) == "dtype torch.float16, not bf16"
-    assert hopper.why_not("out", X, 32, 64, 16, 16, 128).startswith("d=32, e=64")
-    assert hopper.why_not("out", X, 64, 64, 16, 8, 128) == "feature steps of 16 x 8; the kernel needs 16 x 16"
+    assert hopper.why_not("out", X, 64, 64, 16, 16, 64, "bf16") == "chunk 64 is not a multiple of 128"
+    assert hopper.why_not("deltas", X, 64, 64, 16, 16, 96, "bf16") == "chunk 96 is not a multiple of 64"
+    assert hopper.why_not("deltas", X, 64, 64, 16, 16, 64, "bf16") == "inputs on cpu, not CUDA"
+    assert hopper.why_not("out", X, 64, 64, 16, 16, 256, "bf16") == "inputs on cpu, not CUDA"
+    assert hopper.why_not("deltas", X.half(), 64, 64, 16, 16, 64, "bf16") == "dtype torch.float16, not bf16"
+    assert hopper.why_not("out", X, 32, 64, 16, 16, 128, "bf16").startswith("d=32, e=64")
+    assert hopper.why_not("out", X, 64, 64, 16, 8, 128, "bf16") == "feature steps of 16 x 8; the kernel needs 16 x 16"
+    assert hopper.why_not("deltas", X, 64, 64, 16, 16, 64, "fp32") == "operands 'fp32', not 'bf16'"
 
 
 def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):

@@ -102,8 +102,9 @@ class KernelConfig:
     (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
-    ``"deltas"`` (the state deltas' feature steps) and / or ``"out"`` (the forward's output kernel), a tuple: sm_90,
-    bf16, d = e = 64, the default feature steps, chunks that are multiples of 64."""
+    ``"deltas"`` (the states between chunks, ``S`` and ``Z``) and / or ``"out"`` (the forward's output kernel), a
+    tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not`` says what
+    it refuses)."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -662,9 +663,7 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         raise ValueError(f"KernelConfig.cuda takes a tuple of kernel names (e.g. ('deltas', 'out')), got {cfg.cuda!r}")
     for name in cfg.cuda:
         why = hopper.why_not(name, q, DK, E, FB, fa(cfg.out_feature_rows if name == "out" else cfg.state_feature_rows),
-                             C)
-        if why is None and cfg.operands != "bf16":
-            why = f"operands {cfg.operands!r}, not 'bf16'"
+                             C, cfg.operands)
         if why is not None:
             raise ValueError(f"KernelConfig(cuda=({name!r},)) cannot run here: {why}")
     BM = min(cfg.block, C)

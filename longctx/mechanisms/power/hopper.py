@@ -26,12 +26,14 @@ FB, FA = 16, 16                                # the feature steps the kernels a
 TILE = {"deltas": 64, "out": 128}              # the chunk holds whole token tiles / query blocks
 
 
-def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int) -> str | None:
-    """Why kernel ``name`` cannot run these inputs (``None``: it can)."""
+def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, operands: str) -> str | None:
+    """Why kernel ``name`` cannot run these inputs with ``KernelConfig.operands`` (``None``: it can)."""
     if not isinstance(name, str) or name not in KERNELS:
         return f"unknown CUDA kernel {name!r} (known: {', '.join(KERNELS)})"
     if X.dtype != torch.bfloat16:
         return f"dtype {X.dtype}, not bf16"
+    if operands != "bf16":
+        return f"operands {operands!r}, not 'bf16'"
     if (d, e) != (64, 64):
         return f"d={d}, e={e}; the kernels are written for (and tested at) d = e = 64"
     if (fb, fa) != (FB, FA):

@@ -20,13 +20,9 @@ import tempfile
 
 import torch
 
-HEADER = r"""
-typedef unsigned int u32;
-typedef unsigned long long u64;
-__device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3ffff) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
-}
-"""
+from longctx.mechanisms.power import hopper
+
+HEADER = (hopper.HERE / hopper.COMMON).read_text()    # the kernels' own helpers: desc, wgmma fences, commit, wait
 
 
 def _mma(n: int, rs: bool) -> str:
@@ -58,19 +54,19 @@ extern "C" __global__ void __launch_bounds__(128) mma_loop(float* out, int iters
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     const u64 db = desc(base, 128 * {n // 8}, 128);         // B: [16][{n}] MN-major, core matrices of 8 x 16 bytes
     const u64 da = desc(base + {b_bytes}, 128, 256);        // A: [64][16] K-major
-    float acc[{count}][{nd}];      // written by the first group (scale-d 0): zeroed by hand, ptxas serialised n256
+    float acc[{count}][{nd}];      // written by the first group (scale-d 0): zeroing by hand serialised n256
     const u32 a[4] = {{0x3c003c00u + threadIdx.x, 0x3c003c01u, 0x3c003c02u, 0x3c003c03u}};
     for (int it = 0; it < iters; ++it) {{
-        asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
+        wgmma_fence();
 #pragma unroll
         for (int r = 0; r < {count}; ++r) {{
             float* accr = acc[r];
             {_mma(n, rs)}
         }}
-        asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;\\n" ::: "memory");
+        wgmma_commit();
+        wgmma_wait<1>();
     }}
-    asm volatile("wgmma.wait_group.sync.aligned 0;\\n" ::: "memory");
+    wgmma_wait<0>();
     float s = 0.f;
     for (int r = 0; r < {count}; ++r)
         for (int j = 0; j < {nd}; ++j) s += acc[r][j];

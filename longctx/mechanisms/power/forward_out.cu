@@ -36,15 +36,6 @@
 // K-major B (rows = N, 16-byte chunks along K): LBO = next chunk (128), SBO = next 8 rows (1024)
 // MN-major B (rows = K, chunks along N):       LBO = next 8 rows (1024), SBO = next chunk (128)
 
-// 64 rows x 64 bf16 from global (row stride 64) into a tile, 2 cp.async a thread; nb = 0: zeros, nothing read
-__device__ __forceinline__ void load_tile(u32 tile, const u16* src, int tid, u32 nb) {
-#pragma unroll
-    for (int it = 0; it < 2; ++it) {
-        const int k = tid + 256 * it, row = item_row(k), chunk = item_chunk(k);
-        cp_async16_n(tile + tile_off(row, chunk), src + row * 64 + chunk * 8, nb);
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(256, 1)
 power_forward_out(const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
                   const float* __restrict__ G, const int* __restrict__ steps, const u16* __restrict__ SB,
@@ -73,14 +64,14 @@ power_forward_out(const u16* __restrict__ Q, const u16* __restrict__ K, const u1
         const int bv = b < nkb ? b : nkb - 1;
         const u32 nb = b < nkb ? 16 : 0, buf = sb + OFF_KV + (b & 1) * KV_BYTES;
         const long long j0 = c0 + 64 * bv;
-        load_tile(buf, kp + j0 * D, tid, nb);
-        load_tile(buf + TILE_BYTES, vp + j0 * E, tid, nb);
+        copy_tile<256>(buf, kp + j0 * D, tid, nb);
+        copy_tile<256>(buf + TILE_BYTES, vp + j0 * E, tid, nb);
         if (tid < 16 && has_gate) cp_async16_n(buf + 2 * TILE_BYTES + 16 * tid, gp + j0 + 4 * tid, nb);
         cp_commit();
     };
     auto load_piece = [&](int pc) {                              // S rows 64 pc .. (zeros past the last piece)
         const int pv = pc < npieces ? pc : npieces - 1;
-        load_tile(sb + OFF_S + (pc % SSTAGES) * TILE_BYTES, sp + (long long)pv * SPIECE * E, tid,
+        copy_tile<256>(sb + OFF_S + (pc % SSTAGES) * TILE_BYTES, sp + (long long)pv * SPIECE * E, tid,
                   pc < npieces ? 16 : 0);
         cp_commit();
     };

@@ -70,3 +70,13 @@ __device__ __forceinline__ u32 tile_off(int row, int chunk) { return (row >> 3) 
 // consecutive rows (one core matrix: no bank conflict in shared memory; a warp reads whole 64-byte row pieces)
 __device__ __forceinline__ int item_row(int k) { return ((k >> 6) << 3) | (k & 7); }
 __device__ __forceinline__ int item_chunk(int k) { return (k >> 3) & 7; }
+// a [64 rows][64] bf16 block of global memory (row stride 64) into such a tile, copied by THREADS threads
+// (512 / THREADS cp.async each); src_bytes 0: zeros, nothing read
+template <int THREADS>
+__device__ __forceinline__ void copy_tile(u32 tile, const u16* src, int tid, u32 src_bytes) {
+#pragma unroll
+    for (int it = 0; it < 512 / THREADS; ++it) {
+        const int k = tid + THREADS * it, row = item_row(k), chunk = item_chunk(k);
+        cp_async16_n(tile + tile_off(row, chunk), src + row * 64 + chunk * 8, src_bytes);
+    }
+}

@@ -95,11 +95,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         const u16* xrow = X + (xh * Tp + t0) * D;
         const u32 st = sbase + (t % NSTAGE) * STAGE_BYTES;
         const u16* tile = zrole ? xrow : Y + (xh * Tp + t0) * E;            // Z's block multiplies x by x
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-            const int k = tid + 128 * it, row = item_row(k), chunk = item_chunk(k);
-            cp_async16_n(st + tile_off(row, chunk), tile + row * 64 + chunk * 8, nb);
-        }
+        copy_tile<128>(st, tile, tid, nb);
         if (!zrole) {
 #pragma unroll
             for (int it = 0; it < 2; ++it) {                               // the step's a and b columns

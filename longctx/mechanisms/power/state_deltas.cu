@@ -83,17 +83,19 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
     const u32 sbase = smem_u32(smem);
     auto slot = [&](int i) { return backward ? m_hi - 1 - i : m_lo + i; };   // the i-th slot walked (the scan's way)
 
-    // tile t (slot by slot; in a slot the chunk's tokens, query head by query head) into its ring stage; past the
-    // last tile a group of zero-fills is committed, so that every thread counts the same groups
-    auto issue = [&](int t) {
-        const int tv = t < ntiles ? t : ntiles - 1;                         // past the end: zeros, nothing read
-        const u32 nb = t < ntiles ? 16 : 0;
-        const int ts = tv % tiles_slot, rr = ts / tiles_head;
-        const int n = slot(tv / tiles_slot) + backward;
-        const long long xh = backward ? (bkv / HKV) * HQ + (bkv % HKV) * (HQ / HKV) + rr : bkv;
-        const long long t0 = (long long)n * C + (long long)(ts % tiles_head) * KT;
+    // the next tile to copy, in order: slot by slot, in a slot the chunk's tokens, query head by query head. A
+    // cursor of counters (the divisions that located a tile from its index were most of a tile's instructions);
+    // past the last tile it stays there and the copies fill zeros (nothing read), so that every thread still
+    // commits one group a tile
+    const long long xh0 = backward ? (bkv / HKV) * HQ + (bkv % HKV) * (HQ / HKV) : bkv;
+    int cur_tile = 0, cur_rr = 0, cur_slot = 0, issued = 0;
+    auto issue = [&]() {
+        const u32 nb = issued < ntiles ? 16 : 0;
+        const int n = slot(cur_slot) + backward;
+        const long long xh = xh0 + cur_rr;
+        const long long t0 = (long long)n * C + cur_tile * KT;
         const u16* xrow = X + (xh * Tp + t0) * D;
-        const u32 st = sbase + (t % NSTAGE) * STAGE_BYTES;
+        const u32 st = sbase + (issued % NSTAGE) * STAGE_BYTES;
         const u16* tile = zrole ? xrow : Y + (xh * Tp + t0) * E;            // Z's block multiplies x by x
         copy_tile<128>(st, tile, tid, nb);
         if (!zrole) {
@@ -111,15 +113,19 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
             cp_async16_n(st + OFF_DELTA + q4 * 4, DELTA + xh * Tp + t0 + q4, nb);
         if (tid == 48 && has_gate) cp_async16_n(st + OFF_GEND, gp + (long long)n * C + C - 4, nb);
         cp_commit();
+        const bool move = ++issued < ntiles, wrap_tile = cur_tile + 1 == tiles_head, wrap_rr = cur_rr + 1 == rep;
+        cur_tile = move ? (wrap_tile ? 0 : cur_tile + 1) : cur_tile;
+        cur_rr = move && wrap_tile ? (wrap_rr ? 0 : cur_rr + 1) : cur_rr;
+        cur_slot = move && wrap_tile && wrap_rr ? cur_slot + 1 : cur_slot;
     };
 
     // token tk's weight (forward exp(G_end - G_j); backward exp(G_i) / den_i, den 0 -> 1; Z's backward: times
     // -delta_i), from tile t's stage
     auto weight = [&](const unsigned char* st, int tk) {
         const float gv = has_gate ? reinterpret_cast<const float*>(st + OFF_G)[tk] : 0.f;
-        if (backward) {
+        if (backward) {                                   // times the output scale: the epilogue only rounds
             const float den = reinterpret_cast<const float*>(st + OFF_DEN)[tk];
-            float w = 1.f / (den == 0.f ? 1.f : den);
+            float w = (float)post * wab / (den == 0.f ? 1.f : den);
             if (has_gate) w *= __expf(gv);
             return zrole ? -w * reinterpret_cast<const float*>(st + OFF_DELTA)[tk] : w;
         }
@@ -156,13 +162,13 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         cp_wait<NSTAGE - 3>();
         fence_async_smem();
         __syncthreads();
-        issue(t + NSTAGE - 1);
+        issue();                                          // tile t + NSTAGE - 1
         transform(t + 1);
         __syncthreads();
     };
 
 #pragma unroll
-    for (int t = 0; t < NSTAGE - 1; ++t) issue(t);
+    for (int t = 0; t < NSTAGE - 1; ++t) issue();
     cp_wait<NSTAGE - 2>();
     fence_async_smem();
     __syncthreads();
@@ -202,14 +208,13 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
             }
             if (t + 1 < ntiles) advance(t);
             if ((t + 1) % tiles_slot == 0) {                 // the slot's last tile: write it, then decay or restart
-                const float sc = backward ? (float)post : 1.f;
                 float* zo = ZB + (bkv * (NC - 1) + slot(t / tiles_slot)) * (long long)(D * D);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const int col = 8 * j + 2 * c;
-                    *reinterpret_cast<float2*>(zo + a0 * D + col) = make_float2(z[4 * j] * sc, z[4 * j + 1] * sc);
+                    *reinterpret_cast<float2*>(zo + a0 * D + col) = make_float2(z[4 * j], z[4 * j + 1]);
                     *reinterpret_cast<float2*>(zo + (a0 + 8) * D + col) =
-                        make_float2(z[4 * j + 2] * sc, z[4 * j + 3] * sc);
+                        make_float2(z[4 * j + 2], z[4 * j + 3]);
                 }
                 const float dk = ACC && t + 1 < ntiles ? decay(t + 1) : 0.f;
 #pragma unroll
@@ -261,16 +266,15 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         const int t = t0 + tiles_slot - 1;                  // the slot's last tile: write it, then decay or restart
         wgmma_wait<0>();
         __syncthreads();                                    // the previous slot's rows are written out
-        const float sc = backward ? (float)post * wab : 1.f;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {                       // scale, round to bf16, stage, write 16 bytes a thread
             const int f = (4 * i + warp) * 16 + g;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 unsigned char* o = smem + OFF_OUT + f * OUT_ROW + (8 * j + 2 * c) * 2;
-                *reinterpret_cast<u32*>(o) = pack_bf16(acc[i][4 * j] * sc, acc[i][4 * j + 1] * sc);
+                *reinterpret_cast<u32*>(o) = pack_bf16(acc[i][4 * j], acc[i][4 * j + 1]);
                 *reinterpret_cast<u32*>(o + 8 * OUT_ROW) =
-                    pack_bf16(acc[i][4 * j + 2] * sc, acc[i][4 * j + 3] * sc);
+                    pack_bf16(acc[i][4 * j + 2], acc[i][4 * j + 3]);
             }
         }
         __syncthreads();

@@ -46,7 +46,8 @@ from longctx.mechanisms.power.chunk_triton import LAUNCHES, KernelConfig, power_
 
 # today's defaults and one change each (earlier runs' configurations are written out in their JSON)
 VARIANTS = {
-    "default": KernelConfig(),
+    "default": KernelConfig(),                    # cuda="auto": the CUDA deltas where they sum the states
+    "triton": KernelConfig(cuda=()),              # every kernel Triton's (the default before v10)
     "r32": KernelConfig(state_rows=32),
     "st2": KernelConfig(stages_state=2),
     "cst2": KernelConfig(stages_chunk=2),

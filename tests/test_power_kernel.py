@@ -130,7 +130,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     # the CUDA state-delta kernel says why it cannot run instead of falling back: CPU inputs; an unknown kernel
     assert "cuda=('deltas',)) cannot run here: inputs on cpu, not CUDA" in report["refused"]["cuda deltas on cpu"]
     assert "unknown CUDA kernel 'tilelang'" in report["refused"]["deltas name"]
-    assert "takes a tuple of kernel names" in report["refused"]["cuda as a string"]
+    assert "takes 'auto' or a tuple of kernel names" in report["refused"]["cuda as a string"]
     assert report["applies_to_big_batch"] is False  # power_retention falls back to the PyTorch chunked form
     assert report["poisoned"] == {bad: [True, True] for bad in ("0.5", "nan", "-inf", "inf")}, report["poisoned"]
 
@@ -226,6 +226,46 @@ def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch)
     assert hopper.segments(527, 63, dev) == (2, False)
     assert hopper.segments(11 * 8, 255, dev) == (6, False)
     assert hopper.segments(44, 3, dev) == (3, False)
+
+
+def test_auto_takes_the_cuda_deltas_only_where_they_run_in_one_segment(monkeypatch):
+    """``KernelConfig(cuda="auto")``, the default: the CUDA deltas kernel where ``hopper.why_not`` lets it run (a
+    Hopper GPU, bf16, d = e = 64, ...) and ``hopper.segments`` gives it one segment (it sums the states, no scan),
+    Triton's kernels elsewhere (here: CPU inputs) instead of the error an explicit tuple raises; what ``_geometry``
+    resolves is what the launches read."""
+    import torch
+
+    from longctx.mechanisms.power import hopper
+    from longctx.mechanisms.power.chunk_triton import KernelConfig, _geometry
+
+    q = torch.zeros(3, 4, 500, 64, dtype=torch.bfloat16)
+    k = torch.zeros(3, 2, 500, 64, dtype=torch.bfloat16)
+    assert KernelConfig().cuda == "auto"
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
+    asked = []
+    monkeypatch.setattr(hopper, "why_not", lambda name, *args: asked.append((name, *args[1:])) or None)
+    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: asked.append((blocks, slots)) or (1, True))
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas",)
+    # the deltas kernel's own feature steps; 10 steps + Z's block for each of 3 x 2 KV heads; 4 chunks, 3 slots
+    assert asked == [("deltas", 64, 64, 16, 16, 128, "bf16"), (11 * 6, 3)]
+    assert _geometry(q, k, k, 128, KernelConfig(cuda=())).cuda == ()
+    assert _geometry(q, k, k, 512, KernelConfig()).cuda == ()                     # one chunk: no states
+    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (2, False))
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
+    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (1, True))
+    monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no")
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
+
+
+@CUDA
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_compiled_triton_kernels_where_auto_takes_cuda(gen, chunk):
+    """The Triton kernels at d = 64, bf16 on the GPU: on a Hopper GPU the default takes the CUDA deltas kernel
+    there, so the Triton one is asked for by name."""
+    from longctx.mechanisms.power.chunk_triton import KernelConfig
+
+    errors = compiled_errors(gen, 64, chunk, KernelConfig(cuda=()))
+    assert max(errors[:4]) < 2e-2 and errors[4] < 0.15, errors
 
 
 @HOPPER

@@ -104,7 +104,9 @@ class KernelConfig:
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
     ``"deltas"`` (the states between chunks, ``S`` and ``Z``) and / or ``"out"`` (the forward's output kernel), a
     tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not`` says what
-    it refuses)."""
+    it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas kernel where it
+    can run these inputs and its grid fills the GPU (``hopper.segments``: one segment, the states summed in the
+    kernel and no scan; measured faster than Triton's there), the Triton kernels elsewhere."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -119,7 +121,7 @@ class KernelConfig:
     stages_state: int = 3
     stages_chunk: int = 3
     operands: str = "bf16"
-    cuda: tuple = ()
+    cuda: tuple | str = "auto"
 
     def operand_type(self):
         if self.operands not in ("bf16", "fp32"):
@@ -601,6 +603,7 @@ class _Geometry:
     FA: int      # values of ``a`` per feature step of the backward's chunk kernels
     FA_state: int  # ... of the state-delta kernel
     FA_out: int    # ... of the forward's chunk kernel
+    cuda: tuple    # the Hopper kernels (hopper.py) that run instead of Triton's: KernelConfig.cuda resolved
 
     @property
     def Tp(self) -> int:
@@ -659,20 +662,29 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     def fa(rows: int) -> int:  # a step holds at most 256 x 64 / e features (a delta program's fp32 accumulator)
         return min(rows, FB, max(2, 16384 // (FB * E)))
 
-    if not isinstance(cfg.cuda, tuple):
-        raise ValueError(f"KernelConfig.cuda takes a tuple of kernel names (e.g. ('deltas', 'out')), got {cfg.cuda!r}")
-    for name in cfg.cuda:
-        why = hopper.why_not(name, q, DK, E, FB, fa(cfg.out_feature_rows if name == "out" else cfg.state_feature_rows),
-                             C, cfg.operands)
-        if why is not None:
-            raise ValueError(f"KernelConfig(cuda=({name!r},)) cannot run here: {why}")
+    def why_not(name: str) -> str | None:
+        rows = cfg.out_feature_rows if name == "out" else cfg.state_feature_rows
+        return hopper.why_not(name, q, DK, E, FB, fa(rows), C, cfg.operands)
+
+    if cfg.cuda == "auto":   # the CUDA deltas where they sum the states themselves (measured faster there)
+        steps = NP * (FB // fa(cfg.state_feature_rows))
+        cuda = ("deltas",) if NC > 1 and why_not("deltas") is None and hopper.segments(
+            (steps + 1) * B * Hkv, NC - 1, q.device)[1] else ()
+    elif isinstance(cfg.cuda, tuple):
+        cuda = cfg.cuda
+        for name in cuda:
+            if (why := why_not(name)) is not None:
+                raise ValueError(f"KernelConfig(cuda=({name!r},)) cannot run here: {why}")
+    else:
+        raise ValueError(f"KernelConfig.cuda takes 'auto' or a tuple of kernel names (e.g. ('deltas', 'out')), "
+                         f"got {cfg.cuda!r}")
     BM = min(cfg.block, C)
     if BM == C >= 64 and DK <= 32:
         # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
         # triton 3.6, compute-sanitizer; at any pipeline depth): two blocks per chunk instead
         BM = C // 2
     return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
-                     fa(cfg.state_feature_rows), fa(cfg.out_feature_rows))
+                     fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cuda)
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
@@ -702,7 +714,7 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
     if g.NC == 1:
         return SB, ZB
     steps, ns = _steps(g.NB, g.FB, g.FA_state, X.device), g.NS(g.FA_state)
-    if "deltas" in cfg.cuda:   # S and Z on wgmma (hopper.py), summed there too where the grid is large enough
+    if "deltas" in g.cuda:   # S and Z on wgmma (hopper.py), summed there too where the grid is large enough
         nseg, acc = hopper.segments((ns + 1) * g.B * g.Hkv, g.NC - 1, X.device)
         hopper.state_deltas(X, Y, G, steps, SB, ZB, den, delta, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq,
                             hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate, backward=backward, nseg=nseg,
@@ -741,7 +753,7 @@ class _PowerRetentionFn(torch.autograd.Function):
         O32 = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)  # for the backward's delta
         DEN = torch.empty(g.B, g.Hq, g.Tp, device=q.device, dtype=torch.float32)
         steps = _steps(g.NB, g.FB, g.FA_out, q.device)
-        if "out" in cfg.cuda:
+        if "out" in g.cuda:
             hopper.forward_out(qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, ns=g.NS(g.FA_out), nc=g.NC, chunk=g.C,
                                f=g.F, hq=g.Hq, hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate)
         else:

@@ -245,9 +245,13 @@ def test_auto_takes_the_cuda_deltas_only_where_they_run_in_one_segment(monkeypat
     asked = []
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: asked.append((name, *args[1:])) or None)
     monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: asked.append((blocks, slots)) or (1, True))
+    monkeypatch.setattr(hopper, "compiles", lambda name, device: asked.append(name) or True)
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas",)
     # the deltas kernel's own feature steps; 10 steps + Z's block for each of 3 x 2 KV heads; 4 chunks, 3 slots
-    assert asked == [("deltas", 64, 64, 16, 16, 128, "bf16"), (11 * 6, 3)]
+    assert asked == [("deltas", 64, 64, 16, 16, 128, "bf16"), (11 * 6, 3), "deltas"]
+    monkeypatch.setattr(hopper, "compiles", lambda name, device: False)
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
+    monkeypatch.setattr(hopper, "compiles", lambda name, device: True)
     assert _geometry(q, k, k, 128, KernelConfig(cuda=())).cuda == ()
     assert _geometry(q, k, k, 512, KernelConfig()).cuda == ()                     # one chunk: no states
     monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (2, False))
@@ -255,6 +259,21 @@ def test_auto_takes_the_cuda_deltas_only_where_they_run_in_one_segment(monkeypat
     monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (1, True))
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no")
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
+
+
+def test_a_kernel_that_does_not_compile_is_reported_not_raised(monkeypatch):
+    """``hopper.compiles`` (what "auto" asks last): a compile or load failure is a warning naming the kernel and the
+    error, and False (the Triton kernels run); a kernel that compiles is True."""
+    from longctx.mechanisms.power import hopper
+
+    def fail(name, device):
+        raise RuntimeError("NVRTC_ERROR_INVALID_OPTION")
+
+    monkeypatch.setattr(hopper, "_kernel", fail)
+    with pytest.warns(UserWarning, match="'deltas' did not compile .*NVRTC_ERROR_INVALID_OPTION"):
+        assert hopper.compiles.__wrapped__("deltas", 0) is False
+    monkeypatch.setattr(hopper, "_kernel", lambda name, device: object())
+    assert hopper.compiles.__wrapped__("deltas", 0) is True
 
 
 @CUDA

@@ -669,7 +669,7 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
     if cfg.cuda == "auto":   # the CUDA deltas where they sum the states themselves (measured faster there)
         steps = NP * (FB // fa(cfg.state_feature_rows))
         cuda = ("deltas",) if NC > 1 and why_not("deltas") is None and hopper.segments(
-            (steps + 1) * B * Hkv, NC - 1, q.device)[1] else ()
+            (steps + 1) * B * Hkv, NC - 1, q.device)[1] and hopper.compiles("deltas", q.device.index) else ()
     elif isinstance(cfg.cuda, tuple):
         cuda = cfg.cuda
         for name in cuda:

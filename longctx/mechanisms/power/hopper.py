@@ -14,6 +14,7 @@ measured speeds are in ``benchmarks/power_retention_notes.md`` (v8-v10).
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,6 +65,18 @@ def _kernel(name: str, device: int):
         if smem:
             kernel.set_shared_memory_config(smem)
     return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def compiles(name: str, device: int) -> bool:
+    """Whether kernel ``name`` compiles for this GPU (``KernelConfig(cuda="auto")`` asks before taking it: NVRTC or
+    the driver may refuse sm_90a code that an explicit ``cuda=(...)`` would then raise on); warns once if not."""
+    try:
+        _kernel(name, device)
+        return True
+    except Exception as err:  # noqa: BLE001 - any compile / load failure sends "auto" to the Triton kernels
+        warnings.warn(f"the CUDA kernel {name!r} did not compile ({err!r}); using the Triton kernels", stacklevel=3)
+        return False
 
 
 @functools.lru_cache(maxsize=None)

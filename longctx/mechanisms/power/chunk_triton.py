@@ -104,9 +104,9 @@ class KernelConfig:
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
     ``"deltas"`` (the states between chunks, ``S`` and ``Z``) and / or ``"out"`` (the forward's output kernel), a
     tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not`` says what
-    it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas kernel where it
-    can run these inputs and its grid fills the GPU (``hopper.segments``: one segment, the states summed in the
-    kernel and no scan; measured faster than Triton's there), the Triton kernels elsewhere."""
+    it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas
+    kernel where it can run these inputs and its grid fills the GPU (``hopper.segments``: one segment, the states
+    summed in the kernel and no scan; measured faster than Triton's there), the Triton kernels elsewhere."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16

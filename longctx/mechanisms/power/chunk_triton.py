@@ -623,6 +623,11 @@ class _Geometry:
         """Feature steps of ``fa`` values of ``a``."""
         return self.NP * (self.FB // fa)
 
+    def deltas_segments(self, device: torch.device) -> tuple[int, bool]:
+        """``hopper.segments`` for the CUDA deltas kernel's grid: ``NS + 1`` blocks a KV head (``Z``'s the last),
+        ``NC - 1`` chunk slots."""
+        return hopper.segments((self.NS(self.FA_state) + 1) * self.B * self.Hkv, self.NC - 1, device)
+
     def features(self, fa: int) -> dict:
         """A kernel's feature-step arguments at ``fa`` values of ``a`` per step."""
         return dict(FB=self.FB, FA=fa, F=self.F, NS=self.NS(fa))
@@ -666,16 +671,11 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         rows = cfg.out_feature_rows if name == "out" else cfg.state_feature_rows
         return hopper.why_not(name, q, DK, E, FB, fa(rows), C, cfg.operands)
 
-    if cfg.cuda == "auto":   # the CUDA deltas where they sum the states themselves (measured faster there)
-        steps = NP * (FB // fa(cfg.state_feature_rows))
-        cuda = ("deltas",) if NC > 1 and why_not("deltas") is None and hopper.segments(
-            (steps + 1) * B * Hkv, NC - 1, q.device)[1] and hopper.compiles("deltas", q.device.index) else ()
-    elif isinstance(cfg.cuda, tuple):
-        cuda = cfg.cuda
-        for name in cuda:
+    if isinstance(cfg.cuda, tuple):
+        for name in cfg.cuda:
             if (why := why_not(name)) is not None:
                 raise ValueError(f"KernelConfig(cuda=({name!r},)) cannot run here: {why}")
-    else:
+    elif cfg.cuda != "auto":
         raise ValueError(f"KernelConfig.cuda takes 'auto' or a tuple of kernel names (e.g. ('deltas', 'out')), "
                          f"got {cfg.cuda!r}")
     BM = min(cfg.block, C)
@@ -683,8 +683,12 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         # a chunk of one 64-row block with d <= 32 made _bwd_dkv touch shared/local memory out of range (H100,
         # triton 3.6, compute-sanitizer; at any pipeline depth): two blocks per chunk instead
         BM = C // 2
-    return _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
-                     fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cuda)
+    g = _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
+                  fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cfg.cuda)
+    if cfg.cuda == "auto":   # the CUDA deltas where they sum the states themselves (measured faster there)
+        g.cuda = ("deltas",) if (NC > 1 and why_not("deltas") is None and g.deltas_segments(q.device)[1]
+                                 and hopper.compiles("deltas", q.device.index)) else ()
+    return g
 
 
 def _pad(x: Tensor, g: _Geometry) -> Tensor:
@@ -715,7 +719,7 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
         return SB, ZB
     steps, ns = _steps(g.NB, g.FB, g.FA_state, X.device), g.NS(g.FA_state)
     if "deltas" in g.cuda:   # S and Z on wgmma (hopper.py), summed there too where the grid is large enough
-        nseg, acc = hopper.segments((ns + 1) * g.B * g.Hkv, g.NC - 1, X.device)
+        nseg, acc = g.deltas_segments(X.device)
         hopper.state_deltas(X, Y, G, steps, SB, ZB, den, delta, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq,
                             hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate, backward=backward, nseg=nseg,
                             acc=acc)

@@ -267,7 +267,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         wgmma_wait<0>();
         __syncthreads();                                    // the previous slot's rows are written out
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {                       // scale, round to bf16, stage, write 16 bytes a thread
+        for (int i = 0; i < 4; ++i) {                       // round to bf16, stage, write 16 bytes a thread
             const int f = (4 * i + warp) * 16 + g;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {

@@ -90,6 +90,23 @@ def test_stepwise_decoding_equals_naive(deg, gated, chunk, switch_over, gen):
     assert tensor_bytes(state) == m.state_bytes(T, batch=2, dtype=torch.float64)
 
 
+def feature_sum_scale(q, k, v, log_g, deg, o):
+    """Per query row ``[B, Hq, T]``: ``sum_j g_ij (sum_a |q_ia k_ja|)^deg (|v_j| + |o_i|) / den_i`` with ``den_i =
+    sum_j g_ij (q_i . k_j)^deg`` (causal, gated): the size of what the feature form sums for ``o_i``, which its
+    rounding errors scale with (``max`` norms over the value dimension)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    T = q.shape[2]
+    gate = torch.zeros(T, T, dtype=q.dtype)
+    if log_g is not None:
+        G = log_g.repeat_interleave(rep, 1).cumsum(-1)
+        gate = G[..., :, None] - G[..., None, :]
+    g = torch.where(torch.ones(T, T, dtype=torch.bool).tril(), gate.exp(), torch.zeros((), dtype=q.dtype))
+    sizes = g * (q.abs() @ k.abs().transpose(-1, -2)) ** deg
+    den = (g * (q @ k.transpose(-1, -2)) ** deg).sum(-1)
+    return (sizes * (v.abs().amax(-1)[..., None, :] + o.abs().amax(-1)[..., :, None])).sum(-1) / den
+
+
 @pytest.mark.parametrize("deg", [2, 4])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunk,switch_over,first", [(4, 8, 5), (4, 8, 0), (4, 4, 3), (3, 12, 11), (5, 25, 2)])
@@ -111,8 +128,11 @@ def test_long_step_equals_token_by_token(deg, gated, chunk, switch_over, first, 
         return torch.cat(outs, 2), state
     o1, s1 = run(list(range(1, T + 1)))
     o2, s2 = run(list(range(1, first + 1)) + [T])
-    # measured <= 2.3e-13 (one seed in ~15; median 5e-16): heavy tail, so 1e-12 stays
-    assert rel_err(o2, o1) < 1e-12
+    # relative to |o| the error is heavy-tailed (up to 2.6e-12 at deg 4: a row whose query is almost orthogonal
+    # to its few keys has tiny weights, summed from features of size (|q_a k_a|)^deg); relative to the sums the
+    # feature form adds up it is not: measured <= 5.1 eps over 100 seeds of every case here
+    err = (o2 - o1).abs().amax(-1) / feature_sum_scale(q, k, v, log_g, deg, o1)
+    assert err.max() < 64 * torch.finfo(torch.float64).eps, err.max()
     assert s2.k.shape == s1.k.shape and s2.seen == s1.seen == T
     for a, b in ((s1.k, s2.k), (s1.v, s2.v), (s1.S, s2.S), (s1.z, s2.z)) + (((s1.g, s2.g),) if gated else ()):
         # measured <= 5.5e-16 over 18 seeds

@@ -134,6 +134,7 @@ class KernelConfig:
 
 
 if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)    # exp(x) = exp2(x LOG2E)
 
     @triton.jit
     def _mm(a, b, INTERP: tl.constexpr):
@@ -391,16 +392,19 @@ if triton is not None:
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
+        if HAS_GATE:
+            gq = gi * LOG2E + tl.log2(scale * scale)     # w = x^2 scale^2 e^(G_i - G_j): the scale in the exponent
         for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
-            x = _mm(q, tl.trans(kk), INTERP) * scale
+            x = _mm(q, tl.trans(kk), INTERP)
             vis = rows[:, None] >= cols[None, :]
             if HAS_GATE:
-                w = x * x * tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
+                w = x * x * tl.exp2(tl.where(vis, gq[:, None] - (tl.load(g_ptr + cols) * LOG2E)[None, :],
+                                             float("-inf")))
             else:
-                w = tl.where(vis, x * x, 0.0)
+                w = tl.where(vis, x * x * (scale * scale), 0.0)
             # the normaliser sums the same rounded weights the numerator uses: a row is then an exact convex
             # combination of its values (row 0 returns v_0 exactly), which keeps do.v - delta free of rounding
             # bias in the backward (seen without: dq of a first token with a tiny weight off by 4x |dq|)
@@ -462,8 +466,9 @@ if triton is not None:
             r = tl.full([BM], scale * scale, tl.float32)
         fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
-        dnum = (do.to(tl.float32) / den[:, None]).to(OPDT)
-        dden = -delta / den
+        inv_den = 1.0 / den     # multiplied by in the loops: a division there was ~8 instructions an element
+        dnum = (do.to(tl.float32) * inv_den[:, None]).to(OPDT)
+        dden = -delta * inv_den
         # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
         dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
@@ -481,24 +486,32 @@ if triton is not None:
             dg += tl.sum(da * qa, 1)
             dqa = _scatter_cols(dqa, da, ca, FA, DK)
             dqb = _scatter_cols(dqb, db, cb, FB, DK)
+        dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))
         q32 = q.to(tl.float32)
         qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
         rz = r * dden
         dg = dg * r + tl.sum(qz * q32, 1) * rz
-        dq = (tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))) * r[:, None] + qz * (2.0 * rz)[:, None]
+        # inside the chunk, w_ij = (scale x_ij)^2 e^(G_i - G_j) with x = q k^T: p = x scale^2 e^(G_i - G_j) (the
+        # scale inside the exponent: no multiply an element) is half of dw_ij / dx_ij, so dq gathers the p-weighted
+        # terms at half weight and is doubled after the loop (both exact)
+        dq = (dq * r[:, None] + qz * (2.0 * rz)[:, None]) * 0.5
+        if HAS_GATE:
+            gq = gi * LOG2E + tl.log2(scale * scale)
         for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
             vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
-            x = _mm(q, tl.trans(kk), INTERP) * scale
+            x = _mm(q, tl.trans(kk), INTERP)
             vis = rows[:, None] >= cols[None, :]
             if HAS_GATE:
-                ex = tl.exp(tl.where(vis, gi[:, None] - tl.load(g_ptr + cols)[None, :], float("-inf")))
+                ex = tl.exp2(tl.where(vis, gq[:, None] - (tl.load(g_ptr + cols) * LOG2E)[None, :], float("-inf")))
             else:
-                ex = tl.where(vis, 1.0, 0.0)
-            dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) / den[:, None]
-            dg += tl.sum(dw * x * x * ex, 1)
-            dq += _mm((dw * (2.0 * scale) * x * ex).to(OPDT), kk.to(OPDT), INTERP)
+                ex = tl.where(vis, scale * scale, 0.0)
+            p = x * ex
+            dw = (_mm(do, tl.trans(vv), INTERP) - delta[:, None]) * inv_den[:, None]
+            dg += tl.sum(dw * (x * p), 1)
+            dq += _mm((dw * p).to(OPDT), kk.to(OPDT), INTERP)
+        dq = dq * 2.0
         tl.store(DQ + bh * Tp * DK + rows[:, None] * DK + di[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(DGQ + bh * Tp + rows, dg)
 
@@ -546,10 +559,13 @@ if triton is not None:
             dka = _scatter_cols(dka, da, ca, FA, DK)
             dkb = _scatter_cols(dkb, db, cb, FB, DK)
         k32 = kk.to(tl.float32)
+        dk = tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK))
         kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC - 1, DK), mask=n < NC - 1, other=0.0))
         dg = (dg + tl.sum(kz * k32, 1)) * beta
-        dk = (tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK)) + 2.0 * kz) * beta[:, None]
+        dk = (dk + 2.0 * kz) * (0.5 * beta)[:, None]     # in-chunk terms at half weight, as in _bwd_dq
         dv = dv * beta[:, None]
+        if HAS_GATE:
+            gk = gj * LOG2E - tl.log2(scale * scale)
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)
             for i0 in tl.range(j0, c0 + C, BM, num_stages=LOOP_STAGES):
@@ -559,17 +575,21 @@ if triton is not None:
                 den = tl.load(DEN + bh * Tp + rows)
                 den = tl.where(den == 0.0, 1.0, den)
                 delta = tl.load(DELTA + bh * Tp + rows)
-                xt = _mm(kk, tl.trans(q), INTERP) * scale                               # [keys, queries]
+                xt = _mm(kk, tl.trans(q), INTERP)                                       # [keys, queries]
                 vis = rows[None, :] >= cols[:, None]
                 if HAS_GATE:
-                    ex = tl.exp(tl.where(vis, tl.load(g_ptr + rows)[None, :] - gj[:, None], float("-inf")))
+                    ex = tl.exp2(tl.where(vis, (tl.load(g_ptr + rows) * LOG2E)[None, :] - gk[:, None],
+                                          float("-inf")))
                 else:
-                    ex = tl.where(vis, 1.0, 0.0)
-                wt = xt * xt * ex
-                dv += _mm(wt.to(OPDT), (do.to(tl.float32) / den[:, None]).to(OPDT), INTERP)
-                dwt = (_mm(vv, tl.trans(do), INTERP) - delta[None, :]) / den[None, :]
+                    ex = tl.where(vis, scale * scale, 0.0)
+                pt = xt * ex
+                wt = xt * pt
+                inv_den = 1.0 / den
+                dv += _mm(wt.to(OPDT), (do.to(tl.float32) * inv_den[:, None]).to(OPDT), INTERP)
+                dwt = (_mm(vv, tl.trans(do), INTERP) - delta[None, :]) * inv_den[None, :]
                 dg += tl.sum(dwt * wt, 1)
-                dk += _mm((dwt * (2.0 * scale) * xt * ex).to(OPDT), q.to(OPDT), INTERP)
+                dk += _mm((dwt * pt).to(OPDT), q.to(OPDT), INTERP)
+        dk = dk * 2.0
         tl.store(DKO + bkv * Tp * DK + cols[:, None] * DK + di[None, :], dk.to(DKO.dtype.element_ty))
         tl.store(DVO + bkv * Tp * E + cols[:, None] * E + ei[None, :], dv.to(DVO.dtype.element_ty))
         tl.store(DGK + bkv * Tp + cols, dg)

@@ -392,8 +392,7 @@ if triton is not None:
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        if HAS_GATE:
-            gq = gi * LOG2E + tl.log2(scale * scale)     # w = x^2 scale^2 e^(G_i - G_j): the scale in the exponent
+        ls2 = tl.log2(scale * scale)     # w = x^2 scale^2 e^(G_i - G_j): the scale in the exponent
         for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):  # inside the chunk: keys c0 .. m0 + BM - 1
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
@@ -401,7 +400,7 @@ if triton is not None:
             x = _mm(q, tl.trans(kk), INTERP)
             vis = rows[:, None] >= cols[None, :]
             if HAS_GATE:
-                w = x * x * tl.exp2(tl.where(vis, gq[:, None] - (tl.load(g_ptr + cols) * LOG2E)[None, :],
+                w = x * x * tl.exp2(tl.where(vis, (gi[:, None] - tl.load(g_ptr + cols)[None, :]) * LOG2E + ls2,
                                              float("-inf")))
             else:
                 w = tl.where(vis, x * x * (scale * scale), 0.0)
@@ -495,8 +494,7 @@ if triton is not None:
         # scale inside the exponent: no multiply an element) is half of dw_ij / dx_ij, so dq gathers the p-weighted
         # terms at half weight and is doubled after the loop (both exact)
         dq = (dq * r[:, None] + qz * (2.0 * rz)[:, None]) * 0.5
-        if HAS_GATE:
-            gq = gi * LOG2E + tl.log2(scale * scale)
+        ls2 = tl.log2(scale * scale)
         for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):
             cols = j0 + tl.arange(0, BM)
             kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
@@ -504,7 +502,8 @@ if triton is not None:
             x = _mm(q, tl.trans(kk), INTERP)
             vis = rows[:, None] >= cols[None, :]
             if HAS_GATE:
-                ex = tl.exp2(tl.where(vis, gq[:, None] - (tl.load(g_ptr + cols) * LOG2E)[None, :], float("-inf")))
+                ex = tl.exp2(tl.where(vis, (gi[:, None] - tl.load(g_ptr + cols)[None, :]) * LOG2E + ls2,
+                                      float("-inf")))
             else:
                 ex = tl.where(vis, scale * scale, 0.0)
             p = x * ex
@@ -564,8 +563,7 @@ if triton is not None:
         dg = (dg + tl.sum(kz * k32, 1)) * beta
         dk = (dk + 2.0 * kz) * (0.5 * beta)[:, None]     # in-chunk terms at half weight, as in _bwd_dq
         dv = dv * beta[:, None]
-        if HAS_GATE:
-            gk = gj * LOG2E - tl.log2(scale * scale)
+        ls2 = tl.log2(scale * scale)
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)
             for i0 in tl.range(j0, c0 + C, BM, num_stages=LOOP_STAGES):
@@ -578,7 +576,7 @@ if triton is not None:
                 xt = _mm(kk, tl.trans(q), INTERP)                                       # [keys, queries]
                 vis = rows[None, :] >= cols[:, None]
                 if HAS_GATE:
-                    ex = tl.exp2(tl.where(vis, (tl.load(g_ptr + rows) * LOG2E)[None, :] - gk[:, None],
+                    ex = tl.exp2(tl.where(vis, (tl.load(g_ptr + rows)[None, :] - gj[:, None]) * LOG2E + ls2,
                                           float("-inf")))
                 else:
                     ex = tl.where(vis, scale * scale, 0.0)

@@ -1,8 +1,8 @@
 """Sharded power retention on CPU with gloo: world sizes 1-4, each rank's outputs and q/k/v/gate gradients against
 the quadratic float64 definition on the whole sequence (float32 cases: the one-process float32 chunked form; gated
-or not, deg 2 and 4, GQA, batch > 1, shard lengths that are no multiple of the chunk and differ by rank); the bytes each rank sends; ranks that disagree raise the
-same error; the GPT with ``sequence_parallel=True`` trains like one process; a rank that raises or hangs in the
-middle of the relay makes the others fail in bounded time.
+or not, deg 2 and 4, GQA, batch > 1, shard lengths that are no multiple of the chunk and differ by rank); the bytes
+each rank sends; ranks that disagree raise the same error; the GPT with ``sequence_parallel=True`` trains like one
+process; a rank that raises or hangs in the middle of the relay makes the others fail in bounded time.
 
 One spawn per world size runs every case (spawning is the slow part); the tests then read its results.
 """

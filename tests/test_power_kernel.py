@@ -64,6 +64,9 @@ res = {
     # a hard reset at the end of the first chunk: a running sum of the gate over the whole sequence sat at -1e6
     # after it, where float32 values are 0.06 apart, and every later gate factor was off by up to 6%
     "exact_hard_reset": case(1, 2, 1, 64, 16, 16, 16, True, torch.float16, "fp32", reset_at=15),
+    # hard resets inside chunks: the in-chunk sum of the gate sat at -1e6 after them (1-3e-2 errors) until the
+    # kernel floored the gate at -80
+    "exact_resets_inside_chunks": case(1, 2, 1, 64, 16, 16, 32, True, torch.float16, "fp32", reset_at=[5, 40]),
     # the fast path: bf16 operands, as on the GPU
     "bf16_gated_gqa": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16"),
     "bf16_tiny_first_weight": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16", tiny_first_weight=True),
@@ -116,7 +119,8 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     report = json.loads(run.stdout.strip().splitlines()[-1])
     errors = report["errors"]
     for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_mixed_steps", "exact_one_chunk",
-                 "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset", "exact_gate_blocks"):
+                 "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset",
+                 "exact_resets_inside_chunks", "exact_gate_blocks"):
         # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
         # 40 seeds
         assert max(errors[name]) < 1e-3, (name, errors[name])

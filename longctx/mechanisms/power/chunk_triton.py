@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ...attention import check_qkv
 from . import hopper
-from .naive import check_gate, default_scale
+from .naive import LOG_G_FLOOR, check_gate, default_scale
 
 try:
     import triton
@@ -135,6 +135,7 @@ class KernelConfig:
 
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)    # exp(x) = exp2(x LOG2E)
+    GATE_FLOOR = tl.constexpr(LOG_G_FLOOR)
 
     @triton.jit
     def _mm(a, b, INTERP: tl.constexpr):
@@ -332,9 +333,9 @@ if triton is not None:
     @triton.jit
     def _gate_sums(LG, G, T, NC, C: tl.constexpr, BLK: tl.constexpr):
         """``G [B*Hkv, NC * C]`` (fp32) from ``log_g [B*Hkv, T]``: the gate summed inside chunk ``n`` (program 0),
-        padded tokens 0, every value that is not ``<= 0`` NaN (``check_gate``'s rule on CUDA): the sum carries it to
-        the chunk's later tokens, the chunk's state contribution and decay to every later chunk. ``-inf`` needs
-        nothing: the gate differences from it on (``-inf - -inf``) are NaN, and so is its chunk's contribution."""
+        padded tokens 0, every value that is not finite and ``<= 0`` NaN and every other floored at ``LOG_G_FLOOR``
+        (``check_gate``'s rules on CUDA): the sum carries a NaN to the chunk's later tokens, the chunk's state
+        contribution and decay to every later chunk."""
         n = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
         carry = tl.sum(tl.zeros([BLK], dtype=tl.float32), 0)
@@ -342,7 +343,7 @@ if triton is not None:
             i = s0 + tl.arange(0, BLK)
             t = n * C + i
             x = tl.load(LG + row * T + t, mask=(i < C) & (t < T), other=0.0).to(tl.float32)
-            x = tl.where(x <= 0.0, x, float("nan"))
+            x = tl.where((x <= 0.0) & (x > float("-inf")), tl.maximum(x, GATE_FLOOR), float("nan"))
             tl.store(G + row * NC * C + t, tl.cumsum(x, 0) + carry, mask=i < C)
             carry += tl.sum(x, 0)
 
@@ -834,6 +835,6 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
                          f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
-    log_g = check_gate(log_g, k, poison=False)     # poisoned by the forward's first kernel: no autograd node
+    log_g = check_gate(log_g, k, poison=False)     # poisoned and floored by the forward's first kernel: no autograd node
     return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
                                    config or KernelConfig())

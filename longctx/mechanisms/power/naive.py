@@ -25,6 +25,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 REFUSED_ON = ("cpu",)   # devices whose gates are checked on the host; elsewhere they are poisoned (check_gate)
+LOG_G_FLOOR = -80.0     # a log gate below it counts as it (check_gate)
 
 
 def check_gate(log_g: Tensor | None, k: Tensor, poison: bool = True) -> Tensor | None:
@@ -35,7 +36,12 @@ def check_gate(log_g: Tensor | None, k: Tensor, poison: bool = True) -> Tensor |
     *poisoned* instead (:func:`poison_gate`): each bad value becomes NaN, and so do the outputs it reaches (its
     token's and every later token's of that head), never a finite number; ``poison=False`` leaves that to the
     caller (the Triton kernel poisons inside its forward, outside autograd). The models make their gates with
-    ``logsigmoid`` (finite, ``<= 0``): the poisoning then changes nothing."""
+    ``logsigmoid`` (finite, ``<= 0``): the poisoning then changes nothing.
+
+    A value below ``LOG_G_FLOOR`` (-80) counts as -80 (a hard reset: the gate factor e^-80 ~ 1.8e-35 forgets the
+    state as fully as e^-1e6 does), so that the gate's running sums keep float32's precision after it: at -1e6
+    float32 values are 0.06 apart, and every later gate factor of such a sum was off by up to 6%. ``poison=False``
+    leaves the floor to the caller too."""
     if log_g is None:
         return None
     if not isinstance(log_g, Tensor) or not log_g.dtype.is_floating_point:
@@ -53,12 +59,13 @@ def check_gate(log_g: Tensor | None, k: Tensor, poison: bool = True) -> Tensor |
         if bool(bad.any()):
             raise ValueError(f"log_g must be finite and <= 0 (the log of a forget gate in (0, 1]); {int(bad.sum())} "
                              f"of {log_g.numel()} values are not, e.g. {log_g[bad].flatten()[0].item()}")
-    return log_g
+    return log_g.clamp_min(LOG_G_FLOOR) if poison else log_g
 
 
 def poison_gate(log_g: Tensor) -> Tensor:
-    """``log_g`` with every value that is not finite and ``<= 0`` replaced by NaN; elementwise, no host sync."""
-    return torch.where((log_g <= 0) & (log_g > float("-inf")), log_g, float("nan"))
+    """``log_g`` with every value that is not finite and ``<= 0`` replaced by NaN, and floored at ``LOG_G_FLOOR``;
+    elementwise, no host sync."""
+    return torch.where((log_g <= 0) & (log_g > float("-inf")), log_g.clamp_min(LOG_G_FLOOR), float("nan"))
 
 
 def default_scale(d: int, scale: float | None) -> float:

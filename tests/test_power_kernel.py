@@ -232,11 +232,11 @@ def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch)
     assert hopper.segments(44, 3, dev) == (3, False)
 
 
-def test_auto_takes_the_cuda_deltas_only_where_they_run_in_one_segment(monkeypatch):
+def test_auto_takes_the_cuda_deltas_wherever_they_run(monkeypatch):
     """``KernelConfig(cuda="auto")``, the default: the CUDA deltas kernel where ``hopper.why_not`` lets it run (a
-    Hopper GPU, bf16, d = e = 64, ...) and ``hopper.segments`` gives it one segment (it sums the states, no scan),
-    Triton's kernels elsewhere (here: CPU inputs) instead of the error an explicit tuple raises; what ``_geometry``
-    resolves is what the launches read."""
+    Hopper GPU, bf16, d = e = 64, ...) and it compiles, in one segment or several (``hopper.segments``: asked when
+    the states are made, not here), Triton's kernels elsewhere (here: CPU inputs) instead of the error an explicit
+    tuple raises; what ``_geometry`` resolves is what the launches read."""
     import torch
 
     from longctx.mechanisms.power import hopper
@@ -248,19 +248,16 @@ def test_auto_takes_the_cuda_deltas_only_where_they_run_in_one_segment(monkeypat
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
     asked = []
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: asked.append((name, *args[1:])) or None)
-    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: asked.append((blocks, slots)) or (1, True))
+    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: asked.append((blocks, slots)) or (2, False))
     monkeypatch.setattr(hopper, "compiles", lambda name, device: asked.append(name) or True)
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas",)
-    # the deltas kernel's own feature steps; 10 steps + Z's block for each of 3 x 2 KV heads; 4 chunks, 3 slots
-    assert asked == [("deltas", 64, 64, 16, 16, 128, "bf16"), (11 * 6, 3), "deltas"]
+    # the deltas kernel's own feature steps, then whether it compiles; segments do not decide
+    assert asked == [("deltas", 64, 64, 16, 16, 128, "bf16"), "deltas"]
     monkeypatch.setattr(hopper, "compiles", lambda name, device: False)
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
     monkeypatch.setattr(hopper, "compiles", lambda name, device: True)
     assert _geometry(q, k, k, 128, KernelConfig(cuda=())).cuda == ()
     assert _geometry(q, k, k, 512, KernelConfig()).cuda == ()                     # one chunk: no states
-    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (2, False))
-    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
-    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (1, True))
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no")
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
 

@@ -105,8 +105,9 @@ class KernelConfig:
     ``"deltas"`` (the states between chunks, ``S`` and ``Z``) and / or ``"out"`` (the forward's output kernel), a
     tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not`` says what
     it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas
-    kernel where it can run these inputs and its grid fills the GPU (``hopper.segments``: one segment, the states
-    summed in the kernel and no scan; measured faster than Triton's there), the Triton kernels elsewhere."""
+    kernel wherever it can run these inputs (measured faster than Triton's at every T: summing the states itself
+    where its grid fills the GPU, ``hopper.segments``, else in segments with the scan), the Triton kernels
+    elsewhere."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -704,8 +705,8 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         BM = C // 2
     g = _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
                   fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cfg.cuda)
-    if cfg.cuda == "auto":   # the CUDA deltas where they sum the states themselves (measured faster there)
-        g.cuda = ("deltas",) if (NC > 1 and why_not("deltas") is None and g.deltas_segments(q.device)[1]
+    if cfg.cuda == "auto":   # the CUDA deltas wherever they run (measured faster at every T, notes v10 and v13)
+        g.cuda = ("deltas",) if (NC > 1 and why_not("deltas") is None
                                  and hopper.compiles("deltas", q.device.index)) else ()
     return g
 

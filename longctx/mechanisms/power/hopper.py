@@ -8,8 +8,9 @@ build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``
 blocks of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``). The Triton
 kernels cover the rest and are what CI tests (no GPU there): these are checked against them and against the float64
 reference on the GPU (``tests/test_power_kernel.py``, the Hopper cases). The default configuration
-(``KernelConfig(cuda="auto")``) takes the deltas kernel where its grid fills the GPU and it sums the states itself;
-measured speeds are in ``benchmarks/power_retention_notes.md`` (v8-v10).
+(``KernelConfig(cuda="auto")``) takes the deltas kernel wherever it runs (summing the states itself where its grid
+fills the GPU, else in segments with the scan); measured speeds are in ``benchmarks/power_retention_notes.md``
+(v8-v13).
 """
 from __future__ import annotations
 

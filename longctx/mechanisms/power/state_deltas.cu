@@ -19,7 +19,7 @@
 // tiles in flight while one is multiplied), across chunk boundaries; a tile's x_a^T is written by all threads one
 // tile ahead. The 4 MMAs of a 16-token slice run while the next slice's features are built (one wgmma group in
 // flight). Z's block multiplies (w x)^T, split into three bf16 parts (hi + mid + lo: fp32's 24 bits), by x on the
-// same MMAs: fp32-exact products, fp32 sums.
+// same MMAs: fp32-exact products, fp32 sums; its 3 MMAs of a slice also run while the next slice's parts are built.
 //
 // Block: one warpgroup (128 threads), grid (steps + 1, segments, B*Hkv). Accumulator: 4 m64n64 tiles (warp w,
 // tile i holds features a_local = 4i + w). No includes: compiles under NVRTC or nvcc alone.
@@ -181,12 +181,13 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
 #pragma unroll
         for (int j = 0; j < 32; ++j) z[j] = 0.f;
         const int a0 = warp * 16 + g;
+        u32 P[2][3][4];                                  // two slices' A parts (hi, mid, lo): one group in flight
         for (int t = 0; t < ntiles; ++t) {
             const u32 st = sbase + (t % NSTAGE) * STAGE_BYTES;
             const float* wz = reinterpret_cast<const float*>(smem + OFF_WZ + (t & 1) * 256);
 #pragma unroll
             for (int sl = 0; sl < 4; ++sl) {
-                u32 hi[4], mid[4], lo[4];
+                u32 (&hi)[4] = P[sl & 1][0], (&mid)[4] = P[sl & 1][1], (&lo)[4] = P[sl & 1][2];
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {            // A register r: row a0 + 8 (r & 1), tokens 2c (+ 8 (r >> 1))
                     const int a = a0 + 8 * (r & 1), tk = 16 * sl + 2 * c + 8 * (r >> 1);
@@ -204,10 +205,11 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
                 WGMMA_64x64x16(z, mid[0], mid[1], mid[2], mid[3], dsc, 1, 1);
                 WGMMA_64x64x16(z, lo[0], lo[1], lo[2], lo[3], dsc, 1, 1);
                 wgmma_commit();
-                wgmma_wait<0>();
+                wgmma_wait<1>();
             }
             if (t + 1 < ntiles) advance(t);
             if ((t + 1) % tiles_slot == 0) {                 // the slot's last tile: write it, then decay or restart
+                wgmma_wait<0>();
                 float* zo = ZB + (bkv * (NC - 1) + slot(t / tiles_slot)) * (long long)(D * D);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {

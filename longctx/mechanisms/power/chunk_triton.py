@@ -836,6 +836,6 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
                          f"head dims d, e in (16, 32, 64, 128) and chunk_size 16, 32 or a multiple of 64; "
                          f"got {q.dtype} on {q.device}, d={q.shape[-1]}, e={v.shape[-1]}, chunk_size={chunk_size}")
     check_qkv(q, k, v)
-    log_g = check_gate(log_g, k, poison=False)     # poisoned and floored by the forward's first kernel: no autograd node
+    log_g = check_gate(log_g, k, poison=False)     # poisoned, floored by the forward's first kernel: no autograd node
     return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
                                    config or KernelConfig())

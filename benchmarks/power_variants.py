@@ -54,6 +54,7 @@ VARIANTS = {
     "cuda_d": KernelConfig(cuda=("deltas",)),     # the hand-written Hopper kernels (hopper.py)
     "cuda_o": KernelConfig(cuda=("out",)),
     "cuda": KernelConfig(cuda=("deltas", "out")),
+    "cuda_dq": KernelConfig(cuda=("deltas", "dq")),
 }
 CHUNK = 512
 DEVICE = "cuda"

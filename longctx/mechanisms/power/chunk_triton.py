@@ -28,7 +28,8 @@ a chunk's total, so no offset from earlier chunks is carried and long sequences 
    state part ``scale^2 exp(G_i) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser).
 4. ``_bwd_dq``       grid as 3; also writes ``delta_i = do_i . o_i``. The backward runs 4, then 1 and 2 for the
-   state gradients, then 5.
+   state gradients, then 5. With ``KernelConfig(cuda=("dq",))`` (the default on Hopper) its state part comes from
+   ``hopper.state_dq``, launched before it (``STATE_IN``).
 5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
 
 Around them, ``_gate_sums`` makes ``G`` from ``log_g`` (the forward's first launch) and ``_gate_grad`` makes
@@ -102,12 +103,13 @@ class KernelConfig:
     (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
-    ``"deltas"`` (the states between chunks, ``S`` and ``Z``) and / or ``"out"`` (the forward's output kernel), a
-    tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not`` says what
-    it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas
-    kernel wherever it can run these inputs (measured faster than Triton's at every T: summing the states itself
-    where its grid fills the GPU, ``hopper.segments``, else in segments with the scan), the Triton kernels
-    elsewhere."""
+    ``"deltas"`` (the states between chunks, ``S`` and ``Z``), ``"out"`` (the forward's output kernel) and / or
+    ``"dq"`` (the state part of the backward's dq; ``_bwd_dq`` adds the rest), a tuple: sm_90, bf16, d = e = 64,
+    the default feature steps, chunks of whole tiles (``hopper.why_not`` says what it refuses, and a tuple naming a
+    kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas kernel (summing the states itself
+    where its grid fills the GPU, ``hopper.segments``, else in segments with the scan) and the CUDA dq kernel
+    (chunks of whole 256-row blocks), each wherever it can run these inputs (both measured faster than Triton's),
+    the Triton kernels elsewhere."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -433,15 +435,40 @@ if triton is not None:
         tl.store(DEN + bh * Tp + rows, den)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, NC, scale,
+    def _dq_state(q_ptr, rows, STEPS, s_ptr, dnum, ns, BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr,
+                  FB: tl.constexpr, FA: tl.constexpr, INTERP: tl.constexpr, LOOP_STAGES: tl.constexpr):
+        """``_bwd_dq``'s state part before the factor ``r``: ``(phi(q) . g [BM], dq [BM, DK])`` over ``ns`` feature
+        steps of the state at ``s_ptr``, with ``g = dnum S^T`` the feature gradients."""
+        FT: tl.constexpr = FA * FB
+        fi = tl.arange(0, FT)
+        ei = tl.arange(0, E)
+        dg = tl.zeros([BM], dtype=tl.float32)
+        dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+        dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
+        for s in tl.range(ns, num_stages=LOOP_STAGES):
+            ca, cb, wab = _step(STEPS, s, FA, FB, True)
+            st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+            # the feature gradient is r_i wab (dnum_i . S_f): wab goes on the two folds (FA + FB values a row,
+            # where the [BM, FT] tile would take FT), r on the sums after the loop
+            g = _mm(dnum, tl.trans(st), INTERP)                                         # [BM, FT]
+            qa = _cols(q_ptr, rows, ca, FA, DK)
+            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
+            da = da * wab
+            db = db * wab
+            dg += tl.sum(da * qa, 1)
+            dqa = _scatter_cols(dqa, da, ca, FA, DK)
+            dqb = _scatter_cols(dqb, db, cb, FB, DK)
+        return dg, tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))
+
+    @triton.jit
+    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, US, VS, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                LOOP_STAGES: tl.constexpr):
+                LOOP_STAGES: tl.constexpr, STATE_IN: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
-        FT: tl.constexpr = FA * FB
         Tp = NC * C
         m0 = pid_m * BM
         n = m0 // C
@@ -465,37 +492,27 @@ if triton is not None:
             r = scale * scale * tl.exp(gi)
         else:
             r = tl.full([BM], scale * scale, tl.float32)
-        fi = tl.arange(0, FT)
         s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E       # the state entering the chunk (none for chunk 0)
         inv_den = 1.0 / den     # multiplied by in the loops: a division there was ~8 instructions an element
         dnum = (do.to(tl.float32) * inv_den[:, None]).to(OPDT)
         dden = -delta * inv_den
         # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
-        dg = tl.zeros([BM], dtype=tl.float32)  # sum_j dL/dw_ij w_ij
-        dqa = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-        dqb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-            ca, cb, wab = _step(STEPS, s, FA, FB, True)
-            st = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
-            # the feature gradient is r_i wab (dnum_i . S_f): wab goes on the two folds (FA + FB values a row,
-            # where the [BM, FT] tile would take FT), r on the sums after the loop
-            g = _mm(dnum, tl.trans(st), INTERP)                                         # [BM, FT]
-            qa = _cols(q_ptr, rows, ca, FA, DK)
-            da, db = _fold(g, qa, _cols(q_ptr, rows, cb, FB, DK), BM, FA, FB)
-            da = da * wab
-            db = db * wab
-            dg += tl.sum(da * qa, 1)
-            dqa = _scatter_cols(dqa, da, ca, FA, DK)
-            dqb = _scatter_cols(dqb, db, cb, FB, DK)
-        dq = tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))
+        if STATE_IN:   # from hopper.state_dq: r dq_state and r phi(q) . g (none in chunk 0)
+            dq = tl.load(US + bh * Tp * DK + rows[:, None] * DK + di[None, :], mask=n > 0, other=0.0)
+            dg = tl.load(VS + bh * Tp + rows, mask=n > 0, other=0.0)
+        else:          # dg: sum_j dL/dw_ij w_ij
+            dg, dq = _dq_state(q_ptr, rows, STEPS, s_ptr, dnum, tl.where(n > 0, NS, 0), BM, DK, E, FB, FA, INTERP,
+                               LOOP_STAGES)
+            dq = dq * r[:, None]
+            dg = dg * r
         q32 = q.to(tl.float32)
         qz = _mm32(q32, tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0))
         rz = r * dden
-        dg = dg * r + tl.sum(qz * q32, 1) * rz
+        dg += tl.sum(qz * q32, 1) * rz
         # inside the chunk, w_ij = (scale x_ij)^2 e^(G_i - G_j) with x = q k^T: p = x scale^2 e^(G_i - G_j) (the
         # scale inside the exponent: no multiply an element) is half of dw_ij / dx_ij, so dq gathers the p-weighted
         # terms at half weight and is doubled after the loop (both exact)
-        dq = (dq * r[:, None] + qz * (2.0 * rz)[:, None]) * 0.5
+        dq = (dq + qz * (2.0 * rz)[:, None]) * 0.5
         ls2 = tl.log2(scale * scale)
         for j0 in tl.range(c0, m0 + BM, BM, num_stages=LOOP_STAGES):
             cols = j0 + tl.arange(0, BM)
@@ -705,9 +722,9 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         BM = C // 2
     g = _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
                   fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cfg.cuda)
-    if cfg.cuda == "auto":   # the CUDA deltas wherever they run (measured faster at every T, notes v10 and v13)
-        g.cuda = ("deltas",) if (NC > 1 and why_not("deltas") is None
-                                 and hopper.compiles("deltas", q.device.index)) else ()
+    if cfg.cuda == "auto":   # the CUDA deltas and dq wherever they run (measured faster, notes v10, v13 and v14)
+        g.cuda = tuple(name for name in ("deltas", "dq") if NC > 1 and why_not(name) is None
+                       and hopper.compiles(name, q.device.index))
     return g
 
 
@@ -806,8 +823,16 @@ class _PowerRetentionFn(torch.autograd.Function):
         delta = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
         dq = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=qp.dtype)
         dgq = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
+        state_in = "dq" in g.cuda and g.NC > 1
+        US, VS = dq, dgq                                 # not read unless the CUDA kernel wrote the state part
+        if state_in:
+            US = torch.empty(g.B, g.Hq, g.Tp, g.DK, device=dev, dtype=torch.float32)
+            VS = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
+            hopper.state_dq(qp, dop, DEN, G, SB, US, VS, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq, hkv=g.Hkv, batch=g.B,
+                            scale=scale, has_gate=has_gate)
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, g.NC, scale, **common)
+                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, US, VS, g.NC, scale, STATE_IN=state_in,
+                **common)
         DSB, DZB = _states(qp, dop, G, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)

@@ -1,16 +1,18 @@
 """Hand-written Hopper (sm_90a, wgmma) kernels in place of some of ``chunk_triton``'s Triton kernels, chosen with
 ``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the states between chunks, ``S`` and ``Z``, both
-directions; on grids that fill the GPU it also sums them, so the scan is not launched) and ``"out"``
-(``forward_out.cu``: the forward's output kernel, 128 query rows a block).
+directions; on grids that fill the GPU it also sums them, so the scan is not launched), ``"out"``
+(``forward_out.cu``: the forward's output kernel, 128 query rows a block) and ``"dq"`` (``state_dq.cu``: the state
+part of dq, 256 rows a block: a producer warp streams the state, four consumer warpgroups multiply and fold it;
+``_bwd_dq`` adds the rest).
 
 Compiled at first use for sm_90a with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch >= 2.8, a CUDA
 build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column
-blocks of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``). The Triton
-kernels cover the rest and are what CI tests (no GPU there): these are checked against them and against the float64
-reference on the GPU (``tests/test_power_kernel.py``, the Hopper cases). The default configuration
-(``KernelConfig(cuda="auto")``) takes the deltas kernel wherever it runs (summing the states itself where its grid
-fills the GPU, else in segments with the scan); measured speeds are in ``benchmarks/power_retention_notes.md``
-(v8-v13).
+blocks of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``, 256 for
+``"dq"``). The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against them,
+against ``state_dq_reference`` (the dq kernel) and against the float64 reference on the GPU
+(``tests/test_power_kernel.py``, the Hopper cases). The default configuration (``KernelConfig(cuda="auto")``) takes
+the deltas and dq kernels wherever they run; measured speeds are in ``benchmarks/power_retention_notes.md``
+(v8-v14).
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 98816),      # name -> (file, entry, dynamic smem)
-           "out": ("forward_out.cu", "power_forward_out", 101632)}
-COMMON = "hopper_common.cuh"                   # the helpers both kernels include
+KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 100352),      # name -> (file, entry, dynamic smem)
+           "out": ("forward_out.cu", "power_forward_out", 101632),
+           "dq": ("state_dq.cu", "power_state_dq", 103552)}
+COMMON = "hopper_common.cuh"                   # the helpers the kernels include
 FB, FA = 16, 16                                # the feature steps the kernels are written for
-TILE = {"deltas": 64, "out": 128}              # the chunk holds whole token tiles / query blocks
+TILE = {"deltas": 64, "out": 128, "dq": 256}              # the chunk holds whole token tiles / query blocks
 
 
 def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, operands: str) -> str | None:
@@ -120,3 +123,50 @@ def forward_out(q: Tensor, k: Tensor, v: Tensor, G: Tensor, steps: Tensor, SB: T
     _kernel("out", q.device.index)(
         grid=(nc * chunk // 128, batch * hq, 1), block=(256, 1, 1), shared_mem=KERNELS["out"][2],
         args=[q, k, v, G, steps, SB, ZB, O, O32, DEN, nc, chunk, f, ns, hq, hkv, int(has_gate), float(scale)])
+
+
+def state_dq(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor, U: Tensor, V: Tensor, *, nc: int,
+             chunk: int, f: int, hq: int, hkv: int, batch: int, scale: float, has_gate: bool) -> None:
+    """Writes the state part of dq for the rows of chunks ``1 .. nc - 1`` (chunk 0 has no state; its rows are left
+    as they are): ``U [B, Hq, Tp, 64]`` (fp32, ``r dq``) and ``V [B, Hq, Tp]`` (fp32, ``r phi(q) . g``), what
+    ``state_dq_reference`` computes. ``q, do [B, Hq, Tp, 64]`` bf16 contiguous, ``den [B, Hq, Tp]`` fp32, ``G`` the
+    in-chunk gate sums ``[B*Hkv, Tp]`` (fp32), ``SB [B*Hkv, nc - 1, f, 64]`` the forward's states (bf16)."""
+    _kernel("dq", q.device.index)(
+        grid=((nc - 1) * chunk // 256, batch * hq, 1), block=(640, 1, 1), shared_mem=KERNELS["dq"][2],
+        args=[q, do, den, G, SB, U, V, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
+
+
+def state_dq_reference(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: int,
+                       scale: float, has_gate: bool) -> tuple[Tensor, Tensor]:
+    """PyTorch reference of ``state_dq`` (float32): ``(U, V)`` with ``U [B, Hq, Tp, 64]`` and ``V [B, Hq, Tp]``, zero
+    on chunk 0's rows. For row i of chunk n >= 1 with the state ``S`` entering it, ``g_i = (do_i / den_i) S^T`` (the
+    factor rounded to ``S``'s dtype)
+    over the features (block pairs ``A <= B`` of 16 columns, ``(a, b)`` row-major in a pair, weight 1 on
+    diagonal pairs and 2 off them); ``dq_i = sum_pairs w (g_i q_i[B] -> a, g_i^T q_i[A] -> b)``,
+    ``U_i = r_i dq_i``, ``V_i = r_i (q_i . dq_i) / 2``, ``r_i = scale^2 exp(G_i)``."""
+    B, hq, Tp, d = q.shape
+    nc = Tp // chunk
+    inv = 1.0 / torch.where(den == 0, 1.0, den)[:, :, chunk:, None]        # a reciprocal, as the kernels take it
+    dn = (do[:, :, chunk:].float() * inv).to(SB.dtype).float()
+    kv = torch.arange(hq, device=q.device) // (hq // hkv)
+    S = SB.view(B, hkv, nc - 1, -1, SB.shape[-1])[:, kv]                     # [B, hq, nc - 1, F, e]
+    g = torch.cat([dn[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m].float().transpose(-1, -2)
+                   for m in range(nc - 1)], dim=2)                          # [B, hq, Tp - chunk, F]
+    qr = q[:, :, chunk:].float()
+    dq = torch.zeros_like(qr)
+    nb, fb, f0 = d // 16, 16, 0
+    for A in range(nb):
+        for Bk in range(A, nb):
+            w = 1.0 if A == Bk else 2.0
+            gp = g[..., f0:f0 + fb * fb].unflatten(-1, (fb, fb))                    # [.., a, b]
+            qa, qb = qr[..., 16 * A:16 * A + 16], qr[..., 16 * Bk:16 * Bk + 16]
+            dq[..., 16 * A:16 * A + 16] += w * torch.einsum("...ab,...b->...a", gp, qb)
+            dq[..., 16 * Bk:16 * Bk + 16] += w * torch.einsum("...ab,...a->...b", gp, qa)
+            f0 += fb * fb
+    Gq = G.view(B, hkv, Tp)[:, kv, chunk:] if has_gate else torch.zeros_like(qr[..., 0])
+    r = scale * scale * torch.exp(Gq)
+    U = torch.zeros(B, hq, Tp, d, device=q.device)
+    V = torch.zeros(B, hq, Tp, device=q.device)
+    U[:, :, chunk:] = r[..., None] * dq
+    V[:, :, chunk:] = r * (qr * dq).sum(-1) / 2
+    return U, V

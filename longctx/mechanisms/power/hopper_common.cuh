@@ -41,6 +41,28 @@ __device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
           "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                             \
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(dsc), "r"((int)(SD)))
 
+// the same with N = 128: d [64 floats] (state_dq.cu)
+#define WGMMA_64x128x16(d, a0, a1, a2, a3, dsc, TB, SD)                                                        \
+    asm volatile(                                                                                           \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                        \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"                                           \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                            \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                  \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                  \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                    \
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, " #TB ";\n}\n"                                              \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),               \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),           \
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),        \
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),        \
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),        \
+          "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),        \
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),        \
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),        \
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),        \
+          "+f"(d[63])                                                                                       \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(dsc), "r"((int)(SD)))
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -80,3 +102,18 @@ __device__ __forceinline__ void copy_tile(u32 tile, const u16* src, int tid, u32
         cp_async16_n(tile + tile_off(row, chunk), src + row * 64 + chunk * 8, src_bytes);
     }
 }
+// the same tile in the 128-byte swizzle (wgmma's swizzle mode 1): row r (128 bytes) at r * 128, its 16-byte chunk c
+// at (c ^ (r % 8)) * 16; 8 rows make a 1024-byte atom (the tile must be 1024-byte aligned). 8 threads copy one row,
+// a whole L2 line, into 8 different bank groups
+__device__ __forceinline__ u32 swz_off(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+template <int THREADS>
+__device__ __forceinline__ void copy_tile_swz(u32 tile, const u16* src, int tid, u32 src_bytes) {
+#pragma unroll
+    for (int it = 0; it < 512 / THREADS; ++it) {
+        const int k = tid + THREADS * it, row = k >> 3, chunk = k & 7;
+        cp_async16_n(tile + swz_off(row, chunk), src + row * 64 + chunk * 8, src_bytes);
+    }
+}
+// wgmma's descriptor of such a tile read from addr: 8-row atoms 1024 bytes apart (K-major: a k slice of 16 starts
+// 32 bytes into the rows; MN-major with N = 64, one atom wide: 16 rows further)
+__device__ __forceinline__ u64 desc_swz(u32 addr) { return desc(addr, 16, 1024) | (1ull << 62); }

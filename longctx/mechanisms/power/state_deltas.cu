@@ -15,11 +15,12 @@
 //
 // The features are wgmma's A operand, built in its register layout (4 bf16x2 multiplies a warp and 16 features)
 // from x_a^T, which carries the token weights (bf16(w_t x_t[a])), and the raw x_b columns; Y goes to the MMA as
-// loaded (B operand, MN-major, no swizzle). Tokens come in tiles of 64 through a ring of 4 cp.async stages (two
-// tiles in flight while one is multiplied), across chunk boundaries; a tile's x_a^T is written by all threads one
-// tile ahead. The 4 MMAs of a 16-token slice run while the next slice's features are built (one wgmma group in
-// flight). Z's block multiplies (w x)^T, split into three bf16 parts (hi + mid + lo: fp32's 24 bits), by x on the
-// same MMAs: fp32-exact products, fp32 sums; its 3 MMAs of a slice also run while the next slice's parts are built.
+// loaded (B operand, MN-major, 128-byte swizzle: 8 threads copy a token's row, one L2 line). Tokens come in tiles
+// of 64 through a ring of 4 cp.async stages (two tiles in flight while one is multiplied), across chunk boundaries;
+// a tile's x_a^T is written by all threads one tile ahead. The 4 MMAs of a 16-token slice run while the next
+// slice's features are built (one wgmma group in flight). Z's block multiplies (w x)^T, split into three bf16 parts
+// (hi + mid + lo: fp32's 24 bits), by x on the same MMAs: fp32-exact products, fp32 sums; its 3 MMAs of a slice
+// also run while the next slice's parts are built.
 //
 // Block: one warpgroup (128 threads), grid (steps + 1, segments, B*Hkv). Accumulator: 4 m64n64 tiles (warp w,
 // tile i holds features a_local = 4i + w). No includes: compiles under NVRTC or nvcc alone.
@@ -29,21 +30,21 @@
 #define FT 256
 #define KT 64                                 // tokens a tile
 #define NSTAGE 4
-#define TILE_BYTES 8192                       // [64 tokens][64] bf16: (t/8) 1024 + (16-byte column) 128 + (t%8) 16
+#define TILE_BYTES 8192                       // [64 tokens][64] bf16, 128-byte swizzle (swz_off)
 #define XR 80                                 // bytes a token of the step's columns: a (32) | b (32) | 16 (banks)
 #define OFF_X TILE_BYTES
 #define OFF_G (OFF_X + KT * XR)               // G, den, delta of the tile's tokens (fp32)
 #define OFF_DEN (OFF_G + 256)
 #define OFF_DELTA (OFF_DEN + 256)
 #define OFF_GEND (OFF_DELTA + 256)           // the gate sums of the tile's chunk's last 4 tokens
-#define STAGE_BYTES (OFF_GEND + 128)
+#define STAGE_BYTES ((OFF_GEND + 128 + 1023) / 1024 * 1024)   // stages aligned to the tile's swizzle atom
 #define XA_ROW 144                            // bytes a row (a) of x_a^T: 64 tokens + 16 (banks)
 #define XAT_BYTES (16 * XA_ROW)
 #define OFF_XAT (NSTAGE * STAGE_BYTES)        // two x_a^T buffers (tiles alternate)
 #define OFF_WZ (OFF_XAT + 2 * XAT_BYTES)      // Z's block: two buffers of the tile's 64 weights
 #define OUT_ROW 144                           // bytes a feature row of the staged output
 #define OFF_OUT (OFF_WZ + 2 * 256)
-#define SMEM_BYTES (OFF_OUT + FT * OUT_ROW)
+#define SMEM_BYTES (OFF_OUT + FT * OUT_ROW + 1024)   // + the alignment of the stages to 1024 bytes
 
 #include "hopper_common.cuh"
 
@@ -64,7 +65,8 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
                    const float* __restrict__ DEN, const float* __restrict__ DELTA,
                    int NC, int C, int F, int NS, int HQ, int HKV, int backward, int has_gate, int ACC, double post)
 {
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);   // the swizzle's atoms
     const int s = blockIdx.x;
     const bool zrole = s == NS;
     const long long bkv = blockIdx.z;
@@ -97,7 +99,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         const u16* xrow = X + (xh * Tp + t0) * D;
         const u32 st = sbase + (issued % NSTAGE) * STAGE_BYTES;
         const u16* tile = zrole ? xrow : Y + (xh * Tp + t0) * E;            // Z's block multiplies x by x
-        copy_tile<128>(st, tile, tid, nb);
+        copy_tile_swz<128>(st, tile, tid, nb);
         if (!zrole) {
 #pragma unroll
             for (int it = 0; it < 2; ++it) {                               // the step's a and b columns
@@ -191,16 +193,16 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {            // A register r: row a0 + 8 (r & 1), tokens 2c (+ 8 (r >> 1))
                     const int a = a0 + 8 * (r & 1), tk = 16 * sl + 2 * c + 8 * (r >> 1);
-                    const u32 addr = st + tile_off(tk, a >> 3) + (a & 7) * 2;
-                    const float v0 = __uint_as_float((u32)lds16(addr) << 16) * wz[tk];
-                    const float v1 = __uint_as_float((u32)lds16(addr + 16) << 16) * wz[tk + 1];
+                    const u32 col = st + (a & 7) * 2;           // tokens tk, tk + 1: rows of the swizzled tile
+                    const float v0 = __uint_as_float((u32)lds16(col + swz_off(tk, a >> 3)) << 16) * wz[tk];
+                    const float v1 = __uint_as_float((u32)lds16(col + swz_off(tk + 1, a >> 3)) << 16) * wz[tk + 1];
                     hi[r] = pack_bf16(v0, v1);
                     const float e0 = v0 - bf_lo(hi[r]), e1 = v1 - bf_hi(hi[r]);
                     mid[r] = pack_bf16(e0, e1);
                     lo[r] = pack_bf16(e0 - bf_lo(mid[r]), e1 - bf_hi(mid[r]));
                 }
                 wgmma_fence();
-                const u64 dsc = desc(st + sl * 2048, 1024, 128);         // x: MN-major (tokens = K, b = N)
+                const u64 dsc = desc_swz(st + sl * 2048);               // x: MN-major (tokens = K, b = N)
                 WGMMA_64x64x16(z, hi[0], hi[1], hi[2], hi[3], dsc, 1, 1);
                 WGMMA_64x64x16(z, mid[0], mid[1], mid[2], mid[3], dsc, 1, 1);
                 WGMMA_64x64x16(z, lo[0], lo[1], lo[2], lo[3], dsc, 1, 1);
@@ -257,7 +259,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
                     a[i][3] = mul_bf16x2(hi, r3);
                 }
                 wgmma_fence();
-                const u64 dsc = desc(st + sl * 2048, 1024, 128);              // Y: MN-major (tokens = K, e = N)
+                const u64 dsc = desc_swz(st + sl * 2048);                     // Y: MN-major (tokens = K, e = N)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) WGMMA_64x64x16(acc[i], a[i][0], a[i][1], a[i][2], a[i][3], dsc, 1, 1);
                 wgmma_commit();

@@ -55,6 +55,7 @@ VARIANTS = {
     "cuda_o": KernelConfig(cuda=("out",)),
     "cuda": KernelConfig(cuda=("deltas", "out")),
     "cuda_dq": KernelConfig(cuda=("deltas", "dq")),
+    "cuda_dqo": KernelConfig(cuda=("deltas", "dq", "out_state")),
 }
 CHUNK = 512
 DEVICE = "cuda"

@@ -78,12 +78,20 @@ def state_dq_by_reference(q, do, den, G, SB, U, V, *, nc, chunk, f, hq, hkv, bat
     u, w = hp.state_dq_reference(q, do, den, G, SB, chunk=chunk, hkv=hkv, scale=scale, has_gate=has_gate)
     U[:, :, chunk:], V[:, :, chunk:] = u[:, :, chunk:], w[:, :, chunk:]
 
-# the CUDA dq kernel's split (its state part read by _bwd_dq with STATE_IN), the kernel's reference in its place
-kept = hp.why_not, hp.state_dq
-hp.why_not, hp.state_dq = (lambda name, *args: None), state_dq_by_reference
+def state_out_by_reference(q, G, SB, U, *, nc, chunk, f, hq, hkv, batch, scale, has_gate):
+    u = hp.state_out_reference(q, G, SB, chunk=chunk, hkv=hkv, scale=scale, has_gate=has_gate)
+    U[:, :, chunk:] = u[:, :, chunk:]
+
+# the CUDA kernels' splits (their state parts read by _bwd_dq / _fwd_out with STATE_IN), each kernel's reference in
+# its place
+kept = hp.why_not, hp.state_dq, hp.state_out
+hp.why_not, hp.state_dq, hp.state_out = (lambda name, *args: None), state_dq_by_reference, state_out_by_reference
 res["exact_state_dq_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("dq",))
 res["exact_state_dq_split_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32", cuda=("dq",))
-hp.why_not, hp.state_dq = kept
+res["exact_state_out_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("out_state",))
+res["exact_state_splits_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32",
+                                         cuda=("dq", "out_state"))
+hp.why_not, hp.state_dq, hp.state_out = kept
 ct.GATE_BLOCK = 8   # the gate kernels walk several blocks: each chunk in two, the sequence in nine (the last part)
 res["exact_gate_blocks"] = case(2, 2, 1, 70, 16, 16, 16, True, torch.float16, "fp32")
 ct.GATE_BLOCK = 2048
@@ -133,7 +141,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_mixed_steps", "exact_one_chunk",
                  "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset",
                  "exact_resets_inside_chunks", "exact_gate_blocks", "exact_state_dq_split",
-                 "exact_state_dq_split_ungated"):
+                 "exact_state_dq_split_ungated", "exact_state_out_split", "exact_state_splits_ungated"):
         # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
         # 40 seeds
         assert max(errors[name]) < 1e-3, (name, errors[name])
@@ -200,7 +208,7 @@ HOPPER = pytest.mark.skipif(not __import__("torch").cuda.is_available()
                             reason="the CUDA kernels (hopper.py) need a Hopper GPU (sm_90a)")
 
 
-@pytest.mark.parametrize("file", ["state_deltas.cu", "forward_out.cu", "state_dq.cu"])
+@pytest.mark.parametrize("file", ["state_deltas.cu", "forward_out.cu", "state_dq.cu", "state_out.cu"])
 def test_cuda_kernel_sources_are_whole_for_nvrtc(file):
     """NVRTC gets one string with no include path: the shared header must be pasted in for the kernel's
     ``#include`` (CI has no GPU to compile them; a missed include would fail only there)."""
@@ -229,6 +237,7 @@ def test_hopper_kernels_name_what_they_do_not_cover():
     assert hopper.why_not("deltas", X, 64, 64, 16, 16, 64, "fp32") == "operands 'fp32', not 'bf16'"
     assert hopper.why_not("dq", X, 64, 64, 16, 16, 128, "bf16") == "chunk 128 is not a multiple of 256"
     assert hopper.why_not("dq", X, 64, 64, 16, 16, 256, "bf16") == "inputs on cpu, not CUDA"
+    assert hopper.why_not("out_state", X, 64, 64, 16, 16, 128, "bf16") == "chunk 128 is not a multiple of 256"
 
 
 def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):
@@ -249,7 +258,8 @@ def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch)
 
 def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
     """``KernelConfig(cuda="auto")``, the default: the CUDA deltas and dq kernels, each where ``hopper.why_not`` lets
-    it run (a Hopper GPU, bf16, d = e = 64, whole tiles: 256-row blocks for dq) and it compiles, the deltas in one
+    it run (a Hopper GPU, bf16, d = e = 64, whole tiles: 256-row blocks for dq) and it compiles (not the output-state
+    kernel: measured even with Triton's), the deltas in one
     segment or several (``hopper.segments``: asked when the states are made, not here), Triton's kernels elsewhere
     (here: CPU inputs) instead of the error an explicit tuple raises; what ``_geometry`` resolves is what the
     launches read."""
@@ -276,6 +286,8 @@ def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
     assert _geometry(q, k, k, 512, KernelConfig()).cuda == ()                     # one chunk: no states
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no" if name == "deltas" else None)
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("dq",)
+    with pytest.raises(ValueError, match="names both 'out' and 'out_state'"):   # two kernels for one part
+        _geometry(q, k, k, 128, KernelConfig(cuda=("out", "out_state")))
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no")
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
 
@@ -309,7 +321,8 @@ def test_compiled_triton_kernels_where_auto_takes_cuda(gen, chunk):
 @HOPPER
 @pytest.mark.parametrize("kernels,chunk", [(("deltas",), 64), (("deltas",), 128), (("deltas",), 256),
                                            (("out",), 128), (("out",), 256), (("deltas", "out"), 128),
-                                           (("deltas", "out"), 256), (("dq",), 256), (("deltas", "dq"), 512)])
+                                           (("deltas", "out"), 256), (("dq",), 256), (("deltas", "dq"), 512),
+                                           (("out_state",), 256), (("deltas", "dq", "out_state"), 512)])
 def test_compiled_cuda_kernels_against_the_reference(gen, chunk, kernels):
     """``KernelConfig(cuda=...)`` (``hopper.py``'s wgmma kernels) end to end, as the default kernels above:
     d = e = 64 (the shapes they cover), GQA (the backward's deltas sum two query heads), gated, a padded last
@@ -426,6 +439,32 @@ def test_cuda_state_dq_equals_its_reference(gen, gated):
     err = ((U[:, :, C:] - u[:, :, C:]).double().norm(dim=-1) / u[:, :, C:].double().norm(dim=-1)).max().item()
     verr = ((V[:, :, C:] - v[:, :, C:]).abs().max() / v[:, :, C:].abs().max()).item()   # V may cancel to ~0
     assert err < 1e-4 and verr < 1e-5, (err, verr)
+
+
+@HOPPER
+@pytest.mark.parametrize("gated", [False, True])
+def test_cuda_state_out_equals_its_reference(gen, gated):
+    """``hopper.state_out`` (the state part of the forward's output on wgmma) against
+    ``hopper.state_out_reference`` on the same random inputs (GQA, 3 chunks): the same bf16 features and products
+    summed in fp32 in another order, so equal to ~1e-6 in every row (a feature, a pair weight or a row mapped wrong
+    moves whole rows by O(1)); chunk 0's rows are not written."""
+    import torch
+
+    from longctx.mechanisms.power import hopper
+
+    torch.manual_seed(torch_seed(gen))
+    B, hq, hkv, C, nc = 2, 4, 2, 256, 3
+    Tp, F = nc * C, 2560
+    q = torch.randn(B, hq, Tp, 64, device="cuda").bfloat16()
+    G = torch.randn(B * hkv, nc, C, device="cuda").mul(0.05).abs().neg().cumsum(-1).view(B * hkv, Tp)
+    G = G if gated else torch.zeros(1, device="cuda")
+    SB = torch.randn(B * hkv, nc - 1, F, 64, device="cuda").bfloat16()
+    U = torch.full((B, hq, Tp, 64), float("nan"), device="cuda")
+    hopper.state_out(q, G, SB, U, nc=nc, chunk=C, f=F, hq=hq, hkv=hkv, batch=B, scale=0.125, has_gate=gated)
+    u = hopper.state_out_reference(q, G, SB, chunk=C, hkv=hkv, scale=0.125, has_gate=gated)
+    assert U[:, :, :C].isnan().all()
+    err = ((U[:, :, C:] - u[:, :, C:]).double().norm(dim=-1) / u[:, :, C:].double().norm(dim=-1)).max().item()
+    assert err < 1e-4, err
 
 
 @pytest.mark.parametrize("nb,fb,fa", [(4, 16, 16), (4, 16, 8), (8, 8, 2), (2, 16, 4), (1, 16, 16)])

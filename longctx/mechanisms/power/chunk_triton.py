@@ -26,7 +26,8 @@ a chunk's total, so no offset from earlier chunks is carried and long sequences 
    Memory-bound; the only sequential walk, and it moves no features.
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
-   normaliser).
+   normaliser). With ``KernelConfig(cuda=("out_state",))`` the numerator's state part comes from
+   ``hopper.state_out`` (``STATE_IN``).
 4. ``_bwd_dq``       grid as 3; also writes ``delta_i = do_i . o_i``. The backward runs 4, then 1 and 2 for the
    state gradients, then 5. With ``KernelConfig(cuda=("dq",))`` (the default on Hopper) its state part comes from
    ``hopper.state_dq``, launched before it (``STATE_IN``).
@@ -103,13 +104,14 @@ class KernelConfig:
     (``warps_out``: the forward's chunk kernel); ``operands``: matmul operand type, ``"bf16"`` (fast path) or
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
-    ``"deltas"`` (the states between chunks, ``S`` and ``Z``), ``"out"`` (the forward's output kernel) and / or
-    ``"dq"`` (the state part of the backward's dq; ``_bwd_dq`` adds the rest), a tuple: sm_90, bf16, d = e = 64,
+    ``"deltas"`` (the states between chunks, ``S`` and ``Z``), ``"out"`` (the forward's output kernel),
+    ``"out_state"`` (its state part only; ``_fwd_out`` adds the rest) and / or ``"dq"`` (the state part of the
+    backward's dq; ``_bwd_dq`` adds the rest), a tuple: sm_90, bf16, d = e = 64,
     the default feature steps, chunks of whole tiles (``hopper.why_not`` says what it refuses, and a tuple naming a
     kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas kernel (summing the states itself
     where its grid fills the GPU, ``hopper.segments``, else in segments with the scan) and the CUDA dq kernel
     (chunks of whole 256-row blocks), each wherever it can run these inputs (both measured faster than Triton's),
-    the Triton kernels elsewhere."""
+    the Triton kernels elsewhere (``"out_state"`` measured even with Triton's output kernel: not taken)."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -368,11 +370,11 @@ if triton is not None:
             carry += tl.sum(dg, 0)
 
     @triton.jit
-    def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, NC, scale,
+    def _fwd_out(Q, K, V, G, STEPS, SB, ZB, O, O32, DEN, US, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                  BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                  F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr, STATE_IN: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -415,19 +417,22 @@ if triton is not None:
             den += tl.sum(w.to(tl.float32), 1)
             num += _mm(w, vv.to(OPDT), INTERP)
         # the state entering the chunk (slot n - 1), one feature step at a time; chunk 0's is zero: no steps
-        fi = tl.arange(0, FT)
-        s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
-        acc = tl.zeros([BM, E], dtype=tl.float32)
-        for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
-            # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
-            # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
-            ca, cb, wab = _step(STEPS, s, FA, FB, False)
-            phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
-                            BM, FA, FB, PDT, OPDT)
-            acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
+        if STATE_IN:   # from hopper.state_out: r phi(q) S (none in chunk 0)
+            num += tl.load(US + bh * Tp * E + rows[:, None] * E + ei[None, :], mask=n > 0, other=0.0)
+        else:
+            fi = tl.arange(0, FT)
+            s_ptr = SB + (bkv * (NC - 1) + n - 1) * F * E
+            acc = tl.zeros([BM, E], dtype=tl.float32)
+            for s in tl.range(tl.where(n > 0, NS, 0), num_stages=LOOP_STAGES):
+                # not declared aligned here: the pipelined column loads then cost registers and 22 spills, 1.45 ->
+                # 2.05 ms at 4K (H100; benchmarks/power_retention_notes.md, v5); the other kernels gain 8-14%
+                ca, cb, wab = _step(STEPS, s, FA, FB, False)
+                phi = _features(_cols(q_ptr, rows, ca, FA, DK) * wab, _cols(q_ptr, rows, cb, FB, DK),
+                                BM, FA, FB, PDT, OPDT)
+                acc += _mm(phi, tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :]), INTERP)
+            num += acc * r[:, None]
         q32 = q.to(tl.float32)
         z = tl.load(ZB + _z_offsets(bkv, n - 1, NC - 1, DK), mask=n > 0, other=0.0)
-        num += acc * r[:, None]
         den += tl.sum(_mm32(q32, z) * q32, 1) * r
         o = num / tl.where(den == 0.0, 1.0, den)[:, None]
         tl.store(O + bh * Tp * E + rows[:, None] * E + ei[None, :], o.to(O.dtype.element_ty))
@@ -705,10 +710,13 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         return min(rows, FB, max(2, 16384 // (FB * E)))
 
     def why_not(name: str) -> str | None:
-        rows = cfg.out_feature_rows if name == "out" else cfg.state_feature_rows
+        rows = cfg.out_feature_rows if name in ("out", "out_state") else cfg.state_feature_rows
         return hopper.why_not(name, q, DK, E, FB, fa(rows), C, cfg.operands)
 
     if isinstance(cfg.cuda, tuple):
+        if "out" in cfg.cuda and "out_state" in cfg.cuda:
+            raise ValueError("KernelConfig.cuda names both 'out' and 'out_state': the CUDA output kernel computes the "
+                             "state part itself")
         for name in cfg.cuda:
             if (why := why_not(name)) is not None:
                 raise ValueError(f"KernelConfig(cuda=({name!r},)) cannot run here: {why}")
@@ -722,7 +730,7 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         BM = C // 2
     g = _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
                   fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cfg.cuda)
-    if cfg.cuda == "auto":   # the CUDA deltas and dq wherever they run (measured faster, notes v10, v13 and v14)
+    if cfg.cuda == "auto":   # the CUDA deltas and dq kernels wherever they run (measured faster, notes v10-v14)
         g.cuda = tuple(name for name in ("deltas", "dq") if NC > 1 and why_not(name) is None
                        and hopper.compiles(name, q.device.index))
     return g
@@ -798,11 +806,18 @@ class _PowerRetentionFn(torch.autograd.Function):
             hopper.forward_out(qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, ns=g.NS(g.FA_out), nc=g.NC, chunk=g.C,
                                f=g.F, hq=g.Hq, hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate)
         else:
+            state_in = "out_state" in g.cuda and g.NC > 1
+            US = O32                                     # not read unless the CUDA kernel wrote the state part
+            if state_in:
+                US = torch.empty(g.B, g.Hq, g.Tp, g.E, device=q.device, dtype=torch.float32)
+                hopper.state_out(qp, G, SB, US, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq, hkv=g.Hkv, batch=g.B,
+                                 scale=scale, has_gate=has_gate)
             _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
-                    qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, g.NC, scale, HQ=g.Hq,
+                    qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, US, g.NC, scale, HQ=g.Hq,
                     HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
                     INTERP=_interpreting(), OPDT=cfg.operand_type(), PDT=_product_type(q, cfg),
-                    LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk)
+                    LOOP_STAGES=g.loop_stages(cfg), num_warps=cfg.warps_out, num_stages=cfg.stages_chunk,
+                    STATE_IN=state_in)
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype

@@ -3,16 +3,17 @@
 directions; on grids that fill the GPU it also sums them, so the scan is not launched), ``"out"``
 (``forward_out.cu``: the forward's output kernel, 128 query rows a block) and ``"dq"`` (``state_dq.cu``: the state
 part of dq, 256 rows a block: a producer warp streams the state, four consumer warpgroups multiply and fold it;
-``_bwd_dq`` adds the rest).
+``_bwd_dq`` adds the rest) and ``"out_state"`` (``state_out.cu``: the state part of the forward's output, the same
+design; ``_fwd_out`` adds the rest).
 
-Compiled at first use for sm_90a with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch >= 2.8, a CUDA
-build): no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column
-blocks of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``, 256 for
-``"dq"``). The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against them,
-against ``state_dq_reference`` (the dq kernel) and against the float64 reference on the GPU
+Compiled at first use for sm_90a with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch >= 2.8, a CUDA build):
+no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column blocks
+of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``, 256 for ``"dq"`` and
+``"out_state"``). The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against
+them, against ``state_dq_reference`` and ``state_out_reference`` and against the float64 reference on the GPU
 (``tests/test_power_kernel.py``, the Hopper cases). The default configuration (``KernelConfig(cuda="auto")``) takes
-the deltas and dq kernels wherever they run; measured speeds are in ``benchmarks/power_retention_notes.md``
-(v8-v14).
+the deltas and dq kernels wherever they run; measured speeds are in
+``benchmarks/power_retention_notes.md`` (v8-v14).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from torch import Tensor
 HERE = Path(__file__).parent
 KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 100352),      # name -> (file, entry, dynamic smem)
            "out": ("forward_out.cu", "power_forward_out", 101632),
-           "dq": ("state_dq.cu", "power_state_dq", 103552)}
+           "dq": ("state_dq.cu", "power_state_dq", 103552),
+           "out_state": ("state_out.cu", "power_state_out", 103552)}
 COMMON = "hopper_common.cuh"                   # the helpers the kernels include
 FB, FA = 16, 16                                # the feature steps the kernels are written for
-TILE = {"deltas": 64, "out": 128, "dq": 256}              # the chunk holds whole token tiles / query blocks
+TILE = {"deltas": 64, "out": 128, "dq": 256, "out_state": 256}   # the chunk holds whole token tiles / row blocks
 
 
 def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, operands: str) -> str | None:
@@ -170,3 +172,35 @@ def state_dq_reference(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor
     U[:, :, chunk:] = r[..., None] * dq
     V[:, :, chunk:] = r * (qr * dq).sum(-1) / 2
     return U, V
+
+
+def state_out(q: Tensor, G: Tensor, SB: Tensor, U: Tensor, *, nc: int, chunk: int, f: int, hq: int, hkv: int,
+              batch: int, scale: float, has_gate: bool) -> None:
+    """Writes the state part of the forward's numerator for the rows of chunks ``1 .. nc - 1`` (chunk 0's rows are
+    left as they are): ``U [B, Hq, Tp, 64]`` (fp32, ``r phi(q) S``), what ``state_out_reference`` computes.
+    ``q [B, Hq, Tp, 64]`` bf16 contiguous, ``G`` the in-chunk gate sums ``[B*Hkv, Tp]`` (fp32), ``SB`` the states
+    ``[B*Hkv, nc - 1, f, 64]`` (bf16)."""
+    _kernel("out_state", q.device.index)(
+        grid=((nc - 1) * chunk // 256, batch * hq, 1), block=(640, 1, 1), shared_mem=KERNELS["out_state"][2],
+        args=[q, G, SB, U, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
+
+
+def state_out_reference(q: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: int, scale: float,
+                        has_gate: bool) -> Tensor:
+    """PyTorch reference of ``state_out`` (float32): ``U [B, Hq, Tp, 64]``, zero on chunk 0's rows. For row i of
+    chunk n >= 1 with the state ``S`` entering it, ``U_i = r_i phi(q_i) S`` with the features of the block pairs
+    ``A <= B`` of 16 columns (``(a, b)`` row-major in a pair), ``phi_(a, b) = w q_a q_b`` rounded to ``S``'s dtype
+    (``w`` 1 on diagonal pairs, 2 off them) and ``r_i = scale^2 exp(G_i)``."""
+    B, hq, Tp, d = q.shape
+    nc = Tp // chunk
+    kv = torch.arange(hq, device=q.device) // (hq // hkv)
+    S = SB.view(B, hkv, nc - 1, -1, SB.shape[-1])[:, kv]                     # [B, hq, nc - 1, F, e]
+    qr = q[:, :, chunk:].float()
+    phi = torch.cat([(1.0 if A == Bk else 2.0) * qr[..., 16 * A:16 * A + 16, None] * qr[..., None, 16 * Bk:16 * Bk + 16]
+                     for A in range(d // 16) for Bk in range(A, d // 16)], dim=-2).flatten(-2)
+    phi = phi.to(SB.dtype).float()                                           # [B, hq, Tp - chunk, F]
+    num = torch.cat([phi[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m].float() for m in range(nc - 1)], dim=2)
+    Gq = G.view(B, hkv, Tp)[:, kv, chunk:] if has_gate else torch.zeros_like(qr[..., 0])
+    U = torch.zeros(B, hq, Tp, SB.shape[-1], device=q.device)
+    U[:, :, chunk:] = scale * scale * torch.exp(Gq)[..., None] * num
+    return U

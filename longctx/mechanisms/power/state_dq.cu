@@ -1,6 +1,6 @@
 // Chunked power retention, deg 2, backward: the state part of dq on Hopper's warpgroup MMA (wgmma, sm_90a), with a
-// producer warp streaming the state and four consumer warpgroups multiplying and folding it. For query row i of chunk n >= 1
-// and the state S entering that chunk (chunk_triton's feature order, d = e = 64, column blocks of 16):
+// producer warp streaming the state and four consumer warpgroups multiplying and folding it. For query row i of
+// chunk n >= 1 and the state S entering that chunk (chunk_triton's feature order, d = e = 64, column blocks of 16):
 //   g_i[f]   = dnum_i . S[f, :]                        dnum_i = bf16(do_i / den_i), den 0 -> 1
 //   dq_i[a] += w_ab sum_b g_i[(a, b)] q_i[b],  dq_i[b] += w_ab sum_a g_i[(a, b)] q_i[a]    (w_ab: 1 if A == B, else 2)
 //   U_i      = r_i dq_i,   V_i = r_i phi(q_i) . (w g_i) = r_i (q_i . dq_i) / 2,   r_i = scale^2 exp(G_i)
@@ -29,9 +29,7 @@
 #define E 64
 #define CWG 4                                 // consumer warpgroups of 64 rows
 #define BM (64 * CWG)                         // rows a block
-#define PIECE 64                              // features a piece: a quarter of a block pair
-#define NPIECE 40
-#define PIECE_BYTES 8192                      // [64 features][64 e] bf16, 128-byte swizzle (swz_off)
+#define PIECE_BYTES 8192                      // a piece of the state (stream_state)
 #define NST 8
 #define Q_ROW 144                             // the q tile, row-major with 16 bytes of padding
 #define OFF_Q (NST * PIECE_BYTES)
@@ -41,32 +39,6 @@
 #define REGS "112"                            // a consumer thread's registers: 4 x 128 x 112 + 128 x 24 <= 640 x 96
 
 #include "hopper_common.cuh"
-
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// arrives on the barrier once this thread's earlier cp.async copies have landed (not counted in advance: noinc)
-__device__ __forceinline__ void cp_async_arrive(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-// spins until the barrier's phase with this parity has completed
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile("{\n.reg .pred done;\nWAIT:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void named_sync(u32 id, u32 count) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
-// where piece (A, qt, B) sits in the state: pair-major, the quarters (64 features: 4 values of a x 16 of b) inside a
-// pair
-__device__ __forceinline__ int piece_offset(int A, int qt, int B) {
-    return ((4 * A - A * (A - 1) / 2 + (B - A)) * 4 + qt) * PIECE;
-}
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 power_state_dq(const u16* __restrict__ Q, const u16* __restrict__ DO, const float* __restrict__ DEN,
@@ -95,25 +67,7 @@ power_state_dq(const u16* __restrict__ Q, const u16* __restrict__ DO, const floa
     if (warp >= 4 * CWG) {                                // the producer warpgroup: one warp copies
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (warp > 4 * CWG) return;
-        int A = 0, qt = 0, B = 0;
-        for (int i = 0; i < NPIECE; ++i) {
-            const int st = i % NST;
-            if (i >= NST) mbar_wait(empty + 8 * st, ((i / NST) - 1) & 1);
-            const u16* src = S + (long long)piece_offset(A, qt, B) * E;
-            const u32 dst = sbase + st * PIECE_BYTES;
-#pragma unroll
-            for (int it = 0; it < PIECE_BYTES / 16 / 32; ++it) {   // 8 lanes a feature row (one L2 line)
-                const int row = 4 * it + (lane >> 3), chunk = lane & 7;
-                cp_async16(dst + swz_off(row, chunk), src + row * E + chunk * 8);
-            }
-            cp_async_arrive(full + 8 * st);               // the stage is full when this lane's copies land
-            if (++B == 4) {
-                A += qt == 3;
-                qt = (qt + 1) & 3;
-                B = A;
-            }
-        }
-        cp_wait<0>();
+        stream_state<NST>(S, sbase, full, empty, lane);
         return;
     }
 

@@ -1,8 +1,8 @@
 """Hand-written Hopper (sm_90a, wgmma) kernels in place of some of ``chunk_triton``'s Triton kernels, chosen with
 ``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the states between chunks, ``S`` and ``Z``, both
 directions; on grids that fill the GPU it also sums them, so the scan is not launched), ``"out"``
-(``forward_out.cu``: the forward's output kernel, 128 query rows a block) and ``"dq"`` (``state_dq.cu``: the state
-part of dq, 256 rows a block: a producer warp streams the state, four consumer warpgroups multiply and fold it;
+(``forward_out.cu``: the forward's output kernel, 128 query rows a block), ``"dq"`` (``state_dq.cu``: the state part
+of dq, 256 rows a block: a producer warp streams the state, four consumer warpgroups multiply and fold it;
 ``_bwd_dq`` adds the rest) and ``"out_state"`` (``state_out.cu``: the state part of the forward's output, the same
 design; ``_fwd_out`` adds the rest).
 
@@ -138,35 +138,40 @@ def state_dq(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor, U: Tenso
         args=[q, do, den, G, SB, U, V, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
 
 
+def _states_of_rows(G: Tensor, SB: Tensor, *, batch: int, hq: int, hkv: int, tp: int, chunk: int, scale: float,
+                    has_gate: bool) -> tuple[Tensor, Tensor]:
+    """For the references below: the states ``[B, hq, nc - 1, F, e]`` (float32) as the query heads read them, and
+    the rows' factor ``r = scale^2 exp(G) [B, hq, Tp - chunk]`` for the rows after chunk 0."""
+    kv = torch.arange(hq, device=SB.device) // (hq // hkv)
+    S = SB.view(batch, hkv, tp // chunk - 1, -1, SB.shape[-1])[:, kv].float()
+    Gq = G.view(batch, hkv, tp)[:, kv, chunk:] if has_gate else torch.zeros(batch, hq, tp - chunk, device=SB.device)
+    return S, scale * scale * torch.exp(Gq)
+
+
 def state_dq_reference(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: int,
                        scale: float, has_gate: bool) -> tuple[Tensor, Tensor]:
     """PyTorch reference of ``state_dq`` (float32): ``(U, V)`` with ``U [B, Hq, Tp, 64]`` and ``V [B, Hq, Tp]``, zero
-    on chunk 0's rows. For row i of chunk n >= 1 with the state ``S`` entering it, ``g_i = (do_i / den_i) S^T`` (the
-    factor rounded to ``S``'s dtype)
-    over the features (block pairs ``A <= B`` of 16 columns, ``(a, b)`` row-major in a pair, weight 1 on
-    diagonal pairs and 2 off them); ``dq_i = sum_pairs w (g_i q_i[B] -> a, g_i^T q_i[A] -> b)``,
-    ``U_i = r_i dq_i``, ``V_i = r_i (q_i . dq_i) / 2``, ``r_i = scale^2 exp(G_i)``."""
+    on chunk 0's rows. For row i of chunk n >= 1 with the state ``S`` entering it, ``g_i = dnum_i S^T`` over the
+    features (block pairs ``A <= B`` of 16 columns, ``(a, b)`` row-major in a pair, weight 1 on diagonal pairs and 2
+    off them), ``dnum_i = do_i (1 / den_i)`` rounded to ``S``'s dtype; ``dq_i = sum_pairs w (g_i q_i[B] -> a,
+    g_i^T q_i[A] -> b)``, ``U_i = r_i dq_i``, ``V_i = r_i (q_i . dq_i) / 2``, ``r_i = scale^2 exp(G_i)``."""
     B, hq, Tp, d = q.shape
-    nc = Tp // chunk
+    S, r = _states_of_rows(G, SB, batch=B, hq=hq, hkv=hkv, tp=Tp, chunk=chunk, scale=scale, has_gate=has_gate)
     inv = 1.0 / torch.where(den == 0, 1.0, den)[:, :, chunk:, None]        # a reciprocal, as the kernels take it
     dn = (do[:, :, chunk:].float() * inv).to(SB.dtype).float()
-    kv = torch.arange(hq, device=q.device) // (hq // hkv)
-    S = SB.view(B, hkv, nc - 1, -1, SB.shape[-1])[:, kv]                     # [B, hq, nc - 1, F, e]
-    g = torch.cat([dn[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m].float().transpose(-1, -2)
-                   for m in range(nc - 1)], dim=2)                          # [B, hq, Tp - chunk, F]
+    g = torch.cat([dn[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m].transpose(-1, -2)
+                   for m in range(S.shape[2])], dim=2)                      # [B, hq, Tp - chunk, F]
     qr = q[:, :, chunk:].float()
     dq = torch.zeros_like(qr)
-    nb, fb, f0 = d // 16, 16, 0
-    for A in range(nb):
-        for Bk in range(A, nb):
+    f0 = 0
+    for A in range(d // 16):
+        for Bk in range(A, d // 16):
             w = 1.0 if A == Bk else 2.0
-            gp = g[..., f0:f0 + fb * fb].unflatten(-1, (fb, fb))                    # [.., a, b]
+            gp = g[..., f0:f0 + 256].unflatten(-1, (16, 16))                        # [.., a, b]
             qa, qb = qr[..., 16 * A:16 * A + 16], qr[..., 16 * Bk:16 * Bk + 16]
             dq[..., 16 * A:16 * A + 16] += w * torch.einsum("...ab,...b->...a", gp, qb)
             dq[..., 16 * Bk:16 * Bk + 16] += w * torch.einsum("...ab,...a->...b", gp, qa)
-            f0 += fb * fb
-    Gq = G.view(B, hkv, Tp)[:, kv, chunk:] if has_gate else torch.zeros_like(qr[..., 0])
-    r = scale * scale * torch.exp(Gq)
+            f0 += 256
     U = torch.zeros(B, hq, Tp, d, device=q.device)
     V = torch.zeros(B, hq, Tp, device=q.device)
     U[:, :, chunk:] = r[..., None] * dq
@@ -192,15 +197,13 @@ def state_out_reference(q: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: in
     ``A <= B`` of 16 columns (``(a, b)`` row-major in a pair), ``phi_(a, b) = w q_a q_b`` rounded to ``S``'s dtype
     (``w`` 1 on diagonal pairs, 2 off them) and ``r_i = scale^2 exp(G_i)``."""
     B, hq, Tp, d = q.shape
-    nc = Tp // chunk
-    kv = torch.arange(hq, device=q.device) // (hq // hkv)
-    S = SB.view(B, hkv, nc - 1, -1, SB.shape[-1])[:, kv]                     # [B, hq, nc - 1, F, e]
+    S, r = _states_of_rows(G, SB, batch=B, hq=hq, hkv=hkv, tp=Tp, chunk=chunk, scale=scale, has_gate=has_gate)
     qr = q[:, :, chunk:].float()
-    phi = torch.cat([(1.0 if A == Bk else 2.0) * qr[..., 16 * A:16 * A + 16, None] * qr[..., None, 16 * Bk:16 * Bk + 16]
+    blocks = [qr[..., 16 * A:16 * A + 16] for A in range(d // 16)]
+    phi = torch.cat([(1.0 if A == Bk else 2.0) * blocks[A][..., :, None] * blocks[Bk][..., None, :]
                      for A in range(d // 16) for Bk in range(A, d // 16)], dim=-2).flatten(-2)
     phi = phi.to(SB.dtype).float()                                           # [B, hq, Tp - chunk, F]
-    num = torch.cat([phi[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m].float() for m in range(nc - 1)], dim=2)
-    Gq = G.view(B, hkv, Tp)[:, kv, chunk:] if has_gate else torch.zeros_like(qr[..., 0])
+    num = torch.cat([phi[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m] for m in range(S.shape[2])], dim=2)
     U = torch.zeros(B, hq, Tp, SB.shape[-1], device=q.device)
-    U[:, :, chunk:] = scale * scale * torch.exp(Gq)[..., None] * num
+    U[:, :, chunk:] = r[..., None] * num
     return U

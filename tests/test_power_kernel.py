@@ -257,12 +257,11 @@ def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch)
 
 
 def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
-    """``KernelConfig(cuda="auto")``, the default: the CUDA deltas and dq kernels, each where ``hopper.why_not`` lets
-    it run (a Hopper GPU, bf16, d = e = 64, whole tiles: 256-row blocks for dq) and it compiles (not the output-state
-    kernel: measured even with Triton's), the deltas in one
-    segment or several (``hopper.segments``: asked when the states are made, not here), Triton's kernels elsewhere
-    (here: CPU inputs) instead of the error an explicit tuple raises; what ``_geometry`` resolves is what the
-    launches read."""
+    """``KernelConfig(cuda="auto")``, the default: the CUDA deltas and dq kernels, each where ``hopper.why_not``
+    lets it run (a Hopper GPU, bf16, d = e = 64, whole tiles: 256-row blocks for dq) and it compiles (not the
+    output-state kernel: measured even with Triton's), the deltas in one segment or several (``hopper.segments``:
+    asked when the states are made, not here), Triton's kernels elsewhere (here: CPU inputs) instead of the error an
+    explicit tuple raises; what ``_geometry`` resolves is what the launches read."""
     import torch
 
     from longctx.mechanisms.power import hopper

@@ -56,6 +56,7 @@ VARIANTS = {
     "cuda": KernelConfig(cuda=("deltas", "out")),
     "cuda_dq": KernelConfig(cuda=("deltas", "dq")),
     "cuda_dqo": KernelConfig(cuda=("deltas", "dq", "out_state")),
+    "cuda_dkv": KernelConfig(cuda=("deltas", "dq", "dkv")),
 }
 CHUNK = 512
 DEVICE = "cuda"

@@ -82,16 +82,23 @@ def state_out_by_reference(q, G, SB, U, *, nc, chunk, f, hq, hkv, batch, scale, 
     u = hp.state_out_reference(q, G, SB, chunk=chunk, hkv=hkv, scale=scale, has_gate=has_gate)
     U[:, :, chunk:] = u[:, :, chunk:]
 
-# the CUDA kernels' splits (their state parts read by _bwd_dq / _fwd_out with STATE_IN), each kernel's reference in
-# its place
-kept = hp.why_not, hp.state_dq, hp.state_out
-hp.why_not, hp.state_dq, hp.state_out = (lambda name, *args: None), state_dq_by_reference, state_out_by_reference
+def state_dkv_by_reference(k, v, G, DSB, DK, DV, DG, *, nc, chunk, f, batch, hkv, has_gate):
+    dk, dv, dg = hp.state_dkv_reference(k, v, G, DSB, chunk=chunk, has_gate=has_gate)
+    last = (nc - 1) * chunk
+    DK[:, :, :last], DV[:, :, :last], DG[:, :, :last] = dk[:, :, :last], dv[:, :, :last], dg[:, :, :last]
+
+# the CUDA kernels' splits (their state parts read by _bwd_dq / _fwd_out / _bwd_dkv with STATE_IN), each kernel's
+# reference in its place
+kept = hp.why_not, hp.state_dq, hp.state_out, hp.state_dkv
+hp.why_not, hp.state_dq, hp.state_out, hp.state_dkv = ((lambda name, *args: None), state_dq_by_reference,
+                                                       state_out_by_reference, state_dkv_by_reference)
 res["exact_state_dq_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("dq",))
 res["exact_state_dq_split_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32", cuda=("dq",))
 res["exact_state_out_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("out_state",))
+res["exact_state_dkv_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("dkv",))
 res["exact_state_splits_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32",
-                                         cuda=("dq", "out_state"))
-hp.why_not, hp.state_dq, hp.state_out = kept
+                                         cuda=("dq", "out_state", "dkv"))
+hp.why_not, hp.state_dq, hp.state_out, hp.state_dkv = kept
 ct.GATE_BLOCK = 8   # the gate kernels walk several blocks: each chunk in two, the sequence in nine (the last part)
 res["exact_gate_blocks"] = case(2, 2, 1, 70, 16, 16, 16, True, torch.float16, "fp32")
 ct.GATE_BLOCK = 2048
@@ -141,7 +148,8 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     for name in ("exact_gated_gqa", "exact_ungated", "exact_d64_whole_tiles", "exact_mixed_steps", "exact_one_chunk",
                  "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset",
                  "exact_resets_inside_chunks", "exact_gate_blocks", "exact_state_dq_split",
-                 "exact_state_dq_split_ungated", "exact_state_out_split", "exact_state_splits_ungated"):
+                 "exact_state_dq_split_ungated", "exact_state_out_split", "exact_state_dkv_split",
+                 "exact_state_splits_ungated"):
         # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
         # 40 seeds
         assert max(errors[name]) < 1e-3, (name, errors[name])
@@ -208,15 +216,25 @@ HOPPER = pytest.mark.skipif(not __import__("torch").cuda.is_available()
                             reason="the CUDA kernels (hopper.py) need a Hopper GPU (sm_90a)")
 
 
-@pytest.mark.parametrize("file", ["state_deltas.cu", "forward_out.cu", "state_dq.cu", "state_out.cu"])
-def test_cuda_kernel_sources_are_whole_for_nvrtc(file):
-    """NVRTC gets one string with no include path: the shared header must be pasted in for the kernel's
-    ``#include`` (CI has no GPU to compile them; a missed include would fail only there)."""
+@pytest.mark.parametrize("name", ["deltas", "out", "dq", "out_state", "dkv"])
+def test_cuda_kernel_sources_are_whole_for_nvrtc(name):
+    """NVRTC gets one string with no include path: the shared headers must be pasted in for the kernel's
+    ``#include``s, each once (CI has no GPU to compile them; a missed include would fail only there); the dynamic
+    shared memory the launch asks for is the kernel's own ``SMEM_BYTES``."""
+    import re
+
     from longctx.mechanisms.power import hopper
 
+    file, entry, smem = hopper.KERNELS[name]
     src = hopper._source(file)
     assert "#include" not in src
-    assert src.count("#define WGMMA_64x64x16") == 1 and f"power_{file[:-3]}(" in src
+    assert src.count("#define WGMMA_64x64x16") == 1 and f"{entry}(" in src
+    defines = dict(re.findall(r"^#define (\w+) (.*?)\s*(?://.*)?$", src, flags=re.M))
+    expanded = "SMEM_BYTES"
+    while (more := re.sub(r"\b[A-Z_][A-Z_0-9]+\b", lambda m: f"({defines[m.group(0)]})", expanded)) != expanded:
+        expanded = more
+    expanded = expanded.replace("/", "//")                              # C's integer division (positive terms)
+    assert eval(expanded, {}) == smem, (expanded, smem)
 
 
 def test_hopper_kernels_name_what_they_do_not_cover():
@@ -238,6 +256,8 @@ def test_hopper_kernels_name_what_they_do_not_cover():
     assert hopper.why_not("dq", X, 64, 64, 16, 16, 128, "bf16") == "chunk 128 is not a multiple of 256"
     assert hopper.why_not("dq", X, 64, 64, 16, 16, 256, "bf16") == "inputs on cpu, not CUDA"
     assert hopper.why_not("out_state", X, 64, 64, 16, 16, 128, "bf16") == "chunk 128 is not a multiple of 256"
+    assert hopper.why_not("dkv", X, 64, 64, 16, 16, 64, "bf16") == "chunk 64 is not a multiple of 128"
+    assert hopper.why_not("dkv", X, 64, 64, 16, 16, 128, "bf16") == "inputs on cpu, not CUDA"
 
 
 def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):
@@ -321,7 +341,8 @@ def test_compiled_triton_kernels_where_auto_takes_cuda(gen, chunk):
 @pytest.mark.parametrize("kernels,chunk", [(("deltas",), 64), (("deltas",), 128), (("deltas",), 256),
                                            (("out",), 128), (("out",), 256), (("deltas", "out"), 128),
                                            (("deltas", "out"), 256), (("dq",), 256), (("deltas", "dq"), 512),
-                                           (("out_state",), 256), (("deltas", "dq", "out_state"), 512)])
+                                           (("out_state",), 256), (("deltas", "dq", "out_state"), 512),
+                                           (("dkv",), 128), (("deltas", "dq", "dkv"), 512)])
 def test_compiled_cuda_kernels_against_the_reference(gen, chunk, kernels):
     """``KernelConfig(cuda=...)`` (``hopper.py``'s wgmma kernels) end to end, as the default kernels above:
     d = e = 64 (the shapes they cover), GQA (the backward's deltas sum two query heads), gated, a padded last
@@ -464,6 +485,38 @@ def test_cuda_state_out_equals_its_reference(gen, gated):
     assert U[:, :, :C].isnan().all()
     err = ((U[:, :, C:] - u[:, :, C:]).double().norm(dim=-1) / u[:, :, C:].double().norm(dim=-1)).max().item()
     assert err < 1e-4, err
+
+
+@HOPPER
+@pytest.mark.parametrize("gated", [False, True])
+def test_cuda_state_dkv_equals_its_reference(gen, gated):
+    """``hopper.state_dkv`` (the state part of dk and dv on wgmma) against ``hopper.state_dkv_reference`` on the same
+    random inputs (4 chunks, 2 KV heads): the same bf16 products summed in fp32 in another order, so equal to ~1e-6
+    in every row (a feature, a row or a role's warpgroup mapped wrong moves whole rows by O(1)); the last chunk's
+    rows are not written."""
+    import torch
+
+    from longctx.mechanisms.power import hopper
+
+    torch.manual_seed(torch_seed(gen))
+    B, hkv, C, nc = 2, 2, 128, 4
+    Tp, F = nc * C, 2560
+    k, v = (torch.randn(B, hkv, Tp, 64, device="cuda").bfloat16() for _ in range(2))
+    G = torch.randn(B * hkv, nc, C, device="cuda").mul(0.05).abs().neg().cumsum(-1).view(B * hkv, Tp)
+    G = G if gated else torch.zeros(1, device="cuda")
+    DSB = torch.randn(B * hkv, nc - 1, F, 64, device="cuda").bfloat16()
+    out = [torch.full((B, hkv, Tp, 64), float("nan"), device="cuda") for _ in range(2)]
+    out.append(torch.full((B, hkv, Tp), float("nan"), device="cuda"))
+    hopper.state_dkv(k, v, G, DSB, *out, nc=nc, chunk=C, f=F, batch=B, hkv=hkv, has_gate=gated)
+    ref = hopper.state_dkv_reference(k, v, G, DSB, chunk=C, has_gate=gated)
+    last = (nc - 1) * C
+    assert all(x[:, :, last:].isnan().all() for x in out)
+    dk, dv, dg = (x[:, :, :last].double() for x in out)
+    rk, rv, rg = (x[:, :, :last].double() for x in ref)
+    errs = [((dk - rk).norm(dim=-1) / rk.norm(dim=-1)).max().item(),
+            ((dv - rv).norm(dim=-1) / rv.norm(dim=-1)).max().item(),
+            ((dg - rg).abs().max() / rg.abs().max()).item()]                  # DG may cancel to ~0
+    assert max(errs[:2]) < 1e-4 and errs[2] < 1e-5, errs
 
 
 @pytest.mark.parametrize("nb,fb,fa", [(4, 16, 16), (4, 16, 8), (8, 8, 2), (2, 16, 4), (1, 16, 16)])

@@ -31,7 +31,9 @@ a chunk's total, so no offset from earlier chunks is carried and long sequences 
 4. ``_bwd_dq``       grid as 3; also writes ``delta_i = do_i . o_i``. The backward runs 4, then 1 and 2 for the
    state gradients, then 5. With ``KernelConfig(cuda=("dq",))`` (the default on Hopper) its state part comes from
    ``hopper.state_dq``, launched before it (``STATE_IN``).
-5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA).
+5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA). With
+   ``KernelConfig(cuda=("dkv",))`` its state part (``dS``'s products) comes from ``hopper.state_dkv``, launched
+   before it (``STATE_IN``).
 
 Around them, ``_gate_sums`` makes ``G`` from ``log_g`` (the forward's first launch) and ``_gate_grad`` makes
 ``d log_g`` (the backward's last): one launch each where PyTorch took 3 and 10 operations.
@@ -105,8 +107,9 @@ class KernelConfig:
     ``"fp32"`` with fp32 state snapshots (tf32 on a GPU, exact fp32 under the interpreter: the tests use it to
     check every term tightly); ``cuda``: kernels run by the hand-written Hopper kernels of ``hopper.py`` instead,
     ``"deltas"`` (the states between chunks, ``S`` and ``Z``), ``"out"`` (the forward's output kernel),
-    ``"out_state"`` (its state part only; ``_fwd_out`` adds the rest) and / or ``"dq"`` (the state part of the
-    backward's dq; ``_bwd_dq`` adds the rest), a tuple: sm_90, bf16, d = e = 64,
+    ``"out_state"`` (its state part only; ``_fwd_out`` adds the rest), ``"dq"`` (the state part of the
+    backward's dq; ``_bwd_dq`` adds the rest) and / or ``"dkv"`` (the state part of dk and dv; ``_bwd_dkv`` adds the
+    rest), a tuple: sm_90, bf16, d = e = 64,
     the default feature steps, chunks of whole tiles (``hopper.why_not`` says what it refuses, and a tuple naming a
     kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas kernel (summing the states itself
     where its grid fills the GPU, ``hopper.segments``, else in segments with the scan) and the CUDA dq kernel
@@ -539,39 +542,20 @@ if triton is not None:
         tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
-    def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, NC, scale,
-                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
-                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
-                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr):
-        pid_n = tl.program_id(0)
-        bkv = tl.program_id(1).to(tl.int64)
+    def _dkv_state(k_ptr, vb, cols, STEPS, s_ptr, ns, BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr,
+                   FB: tl.constexpr, FA: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr, PDT: tl.constexpr,
+                   LOOP_STAGES: tl.constexpr):
+        """``_bwd_dkv``'s state part before the factor ``beta``: ``(dv [BM, E], phi(k) . g [BM], dk [BM, DK])`` over
+        ``ns`` feature steps of the state gradient at ``s_ptr``, with ``g = v dS^T`` the feature gradients (``vb``:
+        the rows' ``v`` as operands)."""
         FT: tl.constexpr = FA * FB
-        Tp = NC * C
-        j0 = pid_n * BM
-        n = j0 // C
-        c0 = n * C
-        cols = j0 + tl.arange(0, BM)
-        di = tl.arange(0, DK)
-        ei = tl.arange(0, E)
-        k_ptr = K + bkv * Tp * DK
-        g_ptr = G + bkv * Tp
-        kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
-        vv = tl.load(V + bkv * Tp * E + cols[:, None] * E + ei[None, :])
-        if HAS_GATE:
-            gj = tl.load(g_ptr + cols)
-            beta = tl.exp(tl.load(g_ptr + c0 + C - 1) - gj)
-        else:
-            beta = tl.full([BM], 1.0, tl.float32)
         fi = tl.arange(0, FT)
-        s_ptr = DSB + (bkv * (NC - 1) + n) * F * E     # the gradient of the state leaving the chunk (none: last)
-        vb = vv.to(OPDT)
-        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
+        ei = tl.arange(0, E)
         dv = tl.zeros([BM, E], dtype=tl.float32)
         dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
         dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
         dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in tl.range(tl.where(n < NC - 1, NS, 0), num_stages=LOOP_STAGES):
+        for s in tl.range(ns, num_stages=LOOP_STAGES):
             ca, cb, wab = _step(STEPS, s, FA, FB, True)
             dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
             ka = _cols(k_ptr, cols, ca, FA, DK)
@@ -581,12 +565,50 @@ if triton is not None:
             dg += tl.sum(da * ka, 1)
             dka = _scatter_cols(dka, da, ca, FA, DK)
             dkb = _scatter_cols(dkb, db, cb, FB, DK)
+        return dv, dg, tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK))
+
+    @triton.jit
+    def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, DKS, DVS, DGS, NC, scale,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
+                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
+                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
+                 PDT: tl.constexpr, LOOP_STAGES: tl.constexpr, STATE_IN: tl.constexpr):
+        pid_n = tl.program_id(0)
+        bkv = tl.program_id(1).to(tl.int64)
+        Tp = NC * C
+        j0 = pid_n * BM
+        n = j0 // C
+        c0 = n * C
+        cols = j0 + tl.arange(0, BM)
+        di = tl.arange(0, DK)
+        ei = tl.arange(0, E)
+        k_ptr = K + bkv * Tp * DK
+        v_ptr = V + bkv * Tp * E
+        g_ptr = G + bkv * Tp
+        kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
+        vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
+        if HAS_GATE:
+            gj = tl.load(g_ptr + cols)
+            beta = tl.exp(tl.load(g_ptr + c0 + C - 1) - gj)
+        else:
+            beta = tl.full([BM], 1.0, tl.float32)
+        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
+        if STATE_IN:   # from hopper.state_dkv: beta dv, beta phi(k) . g, beta dk (none in the last chunk)
+            has = n < NC - 1
+            dv = tl.load(DVS + bkv * Tp * E + cols[:, None] * E + ei[None, :], mask=has, other=0.0)
+            dg = tl.load(DGS + bkv * Tp + cols, mask=has, other=0.0)
+            dk = tl.load(DKS + bkv * Tp * DK + cols[:, None] * DK + di[None, :], mask=has, other=0.0)
+        else:          # the gradient of the state leaving the chunk (none: last)
+            s_ptr = DSB + (bkv * (NC - 1) + n) * F * E
+            dv, dg, dk = _dkv_state(k_ptr, vv.to(OPDT), cols, STEPS, s_ptr, tl.where(n < NC - 1, NS, 0), BM, DK, E, FB,
+                                    FA, INTERP, OPDT, PDT, LOOP_STAGES)
+            dv = dv * beta[:, None]
+            dg = dg * beta
+            dk = dk * beta[:, None]
         k32 = kk.to(tl.float32)
-        dk = tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK))
         kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC - 1, DK), mask=n < NC - 1, other=0.0))
-        dg = (dg + tl.sum(kz * k32, 1)) * beta
-        dk = (dk + 2.0 * kz) * (0.5 * beta)[:, None]     # in-chunk terms at half weight, as in _bwd_dq
-        dv = dv * beta[:, None]
+        dg += tl.sum(kz * k32, 1) * beta
+        dk = (dk + kz * (2.0 * beta)[:, None]) * 0.5     # in-chunk terms at half weight, as in _bwd_dq
         ls2 = tl.log2(scale * scale)
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)
@@ -852,9 +874,17 @@ class _PowerRetentionFn(torch.autograd.Function):
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
         dgk = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
+        state_in = "dkv" in g.cuda and g.NC > 1
+        DKS, DVS, DGS = dk, dv, dgk                      # not read unless the CUDA kernel wrote the state part
+        if state_in:
+            DKS = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=torch.float32)
+            DVS = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=torch.float32)
+            DGS = torch.empty(g.B, g.Hkv, g.Tp, device=dev, dtype=torch.float32)
+            hopper.state_dkv(kp, vp, G, DSB, DKS, DVS, DGS, nc=g.NC, chunk=g.C, f=g.F, batch=g.B, hkv=g.Hkv,
+                             has_gate=has_gate)
         _launch("bwd_dkv", _bwd_dkv, (g.Tp // g.BM, g.B * g.Hkv),
-                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, g.NC, scale,
-                PDT=_product_type(kp, cfg), **common)
+                qp, kp, vp, G, steps, DSB, DZB, dop, DEN, delta, dk, dv, dgk, DKS, DVS, DGS, g.NC, scale,
+                PDT=_product_type(kp, cfg), STATE_IN=state_in, **common)
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
             dlog_g = torch.empty(g.B, g.Hkv, g.T, device=dev, dtype=ctx.log_g_dtype)

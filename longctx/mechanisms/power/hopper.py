@@ -1,23 +1,26 @@
 """Hand-written Hopper (sm_90a, wgmma) kernels in place of some of ``chunk_triton``'s Triton kernels, chosen with
 ``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the states between chunks, ``S`` and ``Z``, both
 directions; on grids that fill the GPU it also sums them, so the scan is not launched), ``"out"``
-(``forward_out.cu``: the forward's output kernel, 128 query rows a block), ``"dq"`` (``state_dq.cu``: the state part
-of dq, 256 rows a block: a producer warp streams the state, four consumer warpgroups multiply and fold it;
-``_bwd_dq`` adds the rest) and ``"out_state"`` (``state_out.cu``: the state part of the forward's output, the same
-design; ``_fwd_out`` adds the rest).
+(``forward_out.cu``: the forward's output kernel, 128 query rows a block), and three kernels that stream a state
+through shared memory (``state_stream.cuh``: a producer warp, consumer warpgroups multiplying every piece):
+``"dq"`` (``state_dq.cu``: the state part of dq, 256 rows a block; ``_bwd_dq`` adds the rest), ``"out_state"``
+(``state_out.cu``: the state part of the forward's output, the same design; ``_fwd_out`` adds the rest) and
+``"dkv"`` (``state_dkv.cu``: the state part of dk and dv, 128 key rows a block, both products; ``_bwd_dkv`` adds the
+rest).
 
 Compiled at first use for sm_90a with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch >= 2.8, a CUDA build):
 no C++ extension and no ``nvcc``. They cover bf16 inputs, ``d = e = 64``, the default feature steps (column blocks
-of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"``, 256 for ``"dq"`` and
-``"out_state"``). The Triton kernels cover the rest and are what CI tests (no GPU there): these are checked against
-them, against ``state_dq_reference`` and ``state_out_reference`` and against the float64 reference on the GPU
+of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for ``"out"`` and ``"dkv"``, 256 for
+``"dq"`` and ``"out_state"``). The Triton kernels cover the rest and are what CI tests (no GPU there): these are
+checked against them, against the PyTorch references below and against the float64 reference on the GPU
 (``tests/test_power_kernel.py``, the Hopper cases). The default configuration (``KernelConfig(cuda="auto")``) takes
 the deltas and dq kernels wherever they run; measured speeds are in
-``benchmarks/power_retention_notes.md`` (v8-v14).
+``benchmarks/power_retention_notes.md`` (v8-v15).
 """
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from pathlib import Path
 
@@ -28,10 +31,11 @@ HERE = Path(__file__).parent
 KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 100352),      # name -> (file, entry, dynamic smem)
            "out": ("forward_out.cu", "power_forward_out", 101632),
            "dq": ("state_dq.cu", "power_state_dq", 103552),
-           "out_state": ("state_out.cu", "power_state_out", 103552)}
-COMMON = "hopper_common.cuh"                   # the helpers the kernels include
+           "out_state": ("state_out.cu", "power_state_out", 103552),
+           "dkv": ("state_dkv.cu", "power_state_dkv", 85120)}
+COMMON = "hopper_common.cuh"                   # the helpers every kernel includes
 FB, FA = 16, 16                                # the feature steps the kernels are written for
-TILE = {"deltas": 64, "out": 128, "dq": 256, "out_state": 256}   # the chunk holds whole token tiles / row blocks
+TILE = {"deltas": 64, "out": 128, "dq": 256, "out_state": 256, "dkv": 128}   # the chunk holds whole tiles / blocks
 
 
 def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, operands: str) -> str | None:
@@ -58,9 +62,9 @@ def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, 
 
 
 def _source(file: str) -> str:
-    """The kernel's source with ``hopper_common.cuh`` pasted in for its ``#include`` (nvcc finds the header beside
-    the file; NVRTC is given one string, with no include path that depends on the PyTorch version)."""
-    return (HERE / file).read_text().replace(f'#include "{COMMON}"', (HERE / COMMON).read_text())
+    """The kernel's source with every ``#include "..."`` replaced by the header's own source (nvcc finds the headers
+    beside the file; NVRTC is given one string, with no include path that depends on the PyTorch version)."""
+    return re.sub(r'#include "([\w.]+)"', lambda m: _source(m.group(1)), (HERE / file).read_text())
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,6 +152,37 @@ def _states_of_rows(G: Tensor, SB: Tensor, *, batch: int, hq: int, hkv: int, tp:
     return S, scale * scale * torch.exp(Gq)
 
 
+def _per_chunk(x: Tensor, S: Tensor, chunk: int) -> Tensor:
+    """``x [.., (nc - 1) chunk, K] @ S [.., nc - 1, K, N]``, chunk by chunk: ``[.., (nc - 1) chunk, N]``."""
+    return torch.cat([x[..., m * chunk:(m + 1) * chunk, :] @ S[..., m, :, :] for m in range(S.shape[-3])], dim=-2)
+
+
+def _features(x: Tensor, weighted: bool, dtype: torch.dtype) -> Tensor:
+    """The features ``[.., F]`` of ``x [.., d]`` (float32) as the kernels build them: block pairs ``A <= B`` of 16
+    columns, ``(a, b)`` row-major in a pair, ``w x_a x_b`` rounded to ``dtype`` (``w`` 1, or with ``weighted`` 2 on
+    the pairs off the diagonal)."""
+    blocks = [x[..., 16 * A:16 * A + 16] for A in range(x.shape[-1] // 16)]
+    phi = torch.cat([(2.0 if weighted and A != Bk else 1.0) * blocks[A][..., :, None] * blocks[Bk][..., None, :]
+                     for A in range(len(blocks)) for Bk in range(A, len(blocks))], dim=-2).flatten(-2)
+    return phi.to(dtype).float()
+
+
+def _fold(g: Tensor, x: Tensor, weighted: bool) -> Tensor:
+    """The chain rule through ``_features``' products (not their rounding): ``dx [.., d]`` from the features'
+    gradient ``g [.., F]``, ``dx_a += w sum_b g_ab x_b``, ``dx_b += w sum_a g_ab x_a``."""
+    dx = torch.zeros_like(x)
+    f0 = 0
+    for A in range(x.shape[-1] // 16):
+        for Bk in range(A, x.shape[-1] // 16):
+            w = 2.0 if weighted and A != Bk else 1.0
+            gp = g[..., f0:f0 + 256].unflatten(-1, (16, 16))                        # [.., a, b]
+            xa, xb = x[..., 16 * A:16 * A + 16], x[..., 16 * Bk:16 * Bk + 16]
+            dx[..., 16 * A:16 * A + 16] += w * torch.einsum("...ab,...b->...a", gp, xb)
+            dx[..., 16 * Bk:16 * Bk + 16] += w * torch.einsum("...ab,...a->...b", gp, xa)
+            f0 += 256
+    return dx
+
+
 def state_dq_reference(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: int,
                        scale: float, has_gate: bool) -> tuple[Tensor, Tensor]:
     """PyTorch reference of ``state_dq`` (float32): ``(U, V)`` with ``U [B, Hq, Tp, 64]`` and ``V [B, Hq, Tp]``, zero
@@ -159,19 +194,8 @@ def state_dq_reference(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor
     S, r = _states_of_rows(G, SB, batch=B, hq=hq, hkv=hkv, tp=Tp, chunk=chunk, scale=scale, has_gate=has_gate)
     inv = 1.0 / torch.where(den == 0, 1.0, den)[:, :, chunk:, None]        # a reciprocal, as the kernels take it
     dn = (do[:, :, chunk:].float() * inv).to(SB.dtype).float()
-    g = torch.cat([dn[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m].transpose(-1, -2)
-                   for m in range(S.shape[2])], dim=2)                      # [B, hq, Tp - chunk, F]
     qr = q[:, :, chunk:].float()
-    dq = torch.zeros_like(qr)
-    f0 = 0
-    for A in range(d // 16):
-        for Bk in range(A, d // 16):
-            w = 1.0 if A == Bk else 2.0
-            gp = g[..., f0:f0 + 256].unflatten(-1, (16, 16))                        # [.., a, b]
-            qa, qb = qr[..., 16 * A:16 * A + 16], qr[..., 16 * Bk:16 * Bk + 16]
-            dq[..., 16 * A:16 * A + 16] += w * torch.einsum("...ab,...b->...a", gp, qb)
-            dq[..., 16 * Bk:16 * Bk + 16] += w * torch.einsum("...ab,...a->...b", gp, qa)
-            f0 += 256
+    dq = _fold(_per_chunk(dn, S.transpose(-1, -2), chunk), qr, weighted=True)
     U = torch.zeros(B, hq, Tp, d, device=q.device)
     V = torch.zeros(B, hq, Tp, device=q.device)
     U[:, :, chunk:] = r[..., None] * dq
@@ -198,12 +222,46 @@ def state_out_reference(q: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: in
     (``w`` 1 on diagonal pairs, 2 off them) and ``r_i = scale^2 exp(G_i)``."""
     B, hq, Tp, d = q.shape
     S, r = _states_of_rows(G, SB, batch=B, hq=hq, hkv=hkv, tp=Tp, chunk=chunk, scale=scale, has_gate=has_gate)
-    qr = q[:, :, chunk:].float()
-    blocks = [qr[..., 16 * A:16 * A + 16] for A in range(d // 16)]
-    phi = torch.cat([(1.0 if A == Bk else 2.0) * blocks[A][..., :, None] * blocks[Bk][..., None, :]
-                     for A in range(d // 16) for Bk in range(A, d // 16)], dim=-2).flatten(-2)
-    phi = phi.to(SB.dtype).float()                                           # [B, hq, Tp - chunk, F]
-    num = torch.cat([phi[:, :, m * chunk:(m + 1) * chunk] @ S[:, :, m] for m in range(S.shape[2])], dim=2)
+    num = _per_chunk(_features(q[:, :, chunk:].float(), True, SB.dtype), S, chunk)
     U = torch.zeros(B, hq, Tp, SB.shape[-1], device=q.device)
     U[:, :, chunk:] = r[..., None] * num
     return U
+
+
+def state_dkv(k: Tensor, v: Tensor, G: Tensor, DSB: Tensor, DK: Tensor, DV: Tensor, DG: Tensor, *, nc: int,
+              chunk: int, f: int, batch: int, hkv: int, has_gate: bool) -> None:
+    """Writes the state part of dk, dv and the keys' gate gradient for the rows of chunks ``0 .. nc - 2`` (the last
+    chunk's rows are left as they are): ``DK, DV [B, Hkv, Tp, 64]`` and ``DG [B, Hkv, Tp]`` (fp32), what
+    ``state_dkv_reference`` computes. ``k, v [B, Hkv, Tp, 64]`` bf16 contiguous, ``G`` the in-chunk gate sums
+    ``[B*Hkv, Tp]`` (fp32), ``DSB [B*Hkv, nc - 1, f, 64]`` the gradients of the states leaving the chunks (bf16)."""
+    _kernel("dkv", k.device.index)(
+        grid=((nc - 1) * chunk // 128, batch * hkv, 1), block=(640, 1, 1), shared_mem=KERNELS["dkv"][2],
+        args=[k, v, G, DSB, DK, DV, DG, nc, chunk, f, int(has_gate)])
+
+
+def state_dkv_reference(k: Tensor, v: Tensor, G: Tensor, DSB: Tensor, *, chunk: int,
+                        has_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch reference of ``state_dkv`` (float32): ``(DK, DV, DG)``, ``[B, Hkv, Tp, 64]`` twice and ``[B, Hkv, Tp]``,
+    zero on the last chunk's rows. For key row j of chunk n <= nc - 2 with ``dS`` the gradient of the state leaving
+    it: ``dv_j = phi(k_j) dS`` (``phi_(a, b) = k_a k_b`` rounded to ``dS``'s dtype, the features of the block pairs
+    ``A <= B`` of 16 columns, no pair weight: the query side's is inside ``dS``), ``g_j = v_j dS^T``, ``dk_j =
+    sum_pairs (g_j k_j[B] -> a, g_j^T k_j[A] -> b)``; ``DV_j = beta_j dv_j``, ``DK_j = beta_j dk_j``, ``DG_j =
+    beta_j (k_j . dk_j) / 2`` with ``beta_j = exp(G_end - G_j)``, ``G_end`` the last in-chunk gate sum of j's
+    chunk."""
+    B, hkv, Tp, d = k.shape
+    rows = Tp - chunk
+    S = DSB.view(B, hkv, Tp // chunk - 1, -1, DSB.shape[-1]).float()
+    if has_gate:
+        Gc = G.view(B, hkv, Tp // chunk, chunk)[:, :, :-1]
+        beta = torch.exp(Gc[..., -1:] - Gc).flatten(-2)
+    else:
+        beta = torch.ones(B, hkv, rows, device=k.device)
+    kr, vr = k[:, :, :rows].float(), v[:, :, :rows].float()
+    dv = _per_chunk(_features(kr, False, DSB.dtype), S, chunk)
+    dk = _fold(_per_chunk(vr, S.transpose(-1, -2), chunk), kr, weighted=False)
+    DK, DV = torch.zeros(B, hkv, Tp, d, device=k.device), torch.zeros(B, hkv, Tp, DSB.shape[-1], device=k.device)
+    DG = torch.zeros(B, hkv, Tp, device=k.device)
+    DK[:, :, :rows] = beta[..., None] * dk
+    DV[:, :, :rows] = beta[..., None] * dv
+    DG[:, :, :rows] = beta * (kr * dk).sum(-1) / 2
+    return DK, DV, DG

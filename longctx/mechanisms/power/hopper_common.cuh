@@ -1,6 +1,6 @@
-// Shared by the hand-written Hopper kernels (state_deltas.cu and forward_out.cu include it; hopper.py pastes it in
-// for NVRTC): bf16 packing, shared-memory addresses, wgmma's descriptor, instruction and
-// fences, cp.async. No includes of its own: NVRTC needs none.
+// Shared by the hand-written Hopper kernels (included by state_deltas.cu, forward_out.cu and state_stream.cuh;
+// hopper.py pastes it in for NVRTC): bf16 packing, shared-memory addresses, wgmma's descriptor, instruction and
+// fences, cp.async, mbarriers. No includes of its own: NVRTC needs none.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -96,7 +96,7 @@ __device__ __forceinline__ void copy_tile_swz(u32 tile, const u16* src, int tid,
 // 32 bytes into the rows; MN-major with N = 64, one atom wide: 16 rows further)
 __device__ __forceinline__ u64 desc_swz(u32 addr) { return desc(addr, 16, 1024) | (1ull << 62); }
 
-// mbarriers (state_dq.cu, state_out.cu)
+// mbarriers (state_stream.cuh)
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -115,36 +115,4 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 }
 __device__ __forceinline__ void named_sync(u32 id, u32 count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
-// The state S [2560 features][64] (d = e = 64, column blocks of 16) in 40 pieces of 64 features: a quarter qt of a
-// block pair (A, B), 4 values of a x 16 of b. Piece (A, qt, B) sits pair-major, the quarters inside a pair.
-__device__ __forceinline__ int piece_offset(int A, int qt, int B) {
-    return ((4 * A - A * (A - 1) / 2 + (B - A)) * 4 + qt) * 64;
-}
-// The producer of state_dq.cu and state_out.cu, one warp: the 40 pieces (8 KB each, 128-byte swizzle) into a ring of
-// STAGES stages at ring (1024-byte aligned), in the walk order A, then the quarter, then B >= A. Each stage is refilled
-// once its "empty" barrier completes; the copies' completion arrives on its "full" barrier (32 arrivals). It does
-// not wait for its copies itself: a proxy fence here would drain every copy in flight (the consumers fence).
-template <int STAGES>
-__device__ __forceinline__ void stream_state(const u16* S, u32 ring, u32 full, u32 empty, int lane) {
-    int A = 0, qt = 0, B = 0;
-    for (int i = 0; i < 40; ++i) {
-        const int st = i % STAGES;
-        if (i >= STAGES) mbar_wait(empty + 8 * st, ((i / STAGES) - 1) & 1);
-        const u16* src = S + (long long)piece_offset(A, qt, B) * 64;
-        const u32 dst = ring + st * 8192;
-#pragma unroll
-        for (int it = 0; it < 16; ++it) {                 // 8 lanes a feature row (one L2 line)
-            const int row = 4 * it + (lane >> 3), chunk = lane & 7;
-            cp_async16(dst + swz_off(row, chunk), src + row * 64 + chunk * 8);
-        }
-        cp_async_arrive(full + 8 * st);
-        if (++B == 4) {
-            A += qt == 3;
-            qt = (qt + 1) & 3;
-            B = A;
-        }
-    }
-    cp_wait<0>();
 }

@@ -542,32 +542,6 @@ if triton is not None:
         tl.store(DGQ + bh * Tp + rows, dg)
 
     @triton.jit
-    def _dkv_state(k_ptr, vb, cols, STEPS, s_ptr, ns, BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr,
-                   FB: tl.constexpr, FA: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr, PDT: tl.constexpr,
-                   LOOP_STAGES: tl.constexpr):
-        """``_bwd_dkv``'s state part before the factor ``beta``: ``(dv [BM, E], phi(k) . g [BM], dk [BM, DK])`` over
-        ``ns`` feature steps of the state gradient at ``s_ptr``, with ``g = v dS^T`` the feature gradients (``vb``:
-        the rows' ``v`` as operands)."""
-        FT: tl.constexpr = FA * FB
-        fi = tl.arange(0, FT)
-        ei = tl.arange(0, E)
-        dv = tl.zeros([BM, E], dtype=tl.float32)
-        dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
-        dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
-        dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
-        for s in tl.range(ns, num_stages=LOOP_STAGES):
-            ca, cb, wab = _step(STEPS, s, FA, FB, True)
-            dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
-            ka = _cols(k_ptr, cols, ca, FA, DK)
-            kb = _cols(k_ptr, cols, cb, FB, DK)
-            dv += _mm(_features(ka, kb, BM, FA, FB, PDT, OPDT), dst, INTERP)
-            da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, FB)
-            dg += tl.sum(da * ka, 1)
-            dka = _scatter_cols(dka, da, ca, FA, DK)
-            dkb = _scatter_cols(dkb, db, cb, FB, DK)
-        return dv, dg, tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK))
-
-    @triton.jit
     def _bwd_dkv(Q, K, V, G, STEPS, DSB, DZB, DO, DEN, DELTA, DKO, DVO, DGK, DKS, DVS, DGS, NC, scale,
                  HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                  BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
@@ -583,32 +557,50 @@ if triton is not None:
         di = tl.arange(0, DK)
         ei = tl.arange(0, E)
         k_ptr = K + bkv * Tp * DK
-        v_ptr = V + bkv * Tp * E
         g_ptr = G + bkv * Tp
         kk = tl.load(k_ptr + cols[:, None] * DK + di[None, :])
-        vv = tl.load(v_ptr + cols[:, None] * E + ei[None, :])
+        vv = tl.load(V + bkv * Tp * E + cols[:, None] * E + ei[None, :])
         if HAS_GATE:
             gj = tl.load(g_ptr + cols)
             beta = tl.exp(tl.load(g_ptr + c0 + C - 1) - gj)
         else:
             beta = tl.full([BM], 1.0, tl.float32)
-        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers)
-        if STATE_IN:   # from hopper.state_dkv: beta dv, beta phi(k) . g, beta dk (none in the last chunk)
+        # the state part first: its accumulators are dead before the in-chunk loop's (fewer live registers); the
+        # last chunk has no state gradient. In-chunk terms come at half weight, as in _bwd_dq
+        if STATE_IN:   # from hopper.state_dkv: beta dv, beta phi(k) . g, beta dk
             has = n < NC - 1
             dv = tl.load(DVS + bkv * Tp * E + cols[:, None] * E + ei[None, :], mask=has, other=0.0)
             dg = tl.load(DGS + bkv * Tp + cols, mask=has, other=0.0)
             dk = tl.load(DKS + bkv * Tp * DK + cols[:, None] * DK + di[None, :], mask=has, other=0.0)
-        else:          # the gradient of the state leaving the chunk (none: last)
-            s_ptr = DSB + (bkv * (NC - 1) + n) * F * E
-            dv, dg, dk = _dkv_state(k_ptr, vv.to(OPDT), cols, STEPS, s_ptr, tl.where(n < NC - 1, NS, 0), BM, DK, E, FB,
-                                    FA, INTERP, OPDT, PDT, LOOP_STAGES)
+            k32 = kk.to(tl.float32)
+            kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC - 1, DK), mask=has, other=0.0))
+            dg += tl.sum(kz * k32, 1) * beta
+            dk = (dk + kz * (2.0 * beta)[:, None]) * 0.5
+        else:
+            FT: tl.constexpr = FA * FB
+            fi = tl.arange(0, FT)
+            s_ptr = DSB + (bkv * (NC - 1) + n) * F * E     # the gradient of the state leaving the chunk
+            vb = vv.to(OPDT)
+            dv = tl.zeros([BM, E], dtype=tl.float32)
+            dg = tl.zeros([BM], dtype=tl.float32)  # sum_i dL/dw_ij w_ij
+            dka = tl.zeros([BM, DK // FA, FA], dtype=tl.float32)
+            dkb = tl.zeros([BM, DK // FB, FB], dtype=tl.float32)
+            for s in tl.range(tl.where(n < NC - 1, NS, 0), num_stages=LOOP_STAGES):
+                ca, cb, wab = _step(STEPS, s, FA, FB, True)
+                dst = tl.load(s_ptr + (s * FT + fi)[:, None] * E + ei[None, :])
+                ka = _cols(k_ptr, cols, ca, FA, DK)
+                kb = _cols(k_ptr, cols, cb, FB, DK)
+                dv += _mm(_features(ka, kb, BM, FA, FB, PDT, OPDT), dst, INTERP)
+                da, db = _fold(_mm(vb, tl.trans(dst), INTERP), ka, kb, BM, FA, FB)
+                dg += tl.sum(da * ka, 1)
+                dka = _scatter_cols(dka, da, ca, FA, DK)
+                dkb = _scatter_cols(dkb, db, cb, FB, DK)
+            k32 = kk.to(tl.float32)
+            dk = tl.reshape(dka, (BM, DK)) + tl.reshape(dkb, (BM, DK))
+            kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC - 1, DK), mask=n < NC - 1, other=0.0))
+            dg = (dg + tl.sum(kz * k32, 1)) * beta
+            dk = (dk + 2.0 * kz) * (0.5 * beta)[:, None]
             dv = dv * beta[:, None]
-            dg = dg * beta
-            dk = dk * beta[:, None]
-        k32 = kk.to(tl.float32)
-        kz = _mm32(k32, tl.load(DZB + _z_offsets(bkv, n, NC - 1, DK), mask=n < NC - 1, other=0.0))
-        dg += tl.sum(kz * k32, 1) * beta
-        dk = (dk + kz * (2.0 * beta)[:, None]) * 0.5     # in-chunk terms at half weight, as in _bwd_dq
         ls2 = tl.log2(scale * scale)
         for rr in range(HQ // HKV):
             bh = _x_head(bkv, rr, HQ, HKV, True)

@@ -220,7 +220,7 @@ def state_out_reference(q: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: in
     chunk n >= 1 with the state ``S`` entering it, ``U_i = r_i phi(q_i) S`` with the features of the block pairs
     ``A <= B`` of 16 columns (``(a, b)`` row-major in a pair), ``phi_(a, b) = w q_a q_b`` rounded to ``S``'s dtype
     (``w`` 1 on diagonal pairs, 2 off them) and ``r_i = scale^2 exp(G_i)``."""
-    B, hq, Tp, d = q.shape
+    B, hq, Tp, _ = q.shape
     S, r = _states_of_rows(G, SB, batch=B, hq=hq, hkv=hkv, tp=Tp, chunk=chunk, scale=scale, has_gate=has_gate)
     num = _per_chunk(_features(q[:, :, chunk:].float(), True, SB.dtype), S, chunk)
     U = torch.zeros(B, hq, Tp, SB.shape[-1], device=q.device)

@@ -12,8 +12,8 @@
 // Block: 128 rows of one KV head inside one chunk. Two consumer warpgroups run multiply_features for dv (rows 0-63,
 // 64-127; warps 0-7), two run fold_state for dk (the same rows; warps 8-15), all four on every piece of dS; a
 // producer warpgroup (warps 16-19; warp 16 streams dS, the others leave) gives its registers to them. So every
-// piece read from L2 serves 256 row-products, as in state_dq.cu, and one warpgroup's fold runs on the CUDA cores
-// while the others' MMAs run.
+// piece read from L2 serves 256 row-products, as in state_dq.cu. Measured (notes v15): 1.81 ms at 4K, the time of
+// its two halves run alone added up: the warpgroups' different work did not overlap.
 
 #include "state_stream.cuh"
 

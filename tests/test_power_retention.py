@@ -84,8 +84,12 @@ def test_stepwise_decoding_equals_naive(deg, gated, chunk, switch_over, gen):
         assert state.seen == stop and state.k.shape[2] == recent_count(stop, chunk, switch_over)
         assert (state.S is None) == (stop < switch_over)
         start = stop
-    # deg 4, gated, chunk 4 / switch-over 8: median 7.4e-16 over 300 seeds, max 1.8e-13 (seed 39; the next 7.6e-15)
-    assert rel_err(torch.cat(outs, 2), ref) < 1e-12
+    # relative to |o| the error is heavy-tailed at deg 4, gated (max 1.6e-13 over 200 seeds, then 3.6e-12 on test
+    # seed 1887961992); relative to the sums the feature form adds up (as in the test below) it is not: measured
+    # <= 4.0 eps over 200 seeds of every case here
+    out = torch.cat(outs, 2)
+    err = (out - ref).abs().amax(-1) / feature_sum_scale(q, k, v, log_g, deg, ref)
+    assert err.max() < 64 * torch.finfo(torch.float64).eps, err.max()
     m = build_mechanism("power", 4, 2, 8, deg=deg, chunk_size=chunk, switch_over=switch_over,
                         gate="decay" if gated else "none")
     assert tensor_bytes(state) == m.state_bytes(T, batch=2, dtype=torch.float64)

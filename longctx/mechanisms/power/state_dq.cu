@@ -29,16 +29,13 @@ power_state_dq(const u16* __restrict__ Q, const u16* __restrict__ DO, const floa
                float* __restrict__ V, int NC, int C, int F, int HQ, int HKV, int has_gate, double scale2)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);   // the swizzle's atoms
+    unsigned char* smem = aligned_smem(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const long long bh = blockIdx.y;
-    const long long bkv = (bh / HQ) * HKV + (bh % HQ) / (HQ / HKV);
-    const long long Tp = (long long)NC * C;
-    const int m0 = C + blockIdx.x * BM;                   // chunk 0 has no state: its rows are not here
-    const int n = m0 / C;
+    const QueryBlock<BM> blk(SB, NC, C, F, HQ, HKV);
+    const long long bh = blk.bh, bkv = blk.bkv, Tp = blk.Tp;
+    const int m0 = blk.m0;
     StateRing ring;
-    if (start_ring(SB + (bkv * (NC - 1) + n - 1) * (long long)F * E, smem_u32(smem), smem_u32(smem + OFF_BAR),
-                   4 * CWG, 4 * CWG, ring))
+    if (start_ring(blk.sb, smem_u32(smem), smem_u32(smem + OFF_BAR), 4 * CWG, 4 * CWG, ring))
         return;
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " REGS ";\n" ::: "memory");
@@ -81,7 +78,7 @@ power_state_dq(const u16* __restrict__ Q, const u16* __restrict__ DO, const floa
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const long long row = bh * Tp + m0 + lrow + 8 * h;
-        const float r = has_gate ? (float)scale2 * __expf(gate[h]) : (float)scale2;
+        const float r = row_factor(has_gate, scale2, gate[h]);
         store_db(U + row * D, db, h, c, 2.f * r);
         const float dot = dot_x(db, xs, lrow + 8 * h, c, h);
         if (c == 0) V[row] = r * dot;

@@ -85,6 +85,34 @@ __device__ __forceinline__ bool start_ring(const u16* S, u32 ring, u32 bars, int
     return true;
 }
 
+// The dynamic shared memory from its first 1024-byte boundary (the swizzle's atoms)
+__device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
+    return raw + ((1024 - (smem_u32(raw) & 1023)) & 1023);
+}
+
+// The query rows of a block of state_dq.cu / state_out.cu: BM rows of query head bh (blockIdx.y, batch-major) in
+// chunk n >= 1 from row m0 (blockIdx.x counts blocks after chunk 0, which has no state); bkv its KV head, sb the
+// state entering the chunk ([F][64] bf16 of SB [B*HKV, NC - 1, F, 64]).
+template <int BM>
+struct QueryBlock {
+    long long bh, bkv, Tp;
+    int m0, n;
+    const u16* sb;
+    __device__ __forceinline__ QueryBlock(const u16* SB, int NC, int C, int F, int HQ, int HKV) {
+        bh = blockIdx.y;
+        bkv = (bh / HQ) * HKV + (bh % HQ) / (HQ / HKV);
+        Tp = (long long)NC * C;
+        m0 = C + blockIdx.x * BM;
+        n = m0 / C;
+        sb = SB + (bkv * (NC - 1) + n - 1) * (long long)F * 64;
+    }
+};
+
+// scale^2 exp(G_i), the factor of a query row's state part (scale^2 without a gate)
+__device__ __forceinline__ float row_factor(int has_gate, double scale2, float gate) {
+    return has_gate ? (float)scale2 * __expf(gate) : (float)scale2;
+}
+
 // (x, x) for the bf16 half h of the pair x
 __device__ __forceinline__ u32 twice(u32 x, int h) {
     return h ? (x >> 16) | (x & 0xffff0000u) : (x & 0xffffu) | (x << 16);

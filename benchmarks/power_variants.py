@@ -57,6 +57,9 @@ VARIANTS = {
     "cuda_dq": KernelConfig(cuda=("deltas", "dq")),
     "cuda_dqo": KernelConfig(cuda=("deltas", "dq", "out_state")),
     "cuda_dkv": KernelConfig(cuda=("deltas", "dq", "dkv")),
+    "cuda_all": KernelConfig(cuda=("deltas", "dq", "dkv", "out_state")),   # every state part in CUDA
+    "cuda_all_b128": KernelConfig(block=128, warps_chunk=8, warps_out=8,   # ... and 128-row in-chunk blocks
+                                  cuda=("deltas", "dq", "dkv", "out_state")),
 }
 CHUNK = 512
 DEVICE = "cuda"

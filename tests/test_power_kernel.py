@@ -260,6 +260,27 @@ def test_hopper_kernels_name_what_they_do_not_cover():
     assert hopper.why_not("dkv", X, 64, 64, 16, 16, 128, "bf16") == "inputs on cpu, not CUDA"
 
 
+def test_tensor_map_names_the_states_it_cannot_describe():
+    """``hopper.tensor_map`` (the state kernels' TMA descriptor): a contiguous bf16 ``[.., f, 64]`` state of fewer
+    than 2^31 rows (the kernels' row coordinates are 32-bit) on a CUDA device; anything else is refused by name
+    before the driver is asked."""
+    import torch
+
+    from longctx.mechanisms.power import hopper
+
+    S = torch.zeros(2, 3, 256, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"contiguous bf16 \[.., f, 64\] state, got torch.float32 \(2, 3, 256, 64\)"):
+        hopper.tensor_map(S.float())
+    with pytest.raises(ValueError, match=r"got torch.bfloat16 \(2, 3, 256, 32\)"):
+        hopper.tensor_map(torch.zeros(2, 3, 256, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"\(3, 2, 256, 64\) \(contiguous: False\)"):
+        hopper.tensor_map(S.transpose(0, 1))
+    with pytest.raises(ValueError, match="2147483648 state rows exceed the kernels' 32-bit row coordinates"):
+        hopper.tensor_map(torch.empty(1 << 31, 64, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(ValueError, match=r"needs a CUDA tensor .*\(S on cpu\)"):
+        hopper.tensor_map(S)
+
+
 def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):
     """``hopper.segments``: one segment and no scan when the blocks fill two waves of 2 blocks an SM (the 4K
     benchmark: 11 x 256 blocks), else as many segments as fill them, at most one a chunk slot."""
@@ -277,11 +298,11 @@ def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch)
 
 
 def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
-    """``KernelConfig(cuda="auto")``, the default: the CUDA deltas and dq kernels, each where ``hopper.why_not``
-    lets it run (a Hopper GPU, bf16, d = e = 64, whole tiles: 256-row blocks for dq) and it compiles (not the
-    output-state kernel: measured even with Triton's), the deltas in one segment or several (``hopper.segments``:
-    asked when the states are made, not here), Triton's kernels elsewhere (here: CPU inputs) instead of the error an
-    explicit tuple raises; what ``_geometry`` resolves is what the launches read."""
+    """``KernelConfig(cuda="auto")``, the default: the CUDA deltas kernel and the three state parts (dq, dk / dv,
+    the output's), each where ``hopper.why_not`` lets it run (a Hopper GPU, bf16, d = e = 64, whole tiles: 256-row
+    blocks for dq and the output's, 128 for dk / dv) and it compiles, the deltas in one segment or several
+    (``hopper.segments``: asked when the states are made, not here), Triton's kernels elsewhere (here: CPU inputs)
+    instead of the error an explicit tuple raises; what ``_geometry`` resolves is what the launches read."""
     import torch
 
     from longctx.mechanisms.power import hopper
@@ -295,16 +316,17 @@ def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: asked.append((name, *args[1:])) or None)
     monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: asked.append((blocks, slots)) or (2, False))
     monkeypatch.setattr(hopper, "compiles", lambda name, device: asked.append(name) or True)
-    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas", "dq")
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas", "dq", "dkv", "out_state")
     # each kernel's own feature steps, then whether it compiles; segments do not decide
-    assert asked == [("deltas", 64, 64, 16, 16, 128, "bf16"), "deltas", ("dq", 64, 64, 16, 16, 128, "bf16"), "dq"]
+    assert asked == [x for name in ("deltas", "dq", "dkv", "out_state")
+                     for x in ((name, 64, 64, 16, 16, 128, "bf16"), name)]
     monkeypatch.setattr(hopper, "compiles", lambda name, device: name != "dq")
-    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas",)
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas", "dkv", "out_state")
     monkeypatch.setattr(hopper, "compiles", lambda name, device: True)
     assert _geometry(q, k, k, 128, KernelConfig(cuda=())).cuda == ()
     assert _geometry(q, k, k, 512, KernelConfig()).cuda == ()                     # one chunk: no states
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no" if name == "deltas" else None)
-    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("dq",)
+    assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("dq", "dkv", "out_state")
     with pytest.raises(ValueError, match="names both 'out' and 'out_state'"):   # two kernels for one part
         _geometry(q, k, k, 128, KernelConfig(cuda=("out", "out_state")))
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: "no")

@@ -27,13 +27,13 @@ a chunk's total, so no offset from earlier chunks is carried and long sequences 
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser). With ``KernelConfig(cuda=("out_state",))`` the numerator's state part comes from
-   ``hopper.state_out`` (``STATE_IN``).
+   ``hopper.state_out`` (``STATE_IN``; the default on Hopper).
 4. ``_bwd_dq``       grid as 3; also writes ``delta_i = do_i . o_i``. The backward runs 4, then 1 and 2 for the
    state gradients, then 5. With ``KernelConfig(cuda=("dq",))`` (the default on Hopper) its state part comes from
    ``hopper.state_dq``, launched before it (``STATE_IN``).
 5. ``_bwd_dkv``      grid (T / BM, B*Hkv), summing over the query heads of its KV head (GQA). With
-   ``KernelConfig(cuda=("dkv",))`` its state part (``dS``'s products) comes from ``hopper.state_dkv``, launched
-   before it (``STATE_IN``).
+   ``KernelConfig(cuda=("dkv",))`` (the default on Hopper) its state part (``dS``'s products) comes from
+   ``hopper.state_dkv``, launched before it (``STATE_IN``).
 
 Around them, ``_gate_sums`` makes ``G`` from ``log_g`` (the forward's first launch) and ``_gate_grad`` makes
 ``d log_g`` (the backward's last): one launch each where PyTorch took 3 and 10 operations.
@@ -75,6 +75,7 @@ def _interpreting() -> bool:
 
 
 GRID_MAX = 65535  # launch grid limit of the 2nd / 3rd dimension: chunks, batch x heads
+AUTO = ("deltas", "dq", "dkv", "out_state")   # the Hopper kernels KernelConfig(cuda="auto") takes where they run
 GATE_BLOCK = 2048  # tokens per step of the gate kernels' walks (a chunk in _gate_sums, the sequence in _gate_grad)
 
 
@@ -109,12 +110,12 @@ class KernelConfig:
     ``"deltas"`` (the states between chunks, ``S`` and ``Z``), ``"out"`` (the forward's output kernel),
     ``"out_state"`` (its state part only; ``_fwd_out`` adds the rest), ``"dq"`` (the state part of the
     backward's dq; ``_bwd_dq`` adds the rest) and / or ``"dkv"`` (the state part of dk and dv; ``_bwd_dkv`` adds the
-    rest), a tuple: sm_90, bf16, d = e = 64,
-    the default feature steps, chunks of whole tiles (``hopper.why_not`` says what it refuses, and a tuple naming a
-    kernel that cannot run raises); ``"auto"`` (the default): the CUDA deltas kernel (summing the states itself
-    where its grid fills the GPU, ``hopper.segments``, else in segments with the scan) and the CUDA dq kernel
-    (chunks of whole 256-row blocks), each wherever it can run these inputs (both measured faster than Triton's),
-    the Triton kernels elsewhere (``"out_state"`` measured even with Triton's output kernel: not taken)."""
+    rest), a tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not``
+    says what it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA
+    deltas kernel (summing the states itself where its grid fills the GPU, ``hopper.segments``, else in segments
+    with the scan) and the three state parts, ``"dq"``, ``"dkv"`` and ``"out_state"`` (chunks of whole 256-row
+    blocks; 128 for ``"dkv"``), each wherever it can run these inputs (each measured faster than Triton's, notes
+    v10-v16), the Triton kernels elsewhere."""
     block: int = 64
     state_rows: int = 64
     feature_block: int = 16
@@ -744,8 +745,8 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, cfg: KernelConfi
         BM = C // 2
     g = _Geometry(B, Hq, Hkv, T, DK, E, C, NC, NB, NP, BM, min(cfg.state_rows, C), FB, fa(cfg.feature_rows),
                   fa(cfg.state_feature_rows), fa(cfg.out_feature_rows), cfg.cuda)
-    if cfg.cuda == "auto":   # the CUDA deltas and dq kernels wherever they run (measured faster, notes v10-v14)
-        g.cuda = tuple(name for name in ("deltas", "dq") if NC > 1 and why_not(name) is None
+    if cfg.cuda == "auto":   # the CUDA kernels wherever they run (measured faster, notes v10-v16)
+        g.cuda = tuple(name for name in AUTO if NC > 1 and why_not(name) is None
                        and hopper.compiles(name, q.device.index))
     return g
 

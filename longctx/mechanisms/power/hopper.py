@@ -2,7 +2,8 @@
 ``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the states between chunks, ``S`` and ``Z``, both
 directions; on grids that fill the GPU it also sums them, so the scan is not launched), ``"out"``
 (``forward_out.cu``: the forward's output kernel, 128 query rows a block), and three kernels that stream a state
-through shared memory (``state_stream.cuh``: a producer warp, consumer warpgroups multiplying every piece):
+through shared memory (``state_stream.cuh``: a producer thread copying pieces with the bulk tensor copy engine through
+the state's ``tensor_map``, consumer warpgroups multiplying every piece):
 ``"dq"`` (``state_dq.cu``: the state part of dq, 256 rows a block; ``_bwd_dq`` adds the rest), ``"out_state"``
 (``state_out.cu``: the state part of the forward's output, the same design; ``_fwd_out`` adds the rest) and
 ``"dkv"`` (``state_dkv.cu``: the state part of dk and dv, 128 key rows a block, both products; ``_bwd_dkv`` adds the
@@ -19,6 +20,7 @@ the deltas and dq kernels wherever they run; measured speeds are in
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 import warnings
@@ -36,6 +38,7 @@ KERNELS = {"deltas": ("state_deltas.cu", "power_state_deltas", 100352),      # n
 COMMON = "hopper_common.cuh"                   # the helpers every kernel includes
 FB, FA = 16, 16                                # the feature steps the kernels are written for
 TILE = {"deltas": 64, "out": 128, "dq": 256, "out_state": 256, "dkv": 128}   # the chunk holds whole tiles / blocks
+STREAMED = ("dq", "out_state", "dkv")          # the kernels of state_stream.cuh, reading the state by tensor_map
 
 
 def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, operands: str) -> str | None:
@@ -58,7 +61,54 @@ def why_not(name: str, X: Tensor, d: int, e: int, fb: int, fa: int, chunk: int, 
         return f"{torch.cuda.get_device_name(X.device)} is not a Hopper GPU (sm_90)"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"PyTorch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
+    if name in STREAMED and _encode_tiled() is None:
+        return "the CUDA driver library (libcuda.so.1) has no cuTensorMapEncodeTiled (CUDA 12 or newer)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_tiled():
+    """The driver's ``cuTensorMapEncodeTiled`` (``None`` where libcuda.so.1 or the function is missing)."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def tensor_map(S: Tensor) -> Tensor:
+    """The TMA descriptor (a ``CUtensorMap``: 128 bytes, uint8 on ``S``'s device) through which the state kernels'
+    producer copies ``S [.., f, 64]`` (bf16, contiguous; states or their gradients) viewed as ``[rows, 64]``: boxes
+    of 64 rows (a piece: 64 features, 8 KB), the 128-byte swizzle the consumers' wgmma descriptors read, L2 promotion
+    of 256 bytes. The kernels address a piece by its first row, a 32-bit coordinate."""
+    if S.dtype != torch.bfloat16 or S.dim() < 2 or S.shape[-1] != 64 or not S.is_contiguous():
+        raise ValueError(f"tensor_map takes a contiguous bf16 [.., f, 64] state, got {S.dtype} {tuple(S.shape)} "
+                         f"(contiguous: {S.is_contiguous()})")
+    rows = S.numel() // 64
+    if rows >= 1 << 31:
+        raise ValueError(f"{rows} state rows exceed the kernels' 32-bit row coordinates (2^31): split the batch")
+    if not S.is_cuda or _encode_tiled() is None:
+        raise ValueError(f"tensor_map needs a CUDA tensor and the CUDA driver's cuTensorMapEncodeTiled (S on "
+                         f"{S.device})")
+    return _tensor_map_at(S.device.index, S.data_ptr(), rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_map_at(device: int, address: int, rows: int) -> Tensor:
+    """``tensor_map``'s descriptor, which depends on nothing but the address and the rows: kept, so that a step
+    whose states land where the last step's did (PyTorch's caching allocator) copies none to the device (the copy
+    from host memory waits for the device's queue)."""
+    desc = (ctypes.c_uint8 * 128)()
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    # bf16 (9), rank 2, dims (64, rows), a row every 128 bytes, 64 x 64 boxes, unit steps; no interleave (0), the
+    # 128-byte swizzle (3), 256-byte L2 promotion (3), zeros out of bounds (0)
+    err = _encode_tiled()(desc, 9, 2, ctypes.c_void_p(address), (u64 * 2)(64, rows), (u64 * 1)(128),
+                          (u32 * 2)(64, 64), (u32 * 2)(1, 1), 0, 3, 3, 0)
+    if err:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for a state of {rows} rows at "
+                           f"{address:#x}")
+    return torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(torch.device("cuda", device))
 
 
 def _source(file: str) -> str:
@@ -139,7 +189,7 @@ def state_dq(q: Tensor, do: Tensor, den: Tensor, G: Tensor, SB: Tensor, U: Tenso
     in-chunk gate sums ``[B*Hkv, Tp]`` (fp32), ``SB [B*Hkv, nc - 1, f, 64]`` the forward's states (bf16)."""
     _kernel("dq", q.device.index)(
         grid=((nc - 1) * chunk // 256, batch * hq, 1), block=(640, 1, 1), shared_mem=KERNELS["dq"][2],
-        args=[q, do, den, G, SB, U, V, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
+        args=[q, do, den, G, tensor_map(SB), U, V, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
 
 
 def _states_of_rows(G: Tensor, SB: Tensor, *, batch: int, hq: int, hkv: int, tp: int, chunk: int, scale: float,
@@ -211,7 +261,7 @@ def state_out(q: Tensor, G: Tensor, SB: Tensor, U: Tensor, *, nc: int, chunk: in
     ``[B*Hkv, nc - 1, f, 64]`` (bf16)."""
     _kernel("out_state", q.device.index)(
         grid=((nc - 1) * chunk // 256, batch * hq, 1), block=(640, 1, 1), shared_mem=KERNELS["out_state"][2],
-        args=[q, G, SB, U, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
+        args=[q, G, tensor_map(SB), U, nc, chunk, f, hq, hkv, int(has_gate), float(scale * scale)])
 
 
 def state_out_reference(q: Tensor, G: Tensor, SB: Tensor, *, chunk: int, hkv: int, scale: float,
@@ -236,7 +286,7 @@ def state_dkv(k: Tensor, v: Tensor, G: Tensor, DSB: Tensor, DK: Tensor, DV: Tens
     ``[B*Hkv, Tp]`` (fp32), ``DSB [B*Hkv, nc - 1, f, 64]`` the gradients of the states leaving the chunks (bf16)."""
     _kernel("dkv", k.device.index)(
         grid=((nc - 1) * chunk // 128, batch * hkv, 1), block=(640, 1, 1), shared_mem=KERNELS["dkv"][2],
-        args=[k, v, G, DSB, DK, DV, DG, nc, chunk, f, int(has_gate)])
+        args=[k, v, G, tensor_map(DSB), DK, DV, DG, nc, chunk, f, int(has_gate)])
 
 
 def state_dkv_reference(k: Tensor, v: Tensor, G: Tensor, DSB: Tensor, *, chunk: int,

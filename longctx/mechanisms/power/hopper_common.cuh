@@ -1,6 +1,6 @@
 // Shared by the hand-written Hopper kernels (included by state_deltas.cu, forward_out.cu and state_stream.cuh;
 // hopper.py pastes it in for NVRTC): bf16 packing, shared-memory addresses, wgmma's descriptor, instruction and
-// fences, cp.async, mbarriers. No includes of its own: NVRTC needs none.
+// fences, cp.async, mbarriers, the bulk tensor copy. No includes of its own: NVRTC needs none.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -100,9 +100,25 @@ __device__ __forceinline__ u64 desc_swz(u32 addr) { return desc(addr, 16, 1024) 
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
-// arrives on the barrier once this thread's earlier cp.async copies have landed (not counted in advance: noinc)
-__device__ __forceinline__ void cp_async_arrive(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+// makes the initialised barriers visible to the bulk copies (the async proxy) that complete on them
+__device__ __forceinline__ void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_async_smem();
+}
+// arrives on the barrier and expects its phase to also wait for `bytes` of bulk copies
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// The bulk tensor copy engine (TMA): the box at coordinates (c0, c1) of the tensor map at tmap (a CUtensorMap in
+// global memory, hopper.tensor_map) into shared memory at dst, its bytes counted on the barrier bar. Before the first
+// copy through a map written by the host, the map is fenced for the tensor-map proxy.
+__device__ __forceinline__ void tensormap_acquire(const void* tmap) {
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmap) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(u32 dst, const void* tmap, int c0, int c1, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                 "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");

@@ -1,19 +1,20 @@
 // Chunked power retention, deg 2, backward: the state part of dk and dv on Hopper's warpgroup MMA (wgmma, sm_90a),
-// with a producer warp streaming the state gradient and four consumer warpgroups multiplying it (state_stream.cuh).
+// with a producer thread streaming the state gradient and four consumer warpgroups multiplying it (state_stream.cuh).
 // For key row j of chunk n <= nc - 2 and dS, the gradient of the state leaving that chunk (chunk_triton's feature
 // order, d = e = 64, column blocks of 16; the query side's pair weights are inside dS):
 //   dv_j = phi(k_j) dS,   phi_(a, b)(k) = bf16(k[a] k[b])
 //   g_j[f] = v_j . dS[f, :],   dk_j[a] += sum_b g_j[(a, b)] k_j[b],   dk_j[b] += sum_a g_j[(a, b)] k_j[a]
 //   DV_j = beta_j dv_j,  DK_j = beta_j dk_j,  DG_j = beta_j phi(k_j) . g_j = beta_j (k_j . dk_j) / 2
 // with beta_j = exp(G_end - G_j) (G the in-chunk gate sums, G_end the chunk's last): what chunk_triton._bwd_dkv's
-// feature-step loop adds before the in-chunk part (it reads DK, DV, DG instead with STATE_IN). Reference:
-// hopper.state_dkv_reference.
+// feature-step loop adds before the in-chunk part (it reads DK, DV, DG instead with STATE_IN). dS is read through
+// its tensor map DSMAP (hopper.tensor_map of DSB [B*HKV, NC - 1, F, 64] bf16). Reference: hopper.state_dkv_reference.
 //
 // Block: 128 rows of one KV head inside one chunk. Two consumer warpgroups run multiply_features for dv (rows 0-63,
 // 64-127; warps 0-7), two run fold_state for dk (the same rows; warps 8-15), all four on every piece of dS; a
-// producer warpgroup (warps 16-19; warp 16 streams dS, the others leave) gives its registers to them. So every
-// piece read from L2 serves 256 row-products, as in state_dq.cu. Measured (notes v15): 1.81 ms at 4K, the time of
-// its two halves run alone added up: the warpgroups' different work did not overlap.
+// producer warpgroup (warps 16-19; warp 16's first thread streams dS, the others leave) gives its registers to them.
+// So every piece read from L2 serves 256 row-products, as in state_dq.cu. Measured (notes v15, v16): the time of its
+// two halves run alone added up (the warpgroups' different work did not overlap), 1.80 ms at 4K with cp.async
+// copies, 1.30-1.34 with the copy engine's.
 
 #include "state_stream.cuh"
 
@@ -35,7 +36,7 @@ __device__ __forceinline__ void gate_factors(const float* G, long long g0, int n
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 power_state_dkv(const u16* __restrict__ K, const u16* __restrict__ V, const float* __restrict__ G,
-                const u16* __restrict__ DSB, float* __restrict__ DK, float* __restrict__ DV, float* __restrict__ DG,
+                const void* __restrict__ DSMAP, float* __restrict__ DK, float* __restrict__ DV, float* __restrict__ DG,
                 int NC, int C, int F, int has_gate)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -46,7 +47,7 @@ power_state_dkv(const u16* __restrict__ K, const u16* __restrict__ V, const floa
     const int m0 = blockIdx.x * BM;                       // the last chunk has no state gradient: not here
     const int n = m0 / C;
     StateRing ring;
-    if (start_ring(DSB + (bkv * (NC - 1) + n) * (long long)F * E, smem_u32(smem), smem_u32(smem + OFF_BAR), 16, 16,
+    if (start_ring(DSMAP, (bkv * (NC - 1) + n) * (long long)F, smem_u32(smem), smem_u32(smem + OFF_BAR), 16, 16,
                    ring))
         return;
 

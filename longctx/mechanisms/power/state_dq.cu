@@ -1,16 +1,18 @@
 // Chunked power retention, deg 2, backward: the state part of dq on Hopper's warpgroup MMA (wgmma, sm_90a), with a
-// producer warp streaming the state and four consumer warpgroups multiplying and folding it (state_stream.cuh). For
+// producer thread streaming the state and four consumer warpgroups multiplying and folding it (state_stream.cuh). For
 // query row i of chunk n >= 1 and the state S entering that chunk (chunk_triton's feature order, d = e = 64, column
 // blocks of 16):
 //   g_i[f]   = dnum_i . S[f, :]                        dnum_i = bf16(do_i / den_i), den 0 -> 1
 //   dq_i[a] += w_ab sum_b g_i[(a, b)] q_i[b],  dq_i[b] += w_ab sum_a g_i[(a, b)] q_i[a]    (w_ab: 1 if A == B, else 2)
 //   U_i      = r_i dq_i,   V_i = r_i phi(q_i) . (w g_i) = r_i (q_i . dq_i) / 2,   r_i = scale^2 exp(G_i)
 // which is what chunk_triton._bwd_dq's feature-step loop adds before the in-chunk part (it reads U and V instead
-// with STATE_IN). Reference: hopper.state_dq_reference.
+// with STATE_IN). S is read through its tensor map SMAP (hopper.tensor_map of SB [B*HKV, NC - 1, F, 64] bf16).
+// Reference: hopper.state_dq_reference.
 //
 // Block: 256 rows of one query head inside one chunk: four consumer warpgroups of 64 rows (warps 0-15), each
-// running fold_state, and a producer warpgroup (warps 16-19; warp 16 streams the state, the others leave), which
-// gives its registers to the consumers. 128 rows a block read twice the bytes and were slower (notes v14).
+// running fold_state, and a producer warpgroup (warps 16-19; warp 16's first thread streams the state, the others
+// leave), which gives its registers to the consumers. 128 rows a block read twice the bytes and were slower (notes
+// v14).
 
 #include "state_stream.cuh"
 
@@ -25,17 +27,17 @@
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 power_state_dq(const u16* __restrict__ Q, const u16* __restrict__ DO, const float* __restrict__ DEN,
-               const float* __restrict__ G, const u16* __restrict__ SB, float* __restrict__ U,
+               const float* __restrict__ G, const void* __restrict__ SMAP, float* __restrict__ U,
                float* __restrict__ V, int NC, int C, int F, int HQ, int HKV, int has_gate, double scale2)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* smem = aligned_smem(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const QueryBlock<BM> blk(SB, NC, C, F, HQ, HKV);
+    const QueryBlock<BM> blk(NC, C, F, HQ, HKV);
     const long long bh = blk.bh, bkv = blk.bkv, Tp = blk.Tp;
     const int m0 = blk.m0;
     StateRing ring;
-    if (start_ring(blk.sb, smem_u32(smem), smem_u32(smem + OFF_BAR), 4 * CWG, 4 * CWG, ring))
+    if (start_ring(SMAP, blk.srow, smem_u32(smem), smem_u32(smem + OFF_BAR), 4 * CWG, 4 * CWG, ring))
         return;
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " REGS ";\n" ::: "memory");

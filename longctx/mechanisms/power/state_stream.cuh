@@ -1,7 +1,7 @@
 // The state-streaming design of state_dq.cu, state_out.cu and state_dkv.cu (hopper.py pastes it in for NVRTC): a
-// producer warp streams a state S [2560 features][64] (d = e = 64, column blocks of 16) through a ring of
-// shared-memory stages guarded by mbarriers, and consumer warpgroups of 64 rows each multiply every piece on
-// wgmma, in one of two ways:
+// producer thread streams a state S [2560 features][64] (d = e = 64, column blocks of 16) through a ring of
+// shared-memory stages guarded by mbarriers, with the bulk tensor copy engine (TMA), and consumer warpgroups of 64
+// rows each multiply every piece on wgmma, in one of two ways:
 //   multiply_features: acc += phi(x) S, the rows' features built in registers as wgmma's A operand;
 //   fold_state:        g = a S^T (a: the rows' e-vectors as A fragments), folded through phi(x) into dx.
 // The state walks in 40 pieces of 64 features (a quarter qt of a block pair (A, B): 4 values of a x 16 of b), 8 KB
@@ -18,30 +18,26 @@
 __device__ __forceinline__ int piece_offset(int A, int qt, int B) {
     return ((4 * A - A * (A - 1) / 2 + (B - A)) * 4 + qt) * 64;
 }
-// The producer, one warp: the 40 pieces (128-byte swizzle) into the ring's NST stages at ring (1024-byte aligned), in
-// the walk order A, then the quarter, then B >= A. Each stage is refilled once its "empty" barrier completes; the
-// copies' completion arrives on its "full" barrier (32 arrivals). It does not wait for its copies itself: a proxy
-// fence here would drain every copy in flight (the consumers fence).
-__device__ __forceinline__ void stream_state(const u16* S, u32 ring, u32 full, u32 empty, int lane) {
+// The producer, one thread: the 40 pieces of the state whose first feature is row row0 of the tensor map smap (the
+// states as [rows, 64] bf16, boxes of 64 rows: hopper.tensor_map) into the ring's NST stages at ring (1024-byte
+// aligned; the map's 128-byte swizzle is swz_off's), in the walk order A, then the quarter, then B >= A. Each stage
+// is refilled once its "empty" barrier completes; its "full" barrier completes when the piece's bytes have landed.
+// The copy engine writes through the async proxy that wgmma reads through: no proxy fence on either side (the
+// cp.async copies of v14-v15 took 1.34-1.41x the time, notes v16).
+__device__ __forceinline__ void stream_state(const void* smap, long long row0, u32 ring, u32 full, u32 empty) {
+    tensormap_acquire(smap);
     int A = 0, qt = 0, B = 0;
     for (int i = 0; i < 40; ++i) {
         const int st = i % NST;
         if (i >= NST) mbar_wait(empty + 8 * st, ((i / NST) - 1) & 1);
-        const u16* src = S + (long long)piece_offset(A, qt, B) * 64;
-        const u32 dst = ring + st * PIECE_BYTES;
-#pragma unroll
-        for (int it = 0; it < 16; ++it) {                 // 8 lanes a feature row (one L2 line)
-            const int row = 4 * it + (lane >> 3), chunk = lane & 7;
-            cp_async16(dst + swz_off(row, chunk), src + row * 64 + chunk * 8);
-        }
-        cp_async_arrive(full + 8 * st);
+        mbar_expect_tx(full + 8 * st, PIECE_BYTES);
+        tma_load_2d(ring + st * PIECE_BYTES, smap, 0, (int)(row0 + piece_offset(A, qt, B)), full + 8 * st);
         if (++B == 4) {
             A += qt == 3;
             qt = (qt + 1) & 3;
             B = A;
         }
     }
-    cp_wait<0>();
 }
 
 // A consumer warp's side of the ring: the stage it reads next and that stage's parity.
@@ -49,10 +45,9 @@ struct StateRing {
     u32 base, full, empty;                    // shared addresses: the stages, full[NST], empty[NST]
     int st;
     u32 phase;
-    // waits for the next piece and fences (the copies, generic proxy, before wgmma's reads); its shared address
+    // waits for the next piece; its shared address
     __device__ __forceinline__ u32 acquire() {
         mbar_wait(full + 8 * st, phase);
-        fence_async_smem();
         return base + st * PIECE_BYTES;
     }
     // frees the piece (one arrival a warp, once every MMA reading it has completed) and moves on
@@ -66,22 +61,24 @@ struct StateRing {
 };
 
 // The block's set-up, every thread: the barriers at bars (full, then empty, NST each; consumer_warps arrivals free a
-// stage). Warps from producer_warp on (a whole warpgroup) give their registers up (setmaxnreg) and the first of
-// them streams S into the ring at ring; true for those threads, which then leave.
-__device__ __forceinline__ bool start_ring(const u16* S, u32 ring, u32 bars, int consumer_warps, int producer_warp,
-                                           StateRing& rs) {
+// stage). Warps from producer_warp on (a whole warpgroup) give their registers up (setmaxnreg) and the first thread
+// of them streams the state from row row0 of the tensor map smap into the ring at ring; true for those threads,
+// which then leave.
+__device__ __forceinline__ bool start_ring(const void* smap, long long row0, u32 ring, u32 bars, int consumer_warps,
+                                           int producer_warp, StateRing& rs) {
     const int tid = threadIdx.x, warp = tid >> 5;
     rs = StateRing{ring, bars, bars + NST * 8, 0, 0};
     if (tid == 0) {
         for (int i = 0; i < NST; ++i) {
-            mbar_init(rs.full + 8 * i, 32);               // the producer's lanes
+            mbar_init(rs.full + 8 * i, 1);                // the producer's arrival (and the piece's bytes)
             mbar_init(rs.empty + 8 * i, consumer_warps);
         }
+        fence_barrier_init();
     }
     __syncthreads();
     if (warp < producer_warp) return false;
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-    if (warp == producer_warp) stream_state(S, ring, rs.full, rs.empty, tid & 31);
+    if (warp == producer_warp && (tid & 31) == 0) stream_state(smap, row0, ring, rs.full, rs.empty);
     return true;
 }
 
@@ -91,20 +88,19 @@ __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
 }
 
 // The query rows of a block of state_dq.cu / state_out.cu: BM rows of query head bh (blockIdx.y, batch-major) in
-// chunk n >= 1 from row m0 (blockIdx.x counts blocks after chunk 0, which has no state); bkv its KV head, sb the
-// state entering the chunk ([F][64] bf16 of SB [B*HKV, NC - 1, F, 64]).
+// chunk n >= 1 from row m0 (blockIdx.x counts blocks after chunk 0, which has no state); bkv its KV head, srow the
+// first row of the state entering the chunk in the tensor map of SB [B*HKV, NC - 1, F, 64] as [rows, 64].
 template <int BM>
 struct QueryBlock {
-    long long bh, bkv, Tp;
+    long long bh, bkv, Tp, srow;
     int m0, n;
-    const u16* sb;
-    __device__ __forceinline__ QueryBlock(const u16* SB, int NC, int C, int F, int HQ, int HKV) {
+    __device__ __forceinline__ QueryBlock(int NC, int C, int F, int HQ, int HKV) {
         bh = blockIdx.y;
         bkv = (bh / HQ) * HKV + (bh % HQ) / (HQ / HKV);
         Tp = (long long)NC * C;
         m0 = C + blockIdx.x * BM;
         n = m0 / C;
-        sb = SB + (bkv * (NC - 1) + n - 1) * (long long)F * 64;
+        srow = (bkv * (NC - 1) + n - 1) * (long long)F;
     }
 };
 

@@ -57,9 +57,8 @@ VARIANTS = {
     "cuda_dq": KernelConfig(cuda=("deltas", "dq")),
     "cuda_dqo": KernelConfig(cuda=("deltas", "dq", "out_state")),
     "cuda_dkv": KernelConfig(cuda=("deltas", "dq", "dkv")),
-    "cuda_all": KernelConfig(cuda=("deltas", "dq", "dkv", "out_state")),   # every state part in CUDA
-    "cuda_all_b128": KernelConfig(block=128, warps_chunk=8, warps_out=8,   # ... and 128-row in-chunk blocks
-                                  cuda=("deltas", "dq", "dkv", "out_state")),
+    "cuda_all_b128": KernelConfig(block=128, warps_chunk=8, warps_out=8,   # the default's kernels, 128-row in-chunk
+                                  cuda=("deltas", "dq", "dkv", "out_state")),   # blocks (notes v16: slower)
 }
 CHUNK = 512
 DEVICE = "cuda"

@@ -15,8 +15,8 @@ of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for 
 ``"dq"`` and ``"out_state"``). The Triton kernels cover the rest and are what CI tests (no GPU there): these are
 checked against them, against the PyTorch references below and against the float64 reference on the GPU
 (``tests/test_power_kernel.py``, the Hopper cases). The default configuration (``KernelConfig(cuda="auto")``) takes
-the deltas and dq kernels wherever they run; measured speeds are in
-``benchmarks/power_retention_notes.md`` (v8-v15).
+the deltas kernel and the three state parts (``chunk_triton.AUTO``) wherever they run; measured speeds are in
+``benchmarks/power_retention_notes.md`` (v8-v16).
 """
 from __future__ import annotations
 

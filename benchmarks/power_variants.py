@@ -51,6 +51,11 @@ VARIANTS = {
     "r32": KernelConfig(state_rows=32),
     "st2": KernelConfig(stages_state=2),
     "cst2": KernelConfig(stages_chunk=2),
+    "cst4": KernelConfig(stages_chunk=4),
+    "wc8": KernelConfig(warps_chunk=8),           # the backward's in-chunk kernels on 8 warps
+    "wo8": KernelConfig(warps_out=8),             # the forward's
+    "w8": KernelConfig(warps_chunk=8, warps_out=8),
+    "b32": KernelConfig(block=32),                # 32-row in-chunk blocks
     "cuda_d": KernelConfig(cuda=("deltas",)),     # the hand-written Hopper kernels (hopper.py)
     "cuda_o": KernelConfig(cuda=("out",)),
     "cuda": KernelConfig(cuda=("deltas", "out")),

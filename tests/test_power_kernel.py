@@ -281,6 +281,19 @@ def test_tensor_map_names_the_states_it_cannot_describe():
         hopper.tensor_map(S)
 
 
+def test_tensor_map_descriptors_are_written_on_the_device_bytewise():
+    """``hopper._on_device``: the descriptor's bytes arrive unchanged (words with the top bit set too: they are
+    signed for the fill kernels), with nothing copied from host memory (here on the CPU, as it runs on the GPU)."""
+    import torch
+
+    from longctx.mechanisms.power import hopper
+
+    data = bytes(torch.randint(0, 256, (128,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)).tolist())
+    data = data[:64] + bytes(8) + b"\xff" * 8 + data[80:]                  # a zero word and -1
+    out = hopper._on_device(data, "cpu")
+    assert out.dtype == torch.uint8 and out.tolist() == list(data)
+
+
 def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):
     """``hopper.segments``: one segment and no scan when the blocks fill two waves of 2 blocks an SM (the 4K
     benchmark: 11 x 256 blocks), else as many segments as fill them, at most one a chunk slot."""
@@ -507,6 +520,40 @@ def test_cuda_state_out_equals_its_reference(gen, gated):
     assert U[:, :, :C].isnan().all()
     err = ((U[:, :, C:] - u[:, :, C:]).double().norm(dim=-1) / u[:, :, C:].double().norm(dim=-1)).max().item()
     assert err < 1e-4, err
+
+
+@HOPPER
+def test_cuda_state_out_replays_in_a_cuda_graph(gen):
+    """A state kernel captured in a CUDA graph (its tensor map built inside the capture, in the graph's memory) and
+    replayed on new states copied into the captured one: bitwise what an eager launch gives on those states."""
+    import torch
+
+    from longctx.mechanisms.power import hopper
+
+    torch.manual_seed(torch_seed(gen))
+    B, h, C, nc, F = 1, 2, 256, 3, 2560
+    q = torch.randn(B, h, nc * C, 64, device="cuda").bfloat16()
+    G = torch.randn(B * h, nc, C, device="cuda").mul(0.05).abs().neg().cumsum(-1).view(B * h, nc * C)
+    SB, U, U_eager = (torch.zeros(B * h, nc - 1, F, 64, device="cuda").bfloat16(),
+                      torch.zeros(B, h, nc * C, 64, device="cuda"), torch.zeros(B, h, nc * C, 64, device="cuda"))
+    call = lambda S, out: hopper.state_out(q, G, S, out, nc=nc, chunk=C, f=F, hq=h, hkv=h, batch=B, scale=0.125,
+                                           has_gate=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                 # compiled and loaded before the capture
+        call(SB, U)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(SB, U)
+    for _ in range(2):
+        fresh = torch.randn_like(SB, dtype=torch.float32).bfloat16()
+        SB.copy_(fresh)
+        graph.replay()
+        call(fresh, U_eager)
+        torch.cuda.synchronize()
+        assert torch.equal(U, U_eager)
+        assert U[:, :, C:].abs().amax() > 0
 
 
 @HOPPER

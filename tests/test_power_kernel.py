@@ -19,7 +19,8 @@ g = torch.Generator().manual_seed(int(sys.argv[1]))
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False, reset_at=None, **config):
+def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=False, reset_at=None, decay=0.2,
+         **config):
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
     if tiny_first_weight:  # q_0 almost orthogonal to k_0: row 0 is v_0 with a weight ~1e-6, its dq exactly 0
@@ -27,7 +28,7 @@ def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=F
         q[:, :, 0] -= (q[:, :, 0] * k0).sum(-1, keepdim=True) / (k0 * k0).sum(-1, keepdim=True) * k0 * 0.999
     q, k = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
     v = torch.randn(B, hkv, T, e, generator=g).to(dtype).requires_grad_()
-    log_g = (-0.2 * torch.rand(B, hkv, T, generator=g)) if gated else None
+    log_g = (-decay * torch.rand(B, hkv, T, generator=g)) if gated else None
     if reset_at is not None:  # a gate of exp(-1e6): the state is forgotten there, every later gate factor exact
         log_g[..., reset_at] = -1e6
     log_g = log_g.requires_grad_() if gated else None
@@ -67,6 +68,9 @@ res = {
     # hard resets inside chunks: the in-chunk sum of the gate sat at -1e6 after them (1-3e-2 errors) until the
     # kernel floored the gate at -80
     "exact_resets_inside_chunks": case(1, 2, 1, 64, 16, 16, 32, True, torch.float16, "fp32", reset_at=[5, 40]),
+    # forgetting fast (e^-8 a token on average): a 16-token block decays by ~128 nats, past float32's e^88, so the
+    # in-chunk gate factors only stay finite split at a token between the keys and the queries
+    "exact_strong_decay": case(1, 2, 1, 64, 16, 16, 32, True, torch.float16, "fp32", decay=16.0),
     # the fast path: bf16 operands, as on the GPU
     "bf16_gated_gqa": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16"),
     "bf16_tiny_first_weight": case(1, 2, 1, 40, 16, 32, 32, True, torch.bfloat16, "bf16", tiny_first_weight=True),
@@ -96,6 +100,8 @@ res["exact_state_dq_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16,
 res["exact_state_dq_split_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32", cuda=("dq",))
 res["exact_state_out_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("out_state",))
 res["exact_state_dkv_split"] = case(1, 4, 2, 70, 32, 16, 32, True, torch.float16, "fp32", cuda=("dkv",))
+res["exact_state_splits_strong_decay"] = case(1, 2, 1, 64, 16, 16, 32, True, torch.float16, "fp32", decay=16.0,
+                                             cuda=("dq", "out_state", "dkv"))
 res["exact_state_splits_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32",
                                          cuda=("dq", "out_state", "dkv"))
 hp.why_not, hp.state_dq, hp.state_out, hp.state_dkv = kept
@@ -149,7 +155,7 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
                  "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset",
                  "exact_resets_inside_chunks", "exact_gate_blocks", "exact_state_dq_split",
                  "exact_state_dq_split_ungated", "exact_state_out_split", "exact_state_dkv_split",
-                 "exact_state_splits_ungated"):
+                 "exact_state_splits_ungated", "exact_strong_decay", "exact_state_splits_strong_decay"):
         # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
         # 40 seeds
         assert max(errors[name]) < 1e-3, (name, errors[name])
@@ -295,8 +301,8 @@ def test_tensor_map_descriptors_are_written_on_the_device_bytewise():
 
 
 def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):
-    """``hopper.segments``: one segment and no scan when the blocks fill two waves of 2 blocks an SM (the 4K
-    benchmark: 11 x 256 blocks), else as many segments as fill them, at most one a chunk slot."""
+    """``hopper.segments``: one segment and no scan when there is a block for every SM (the benchmark's 11 blocks
+    a KV head: 4K to 64K), else as many segments as fill two waves of 2 blocks an SM, at most one a chunk slot."""
     import torch
 
     from longctx.mechanisms.power import hopper
@@ -304,8 +310,9 @@ def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch)
     monkeypatch.setattr(hopper, "_sm_count", lambda device: 132)
     dev = torch.device("cuda", 0)
     assert hopper.segments(11 * 256, 7, dev) == (1, True)
-    assert hopper.segments(528, 63, dev) == (1, True)
-    assert hopper.segments(527, 63, dev) == (2, False)
+    assert hopper.segments(11 * 16, 127, dev) == (1, True)
+    assert hopper.segments(132, 127, dev) == (1, True)
+    assert hopper.segments(131, 127, dev) == (5, False)
     assert hopper.segments(11 * 8, 255, dev) == (6, False)
     assert hopper.segments(44, 3, dev) == (3, False)
 

@@ -112,7 +112,8 @@ __device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
 
 // The bulk tensor copy engine (TMA): the box at coordinates (c0, c1) of the tensor map at tmap (a CUtensorMap in
 // global memory, hopper.tensor_map) into shared memory at dst, its bytes counted on the barrier bar. Before the first
-// copy through a map written by the host, the map is fenced for the tensor-map proxy.
+// copy through a map written by ordinary stores (hopper.tensor_map's fill kernels), the map is fenced for the
+// tensor-map proxy.
 __device__ __forceinline__ void tensormap_acquire(const void* tmap) {
     asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmap) : "memory");
 }

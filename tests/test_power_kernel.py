@@ -105,7 +105,7 @@ res["exact_state_splits_strong_decay"] = case(1, 2, 1, 64, 16, 16, 32, True, tor
 res["exact_state_splits_ungated"] = case(2, 2, 2, 45, 32, 16, 16, False, torch.float16, "fp32",
                                          cuda=("dq", "out_state", "dkv"))
 hp.why_not, hp.state_dq, hp.state_out, hp.state_dkv = kept
-ct.GATE_BLOCK = 8   # the gate kernels walk several blocks: each chunk in two, the sequence in nine (the last part)
+ct.GATE_BLOCK = 8   # the gate kernels walk several blocks: each chunk in two; d log_g in 3 pieces of 4, 4, 1 blocks
 res["exact_gate_blocks"] = case(2, 2, 1, 70, 16, 16, 16, True, torch.float16, "fp32")
 ct.GATE_BLOCK = 2048
 errors = {}
@@ -174,6 +174,62 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     assert report["poisoned"] == {bad: [True, True] for bad in ("0.5", "nan", "-inf", "inf")}, report["poisoned"]
 
 
+CARRY_CHECK = r"""
+import json, sys, torch
+from longctx.mechanisms.power.chunk_triton import KernelConfig, _carry, _geometry, _scan_launch
+
+torch.manual_seed(int(sys.argv[1]))
+B, H, C, NC, d = 2, 2, 32, 8, 16                      # 7 slots; F = 256, E = 16
+cfg = KernelConfig(scan_block=1024)
+x = torch.zeros(B, H, NC * C, d)
+g = _geometry(x, x, x, C, cfg)
+rows, slots = B * H, NC - 1
+out = {}
+for backward in (False, True):
+    for gated in (False, True):
+        G = -(torch.rand(rows, NC, C) * torch.rand(rows, NC, 1) * 0.1).cumsum(-1).view(rows, NC * C)  # decays 0.2-1
+        decay = G.view(rows, NC, C)[:, :, -1].double().exp() if gated else torch.ones(rows, NC, dtype=torch.float64)
+        for seg in (1, 2, 3, 6):
+            errs = []
+            for L, shape, dtype in ((g.F * g.E, (g.F, g.E), torch.bfloat16), (d * d, (d, d), torch.float32)):
+                delta = torch.randn(rows, slots, L, dtype=torch.float64)
+                whole, local = torch.zeros_like(delta), torch.zeros_like(delta)
+                walk = range(slots - 1, -1, -1) if backward else range(slots)
+                xw = xl = torch.zeros(rows, L, dtype=torch.float64)
+                for m in walk:
+                    dec = decay[:, m + 1 if backward else m, None]
+                    start = (m + 1) % seg == 0 or m == slots - 1 if backward else m % seg == 0
+                    xw = dec * xw + delta[:, m]
+                    xl = delta[:, m] if start else dec * xl + delta[:, m]
+                    whole[:, m], local[:, m] = xw, xl
+                errs.append((local, whole, shape, dtype))
+            (ls, ws, s_shape, s_dt), (lz, wz, z_shape, z_dt) = errs
+            SB = ls.view(rows, slots, *s_shape).to(s_dt).contiguous()
+            ZB = lz.view(rows, slots, *z_shape).to(z_dt).contiguous()
+            if seg < slots:
+                _scan_launch("carry", _carry, SB, ZB, G if gated else torch.zeros(1), g, cfg, gated, backward, seg)
+            err = lambda got, want: ((got.double().flatten(2) - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+            out[f"{'bwd' if backward else 'fwd'} {'gated' if gated else 'ungated'} seg={seg}"] = [err(SB, ws),
+                                                                                                err(ZB, wz)]
+print(json.dumps(out))
+"""
+
+
+def test_carry_completes_segment_sums_under_interpreter(gen, triton_interpreter):
+    """``_carry`` (the Hopper deltas kernel's later segments, which it sums from zero) against the states summed
+    whole in float64, both directions, gated or not, segments of 1, 2, 3 and 6 of 7 slots (the last shorter, and
+    segment starts inside the kernel's loads of 4 slots). ``S`` is bf16 (the local sums rounded once, the whole
+    ones once more: ~2^-8 of a slot's norm), ``Z`` fp32."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-c", CARRY_CHECK, str(torch_seed(gen))], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(errors) == 16
+    for name, (s_err, z_err) in errors.items():
+        assert s_err < 8e-3 and z_err < 1e-6, (name, s_err, z_err)
+
+
 def torch_seed(gen) -> int:
     import torch
     return torch.randint(0, 2**31 - 1, (), generator=gen).item()
@@ -182,9 +238,9 @@ def torch_seed(gen) -> int:
 CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 
 
-def compiled_errors(gen, d, chunk, config=None):
+def compiled_errors(gen, d, chunk, config=None, chunks=3):
     """Relative errors of o, dq, dk, dv, d log_g of the compiled kernels against the float64 chunked form: bf16,
-    gated, GQA, a padded last chunk."""
+    gated, GQA, ``chunks`` chunks, the last one padded."""
     import torch
     import torch.nn.functional as F
 
@@ -192,7 +248,7 @@ def compiled_errors(gen, d, chunk, config=None):
     from longctx.mechanisms.power.chunk_triton import power_retention_triton
 
     torch.manual_seed(torch_seed(gen))
-    B, hq, hkv, T = 2, 4, 2, 3 * chunk - 5
+    B, hq, hkv, T = 2, 4, 2, chunks * chunk - 5
     q = torch.randn(B, hq, T, d, device="cuda").bfloat16().requires_grad_()
     k = torch.randn(B, hkv, T, d, device="cuda").bfloat16().requires_grad_()
     v = torch.randn(B, hkv, T, d, device="cuda").bfloat16().requires_grad_()
@@ -300,21 +356,21 @@ def test_tensor_map_descriptors_are_written_on_the_device_bytewise():
     assert out.dtype == torch.uint8 and out.tolist() == list(data)
 
 
-def test_hopper_deltas_sum_the_states_themselves_only_on_full_grids(monkeypatch):
-    """``hopper.segments``: one segment and no scan when there is a block for every SM (the benchmark's 11 blocks
-    a KV head: 4K to 64K), else as many segments as fill two waves of 2 blocks an SM, at most one a chunk slot."""
-    import torch
-
+def test_hopper_deltas_segments_follow_the_walk_and_the_carry():
+    """``hopper.segments``: the count of least modelled time. On the benchmark's grids (11 blocks a KV head, 128K
+    tokens a step, chunk 512, an H100's 132 SMs) one segment up to 32K tokens, 3 at 64K and 128K (one or two full
+    waves of 2 blocks an SM); a grid of many waves is never split; a lone block walking many slots with a free
+    carry is split as far as the cap (64 segments); at most one segment a slot."""
     from longctx.mechanisms.power import hopper
 
-    monkeypatch.setattr(hopper, "_sm_count", lambda device: 132)
-    dev = torch.device("cuda", 0)
-    assert hopper.segments(11 * 256, 7, dev) == (1, True)
-    assert hopper.segments(11 * 16, 127, dev) == (1, True)
-    assert hopper.segments(132, 127, dev) == (1, True)
-    assert hopper.segments(131, 127, dev) == (5, False)
-    assert hopper.segments(11 * 8, 255, dev) == (6, False)
-    assert hopper.segments(44, 3, dev) == (3, False)
+    state = 2 * (2 * 2560 * 64 + 4 * 64 * 64)                   # bytes the carry moves a slot and KV head
+    bench = {T: hopper._segments(11 * 8 * (131072 // T), T // 512 - 1, 512, 8 * (131072 // T) * state, 132)
+             for T in (4096, 8192, 16384, 32768, 65536, 131072)}
+    assert bench == {4096: 1, 8192: 1, 16384: 1, 32768: 1, 65536: 3, 131072: 3}, bench
+    assert hopper._segments(11 * 8, 255, 512, 8 * state, 132) == 3
+    assert hopper._segments(11 * 1000, 255, 512, 1000 * state, 132) == 1
+    assert hopper._segments(1, 255, 512, 1, 132) == 64                     # the cap
+    assert hopper._segments(44, 3, 512, 1, 132) == 3
 
 
 def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
@@ -334,7 +390,7 @@ def test_auto_takes_the_cuda_kernels_wherever_they_run(monkeypatch):
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ()
     asked = []
     monkeypatch.setattr(hopper, "why_not", lambda name, *args: asked.append((name, *args[1:])) or None)
-    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: asked.append((blocks, slots)) or (2, False))
+    monkeypatch.setattr(hopper, "segments", lambda *args: asked.append(args) or 2)
     monkeypatch.setattr(hopper, "compiles", lambda name, device: asked.append(name) or True)
     assert _geometry(q, k, k, 128, KernelConfig()).cuda == ("deltas", "dq", "dkv", "out_state")
     # each kernel's own feature steps, then whether it compiles; segments do not decide
@@ -418,25 +474,26 @@ def test_cuda_forward_out_equals_the_triton_kernel(gen, gated):
 
 @HOPPER
 @pytest.mark.parametrize("chunk", [128, 256])
-def test_compiled_cuda_deltas_summing_the_states_against_the_reference(gen, chunk, monkeypatch):
-    """The CUDA deltas kernel summing the states itself (one segment, no scan: what it does on large grids) end to
+@pytest.mark.parametrize("nseg", [1, 3])
+def test_compiled_cuda_deltas_summing_the_states_against_the_reference(gen, chunk, nseg, monkeypatch):
+    """The CUDA deltas kernel summing the states itself in one segment, or in 3 that ``_carry`` completes, end to
     end against the float64 reference."""
     from longctx.mechanisms.power import hopper
     from longctx.mechanisms.power.chunk_triton import KernelConfig
 
-    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: (1, True))
-    errors = compiled_errors(gen, 64, chunk, KernelConfig(cuda=("deltas",)))
+    monkeypatch.setattr(hopper, "segments", lambda *args: nseg)
+    errors = compiled_errors(gen, 64, chunk, KernelConfig(cuda=("deltas",)), chunks=8)
     assert max(errors[:4]) < 2e-2 and errors[4] < 0.15, errors
 
 
 @HOPPER
 @pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("split", [(1, True), (2, False), (3, False)])
+@pytest.mark.parametrize("split", [1, 2, 3])
 def test_cuda_state_deltas_equal_the_triton_kernel(gen, backward, gated, split, monkeypatch):
     """The states (forward) or state gradients (backward) between chunks from the CUDA kernel against the Triton
-    kernel's on the same inputs, the CUDA kernel walking 3 chunk slots in one segment and summing the states itself
-    (no scan), or in segments of 2 and 1 or 1 slot for the scan. ``S``: bf16 products rounded at another place (the
+    kernel's on the same inputs, the CUDA kernel walking 7 chunk slots in one segment, or in segments of 4 and 3
+    or of 3, 3 and 1 slots that ``_carry`` completes. ``S``: bf16 products rounded at another place (the
     token weight on ``x_a`` there, on ``y`` in Triton), so equal to bf16 rounding at every row (a feature or a token
     mapped wrong moves whole rows). ``Z``: fp32-exact products on both sides (three bf16 parts there, three-pass
     tf32 in Triton)."""
@@ -445,14 +502,15 @@ def test_cuda_state_deltas_equal_the_triton_kernel(gen, backward, gated, split, 
     from longctx.mechanisms.power import hopper
     from longctx.mechanisms.power.chunk_triton import KernelConfig, _geometry, _states
 
-    monkeypatch.setattr(hopper, "segments", lambda blocks, slots, device: split)
+    monkeypatch.setattr(hopper, "segments", lambda *args: split)
 
     torch.manual_seed(torch_seed(gen))
-    B, hq, hkv, T, C = 2, 4, 2, 4 * 128, 128
+    B, hq, hkv, T, C = 2, 4, 2, 8 * 128, 128
     q = torch.randn(B, hq, T, 64, device="cuda").bfloat16()
     k = torch.randn(B, hkv, T, 64, device="cuda").bfloat16()
     v = torch.randn(B, hkv, T, 64, device="cuda").bfloat16()
-    G = torch.randn(B, hkv, T // C, C, device="cuda").mul(0.05).neg().abs().neg().cumsum(-1).view(B, hkv, T)
+    G = torch.randn(B, hkv, T // C, C, device="cuda").mul(0.005).abs().neg().cumsum(-1)     # chunk decays ~0.6
+    G = G.view(B, hkv, T)
     G = G.contiguous() if gated else torch.zeros(1, device="cuda")
     den = torch.rand(B, hq, T, device="cuda") + 0.5
     den[0, 0, 5] = 0.0                                                     # the kernels' den == 0 rule

@@ -23,7 +23,9 @@ a chunk's total, so no offset from earlier chunks is carried and long sequences 
    forward contribution and chunk 0's backward one are neither computed nor stored, nor read by 3-5.
 2. ``_scan``         grid (slices of S, then of Z, B*Hkv): in place, turns the contributions into the states
    between chunks (forward) or their gradients (backward, reverse order): ``X <- decay_n X + delta_n``.
-   Memory-bound; the only sequential walk, and it moves no features.
+   Memory-bound; the only sequential walk, and it moves no features. With ``KernelConfig(cuda=("deltas",))``
+   ``hopper.state_deltas`` makes the states of 1 and 2 in segments of chunks, each summed from zero, and
+   ``_carry`` adds to every later segment what it inherits (the first segment's states are whole: not moved).
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser). With ``KernelConfig(cuda=("out_state",))`` the numerator's state part comes from
@@ -76,8 +78,9 @@ def _interpreting() -> bool:
 
 GRID_MAX = 65535  # launch grid limit of the 2nd / 3rd dimension: chunks, batch x heads
 AUTO = ("deltas", "dq", "dkv", "out_state")   # the Hopper kernels KernelConfig(cuda="auto") takes where they run
-OUT_STATE_REGISTERS = 168   # _fwd_out's register cap where hopper.state_out makes its state part
-GATE_BLOCK = 2048  # tokens per step of the gate kernels' walks (a chunk in _gate_sums, the sequence in _gate_grad)
+STATE_IN_REGISTERS = 168   # the register cap of _fwd_out / _bwd_dq where a Hopper kernel makes the state part
+GATE_BLOCK = 2048  # tokens per step of the gate kernels' walks (a chunk in _gate_sums, a piece in _gate_grad)
+GATE_PIECE = 4     # blocks of a piece of the sequence, one program of _gate_grad each
 
 
 def _supported(q: Tensor, v: Tensor, deg: int, chunk_size: int) -> bool:
@@ -113,8 +116,8 @@ class KernelConfig:
     backward's dq; ``_bwd_dq`` adds the rest) and / or ``"dkv"`` (the state part of dk and dv; ``_bwd_dkv`` adds the
     rest), a tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not``
     says what it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA
-    deltas kernel (summing the states itself where its grid fills the GPU, ``hopper.segments``, else in segments
-    with the scan) and the three state parts, ``"dq"``, ``"dkv"`` and ``"out_state"`` (chunks of whole 256-row
+    deltas kernel (summing the states itself in segments, ``hopper.segments``, ``_carry`` completing the later
+    ones) and the three state parts, ``"dq"``, ``"dkv"`` and ``"out_state"`` (chunks of whole 256-row
     blocks; 128 for ``"dkv"``), each wherever it can run these inputs (each measured faster than Triton's, notes
     v10-v16), the Triton kernels elsewhere."""
     block: int = 64
@@ -434,6 +437,56 @@ if triton is not None:
             _scan_slice(ZB, G, NC, LZ, pid - NPS, bkv, HAS_GATE, REVERSE, C, BLOCK_Z, U)
 
     @triton.jit
+    def _carry_slice(BUF, G, NC, L, SEG, pid, bkv, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+                     BLOCK: tl.constexpr, U: tl.constexpr):
+        """In place over elements ``pid * BLOCK ...`` of ``BUF [B*Hkv, NC - 1, L]``, what ``hopper.state_deltas``
+        leaves in segments of ``SEG`` slots: on entry each slot holds the state summed from its segment's start
+        (walked in ``_scan_slice``'s order and form), on exit the whole state, ``X_m = L_m + decay ... X_prev``
+        (the decays of the segment's chunks up to ``m`` times the state where the segment before it ended). The
+        first segment walked is whole and only read at its end. ``U`` slots are loaded at once, then folded in
+        order in registers."""
+        NSLOT = NC - 1
+        off = pid * BLOCK + tl.arange(0, BLOCK)
+        base = BUF + bkv * NSLOT * L
+        g_ptr = G + bkv * NC * C
+        u = tl.arange(0, U)
+        first_len = NSLOT - (tl.cdiv(NSLOT, SEG) - 1) * SEG if REVERSE else SEG   # the first segment walked
+        m_end = NSLOT - first_len if REVERSE else first_len - 1                    # its last slot walked
+        x = tl.load(base + m_end.to(tl.int64) * L + off, mask=off < L, other=0.0).to(tl.float32)
+        y = tl.zeros([BLOCK], dtype=tl.float32)                       # the carry, decayed to the slot
+        for i0 in range(first_len, NSLOT, U):
+            m = NSLOT - 1 - (i0 + u) if REVERSE else i0 + u
+            n = m + 1 if REVERSE else m                                                  # the decaying chunk
+            valid = (i0 + u) < NSLOT
+            starts = ((m + 1) % SEG == 0) if REVERSE else (m % SEG == 0)               # a segment's first slot
+            ptrs = base + m.to(tl.int64)[:, None] * L + off[None, :]
+            mask = valid[:, None] & (off < L)[None, :]
+            local = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)                    # [U, BLOCK]
+            if HAS_GATE:
+                decay = tl.exp(tl.load(g_ptr + n * C + C - 1, mask=valid, other=0.0))
+            else:
+                decay = tl.full([U], 1.0, tl.float32)
+            out = tl.zeros([U, BLOCK], dtype=tl.float32)
+            for j in tl.static_range(U):
+                pick = u == j
+                restart = tl.sum(tl.where(pick & starts, 1, 0), 0) > 0
+                y = tl.where(restart, x, y) * tl.sum(tl.where(pick, decay, 0.0), 0)
+                x = tl.sum(tl.where(pick[:, None], local, 0.0), 0) + y
+                out += tl.where(pick[:, None], x[None, :], 0.0)
+            tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _carry(SB, ZB, G, NC, LS, LZ, NPS, SEG, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+               BLOCK_S: tl.constexpr, BLOCK_Z: tl.constexpr, U: tl.constexpr):
+        """``_carry_slice`` over ``S`` and ``Z`` in one launch, programs as in ``_scan``."""
+        pid = tl.program_id(0)
+        bkv = tl.program_id(1).to(tl.int64)
+        if pid < NPS:
+            _carry_slice(SB, G, NC, LS, SEG, pid, bkv, HAS_GATE, REVERSE, C, BLOCK_S, U)
+        else:
+            _carry_slice(ZB, G, NC, LZ, SEG, pid - NPS, bkv, HAS_GATE, REVERSE, C, BLOCK_Z, U)
+
+    @triton.jit
     def _gate_sums(LG, G, T, NC, C: tl.constexpr, BLK: tl.constexpr):
         """``G [B*Hkv, NC * C]`` (fp32) from ``log_g [B*Hkv, T]``: the gate summed inside chunk ``n`` (program 0),
         padded tokens 0, every value that is not finite and ``<= 0`` NaN and every other floored at ``LOG_G_FLOOR``
@@ -451,16 +504,28 @@ if triton is not None:
             carry += tl.sum(x, 0)
 
     @triton.jit
-    def _gate_grad(DGQ, DGK, DLG, T, Tp, REP: tl.constexpr, BLK: tl.constexpr):
+    def _gate_grad(DGQ, DGK, DLG, T, Tp, REP: tl.constexpr, BLK: tl.constexpr, PIECE: tl.constexpr):
         """``d log_g [B*Hkv, T]`` (its dtype): ``dL/dlog_g_s = sum_{t >= s} dG_t`` with ``dG_t`` the sum over the
-        KV head's ``REP`` query heads of ``DGQ [B*Hq, Tp]`` minus ``DGK [B*Hkv, Tp]``, walked from the end in float64
-        (a difference of large sums; padded tokens add 0)."""
-        row = tl.program_id(0).to(tl.int64)
-        carry = tl.sum(tl.zeros([BLK], dtype=tl.float64), 0)
-        nblk = tl.cdiv(T, BLK)
-        for j in tl.range(nblk, num_stages=3):   # loads issued ahead (asynchronous copies): the walk is sequential
-            t = (nblk - 1 - j) * BLK + tl.arange(0, BLK)
+        KV head's ``REP`` query heads of ``DGQ [B*Hq, Tp]`` minus ``DGK [B*Hkv, Tp]``, in float64 (a difference of
+        large sums; padded tokens add 0). Program ``(p, row)`` writes tokens ``p * PIECE ...`` (``PIECE`` a multiple
+        of ``BLK``): it sums every later token first (independent loads; what a walk of the whole sequence waited
+        for), then walks its own piece from the end."""
+        p = tl.program_id(0)
+        row = tl.program_id(1).to(tl.int64)
+        lo = p * PIECE
+        hi = tl.minimum(lo + PIECE, T)
+        later = tl.zeros([BLK], dtype=tl.float64)
+        for t0 in tl.range(hi, T, BLK, num_stages=3):
+            t = t0 + tl.arange(0, BLK)
             m = t < T
+            later -= tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)
+            for r in tl.static_range(REP):
+                later += tl.load(DGQ + (row * REP + r) * Tp + t, mask=m, other=0.0).to(tl.float64)
+        carry = tl.sum(later, 0)
+        nblk = tl.cdiv(hi - lo, BLK)
+        for j in tl.range(nblk, num_stages=3):   # loads issued ahead (asynchronous copies): the walk is sequential
+            t = lo + (nblk - 1 - j) * BLK + tl.arange(0, BLK)
+            m = t < hi
             dg = -tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)
             for r in tl.static_range(REP):
                 dg += tl.load(DGQ + (row * REP + r) * Tp + t, mask=m, other=0.0).to(tl.float64)
@@ -756,10 +821,14 @@ class _Geometry:
         """Feature steps of ``fa`` values of ``a``."""
         return self.NP * (self.FB // fa)
 
-    def deltas_segments(self, device: torch.device) -> tuple[int, bool]:
+    def deltas_segments(self, device: torch.device, backward: bool) -> int:
         """``hopper.segments`` for the CUDA deltas kernel's grid: ``NS + 1`` blocks a KV head (``Z``'s the last),
-        ``NC - 1`` chunk slots."""
-        return hopper.segments((self.NS(self.FA_state) + 1) * self.B * self.Hkv, self.NC - 1, device)
+        ``NC - 1`` chunk slots of ``C`` tokens (backward: of each of the KV head's query heads), the carry reading
+        and writing every KV head's ``S`` (bf16) and ``Z`` (fp32) a slot."""
+        rows = self.B * self.Hkv
+        return hopper.segments((self.NS(self.FA_state) + 1) * rows, self.NC - 1,
+                               self.C * (self.Hq // self.Hkv if backward else 1),
+                               2 * rows * (2 * self.F * self.E + 4 * self.DK * self.DK), device)
 
     def features(self, fa: int) -> dict:
         """A kernel's feature-step arguments at ``fa`` values of ``a`` per step."""
@@ -854,26 +923,31 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
     if g.NC == 1:
         return SB, ZB
     steps, ns = _steps(g.NB, g.FB, g.FA_state, X.device), g.NS(g.FA_state)
-    if "deltas" in g.cuda:   # S and Z on wgmma (hopper.py), summed there too where the grid is large enough
-        nseg, acc = g.deltas_segments(X.device)
+    if "deltas" in g.cuda:   # S and Z on wgmma (hopper.py), summed there in segments
+        nseg = g.deltas_segments(X.device, backward)
         hopper.state_deltas(X, Y, G, steps, SB, ZB, den, delta, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq,
-                            hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate, backward=backward, nseg=nseg,
-                            acc=acc)
-        if acc:
-            return SB, ZB
-    else:
-        _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (ns + 1, g.NC - 1, g.B * g.Hkv),
-                X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
-                HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
-                **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(),
-                PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+                            hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate, backward=backward, nseg=nseg)
+        if nseg > 1:
+            _scan_launch("carry", _carry, SB, ZB, G, g, cfg, has_gate, backward, -(-(g.NC - 1) // nseg))
+        return SB, ZB
+    _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (ns + 1, g.NC - 1, g.B * g.Hkv),
+            X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
+            HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
+            **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(),
+            PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+    _scan_launch("scan", _scan, SB, ZB, G, g, cfg, has_gate, backward)
+    return SB, ZB
+
+
+def _scan_launch(name: str, kernel, SB: Tensor, ZB: Tensor, G: Tensor, g: _Geometry, cfg: KernelConfig,
+                 has_gate: bool, backward: bool, *seg: int) -> None:
+    """``_scan`` or ``_carry`` (``seg``: its segment length) over ``SB`` and ``ZB``, in place."""
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
     nps = -(-LS // block_s)
-    _launch("scan", _scan, (nps - (-LZ // block_z), g.B * g.Hkv), SB, ZB, G, g.NC, LS, LZ, nps,
+    _launch(name, kernel, (nps - (-LZ // block_z), g.B * g.Hkv), SB, ZB, G, g.NC, LS, LZ, nps, *seg,
             HAS_GATE=has_gate, REVERSE=backward, C=g.C, BLOCK_S=block_s, BLOCK_Z=block_z, U=cfg.scan_unroll,
             num_warps=4)
-    return SB, ZB
 
 
 class _PowerRetentionFn(torch.autograd.Function):
@@ -905,7 +979,7 @@ class _PowerRetentionFn(torch.autograd.Function):
                                  scale=scale, has_gate=has_gate)
             # with its state part read in, 4 warps of _fwd_out fit 168 registers without spilling (Triton 3.6 takes
             # 185): 3 programs an SM instead of 2, 0.73 -> 0.63 ms at 4K (H100, notes v17)
-            cap = {"maxnreg": OUT_STATE_REGISTERS} if state_in and cfg.warps_out == 4 else {}
+            cap = {"maxnreg": STATE_IN_REGISTERS} if state_in and cfg.warps_out == 4 else {}
             _launch("fwd_out", _fwd_out, (g.Tp // g.BM, g.B * g.Hq),
                     qp, kp, vp, G, steps, SB, ZB, O, O32, DEN, US, g.NC, scale, HQ=g.Hq,
                     HKV=g.Hkv, HAS_GATE=has_gate, C=g.C, BM=g.BM, DK=g.DK, E=g.E, **g.features(g.FA_out),
@@ -939,9 +1013,14 @@ class _PowerRetentionFn(torch.autograd.Function):
             VS = torch.empty(g.B, g.Hq, g.Tp, device=dev, dtype=torch.float32)
             hopper.state_dq(qp, dop, DEN, G, SB, US, VS, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq, hkv=g.Hkv, batch=g.B,
                             scale=scale, has_gate=has_gate)
+        dq_launch = common
+        if state_in and cfg.warps_chunk == 4:   # 2 stages and 168 registers (14 spilled): 3 programs an SM instead
+            stages = min(cfg.stages_chunk, 2)    # of 2, 0.80 -> 0.72-0.74 ms at 4K (H100, notes v18)
+            dq_launch = dict(common, num_stages=stages, LOOP_STAGES=min(g.loop_stages(cfg), stages),
+                             maxnreg=STATE_IN_REGISTERS)
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
                 qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, US, VS, g.NC, scale, STATE_IN=state_in,
-                **common)
+                **dq_launch)
         DSB, DZB = _states(qp, dop, G, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
@@ -960,8 +1039,9 @@ class _PowerRetentionFn(torch.autograd.Function):
         dlog_g = None
         if has_gate and ctx.needs_input_grad[3]:
             dlog_g = torch.empty(g.B, g.Hkv, g.T, device=dev, dtype=ctx.log_g_dtype)
-            _launch("gate_grad", _gate_grad, (g.B * g.Hkv,), dgq, dgk, dlog_g, g.T, g.Tp, REP=g.Hq // g.Hkv,
-                    BLK=min(_pow2_at_least(g.T), GATE_BLOCK), num_warps=8)
+            blk = min(_pow2_at_least(g.T), GATE_BLOCK)
+            _launch("gate_grad", _gate_grad, (-(-g.T // (GATE_PIECE * blk)), g.B * g.Hkv), dgq, dgk, dlog_g, g.T,
+                    g.Tp, REP=g.Hq // g.Hkv, BLK=blk, PIECE=GATE_PIECE * blk, num_warps=8)
         T = g.T
         return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dlog_g, None, None, None
 

@@ -1,6 +1,6 @@
 """Hand-written Hopper (sm_90a, wgmma) kernels in place of some of ``chunk_triton``'s Triton kernels, chosen with
 ``KernelConfig(cuda=(...))``: ``"deltas"`` (``state_deltas.cu``: the states between chunks, ``S`` and ``Z``, both
-directions; on grids that fill the GPU it also sums them, so the scan is not launched), ``"out"``
+directions, summed there: in place of Triton's contributions and scan), ``"out"``
 (``forward_out.cu``: the forward's output kernel, 128 query rows a block), and three kernels that stream a state
 through shared memory (``state_stream.cuh``: a producer thread copying pieces with the bulk tensor copy engine through
 the state's ``tensor_map``, consumer warpgroups multiplying every piece):
@@ -16,7 +16,7 @@ of 16, 16 values of ``a`` a step) and chunks of whole tiles (64 tokens; 128 for 
 checked against them, against the PyTorch references below and against the float64 reference on the GPU
 (``tests/test_power_kernel.py``, the Hopper cases). The default configuration (``KernelConfig(cuda="auto")``) takes
 the deltas kernel and the three state parts (``chunk_triton.AUTO``) wherever they run; measured speeds are in
-``benchmarks/power_retention_notes.md`` (v8-v16).
+``benchmarks/power_retention_notes.md`` (v8-v18).
 """
 from __future__ import annotations
 
@@ -163,34 +163,50 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def segments(blocks: int, slots: int, device: torch.device) -> tuple[int, bool]:
-    """How ``state_deltas`` splits each KV head's ``slots`` chunk slots for ``blocks`` blocks a segment: one segment
-    walked by every block, summing the states itself (no scan), when there is a block for every SM (H100, notes v17:
-    at 32K tokens, 352 blocks, 7.86 ms fwd+bwd against 8.04-8.30 in segments with the scan; at 64K, 176 blocks,
-    8.00 against 8.12; at 128K, 88 blocks, 9.38 against 8.34); else enough segments to fill two waves of 2 blocks
-    an SM, each block writing its chunks' contributions for the scan to sum."""
+# The deltas kernel's walk and the carry as measured on an H100 (notes v17, v18): a block walks a token of its
+# segment in ~0.02 us where 2 blocks share an SM (10.4 us a 512-token slot), in ~0.72 of that alone on an SM; the
+# carry (chunk_triton._carry) reads and writes states at ~2.7 TB/s (2.7e6 bytes a us)
+WALK_US_PER_TOKEN = 0.0203
+ALONE = 0.72
+CARRY_BYTES_PER_US = 2.7e6
+
+
+def segments(blocks: int, slots: int, walk_tokens: int, carry_bytes: int, device: torch.device) -> int:
+    """Into how many segments ``state_deltas`` splits each KV head's ``slots`` chunk slots, for ``blocks`` blocks a
+    segment that walk ``walk_tokens`` tokens a slot, where the carry moves ``carry_bytes`` a slot (read and
+    written, every KV head): the count of least modelled time. The walk takes the slots of a segment times the
+    waves of 2 blocks an SM (a last wave of at most one block an SM at ``ALONE``); the carry skips the first
+    segment, whose states are whole. One segment on the benchmark's grids up to 32K tokens (H100: 11 blocks a KV
+    head, 128K tokens a step), 3 at 64K and 128K."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if blocks >= sms:
-        return 1, True
-    target = 4 * sms
-    return min(slots, -(-target // blocks)), False
+    return _segments(blocks, slots, walk_tokens, carry_bytes, sms)
+
+
+@functools.lru_cache(maxsize=1024)
+def _segments(blocks: int, slots: int, walk_tokens: int, carry_bytes: int, sms: int) -> int:
+    def modelled_us(n: int) -> float:
+        per = -(-slots // n)
+        waves, rest = divmod(n * blocks, 2 * sms)
+        load = waves + (0.0 if rest == 0 else 1.0 if rest > sms else ALONE)
+        return load * per * walk_tokens * WALK_US_PER_TOKEN + (slots - per) * carry_bytes / CARRY_BYTES_PER_US
+
+    counts = {-(-slots // -(-slots // n)) for n in range(1, min(slots, 64) + 1)}   # the distinct segment lengths
+    return min(sorted(counts), key=modelled_us)
 
 
 def state_deltas(X: Tensor, Y: Tensor, G: Tensor, steps: Tensor, SB: Tensor, ZB: Tensor, den: Tensor | None,
                  delta: Tensor | None, *, ns: int, nc: int, chunk: int, f: int, hq: int, hkv: int, batch: int,
-                 scale: float, has_gate: bool, backward: bool, nseg: int, acc: bool) -> None:
+                 scale: float, has_gate: bool, backward: bool, nseg: int) -> None:
     """Writes ``SB [B*Hkv, nc - 1, f, 64]`` (bf16, feature steps ``0 .. ns - 1``) and ``ZB [B*Hkv, nc - 1, 64, 64]``
-    (fp32): every chunk's own contribution (``chunk_triton._state_deltas``), or with ``acc`` (``nseg = 1``) the
-    states themselves (what ``chunk_triton._scan`` makes of the contributions). ``X [B, H, Tp, 64]``,
-    ``Y [B, H, Tp, 64]`` bf16 contiguous (H = Hkv forward, Hq backward), ``G [B*Hkv, Tp]`` the in-chunk gate sums
-    (fp32), ``steps`` int32 ``[ns * 3]``, ``den, delta [B, Hq, Tp]`` fp32 (backward); ``nseg`` segments of chunks
-    (``segments``)."""
-    if acc and nseg != 1:
-        raise ValueError(f"state_deltas sums the states itself only in one segment, got {nseg}")
+    (fp32): the states between chunks (``chunk_triton._states``' slots), each of ``nseg`` segments of
+    ``ceil((nc - 1) / nseg)`` slots summed from zero at its start (``segments``; ``chunk_triton._carry`` completes
+    the later ones). ``X [B, H, Tp, 64]``, ``Y [B, H, Tp, 64]`` bf16 contiguous (H = Hkv forward, Hq backward),
+    ``G [B*Hkv, Tp]`` the in-chunk gate sums (fp32), ``steps`` int32 ``[ns * 3]``, ``den, delta [B, Hq, Tp]`` fp32
+    (backward)."""
     _kernel("deltas", X.device.index)(
         grid=(ns + 1, nseg, batch * hkv), block=(128, 1, 1), shared_mem=KERNELS["deltas"][2],
         args=[X, Y, G, steps, SB, ZB, G if den is None else den, G if delta is None else delta, nc, chunk, f, ns,
-              hq, hkv, int(backward), int(has_gate), int(acc), float(scale * scale)])
+              hq, hkv, int(backward), int(has_gate), float(scale * scale)])
 
 
 def forward_out(q: Tensor, k: Tensor, v: Tensor, G: Tensor, steps: Tensor, SB: Tensor, ZB: Tensor, O: Tensor,

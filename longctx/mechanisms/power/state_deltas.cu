@@ -8,10 +8,10 @@
 //                              dZ_n       = -scale^2 sum_i w_i delta_i q_i q_i^T   (summed over the KV head's
 //                              query heads)
 // with f = a_local * 16 + b_local, phi_f(x) = x[ca + a_local] * x[cb + b_local] (the step's columns). A block walks
-// the slots of its segment of chunks in order, slot m holding chunk n = m (forward) or n = m + 1 (backward).
-// ACC = 0: it writes each chunk's contribution, and the scan (chunk_triton._scan) sums them. ACC = 1 (one segment):
-// it sums them itself in fp32 registers, X_m = decay_n X_prev + S_n with decay_n = exp(G at chunk n's last token),
-// walking forward (backward: from the last slot), and writes the states; the scan is not needed.
+// the slots of its segment of chunks in order, slot m holding chunk n = m (forward) or n = m + 1 (backward), and
+// sums them in fp32 registers, X_m = decay_n X_prev + S_n with decay_n = exp(G at chunk n's last token), walking
+// forward (backward: from the last slot), from zero at the segment's start; it writes every X_m. With one segment
+// these are the states; with more, chunk_triton._carry adds what each segment inherits from the ones before it.
 //
 // The features are wgmma's A operand, built in its register layout (4 bf16x2 multiplies a warp and 16 features)
 // from x_a^T, which carries the token weights (bf16(w_t x_t[a])), and the raw x_b columns; Y goes to the MMA as
@@ -63,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(128, 2)
 power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const float* __restrict__ G,
                    const int* __restrict__ steps, u16* __restrict__ SB, float* __restrict__ ZB,
                    const float* __restrict__ DEN, const float* __restrict__ DELTA,
-                   int NC, int C, int F, int NS, int HQ, int HKV, int backward, int has_gate, int ACC, double post)
+                   int NC, int C, int F, int NS, int HQ, int HKV, int backward, int has_gate, double post)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);   // the swizzle's atoms
@@ -133,7 +133,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
         }
         return has_gate ? __expf(reinterpret_cast<const float*>(st + OFF_GEND)[3] - gv) : 1.f;
     };
-    // the decay of the chunk whose tile t is (ACC): its whole gate, exp(G at its last token)
+    // the decay of the chunk whose tile t is: its whole gate, exp(G at its last token)
     auto decay = [&](int t) {
         return has_gate ? __expf(reinterpret_cast<const float*>(smem + (t % NSTAGE) * STAGE_BYTES + OFF_GEND)[3]) : 1.f;
     };
@@ -220,7 +220,7 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
                     *reinterpret_cast<float2*>(zo + (a0 + 8) * D + col) =
                         make_float2(z[4 * j + 2], z[4 * j + 3]);
                 }
-                const float dk = ACC && t + 1 < ntiles ? decay(t + 1) : 0.f;
+                const float dk = t + 1 < ntiles ? decay(t + 1) : 0.f;
 #pragma unroll
                 for (int j = 0; j < 32; ++j) z[j] *= dk;
             }
@@ -289,11 +289,11 @@ power_state_deltas(const u16* __restrict__ X, const u16* __restrict__ Y, const f
             *reinterpret_cast<uint4*>(out + row * E + col * 8) =
                 *reinterpret_cast<const uint4*>(smem + OFF_OUT + row * OUT_ROW + col * 16);
         }
-        const float dk = ACC && t + 1 < ntiles ? decay(t + 1) : 0.f;
+        const float dk = t + 1 < ntiles ? decay(t + 1) : 0.f;
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 32; ++j) acc[i][j] *= dk;     // a NaN goes where the scan would take it
+            for (int j = 0; j < 32; ++j) acc[i][j] *= dk;     // a NaN goes on to the later slots, as in the scan
     }
     cp_wait<0>();
 }

@@ -190,7 +190,7 @@ def _segments(blocks: int, slots: int, walk_tokens: int, carry_bytes: int, sms: 
         load = waves + (0.0 if rest == 0 else 1.0 if rest > sms else ALONE)
         return load * per * walk_tokens * WALK_US_PER_TOKEN + (slots - per) * carry_bytes / CARRY_BYTES_PER_US
 
-    counts = {-(-slots // -(-slots // n)) for n in range(1, min(slots, 64) + 1)}   # the distinct segment lengths
+    counts = {-(-slots // -(-slots // n)) for n in range(1, min(slots, 64) + 1)}   # a count for each segment length
     return min(sorted(counts), key=modelled_us)
 
 

@@ -174,9 +174,9 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
     assert report["poisoned"] == {bad: [True, True] for bad in ("0.5", "nan", "-inf", "inf")}, report["poisoned"]
 
 
-CARRY_CHECK = r"""
+SCAN_CHECK = r"""
 import json, sys, torch
-from longctx.mechanisms.power.chunk_triton import KernelConfig, _carry, _geometry, _scan_launch
+from longctx.mechanisms.power.chunk_triton import KernelConfig, _geometry, _scan_launch
 
 torch.manual_seed(int(sys.argv[1]))
 B, H, C, NC, d = 2, 2, 32, 8, 16                      # 7 slots; F = 256, E = 16
@@ -206,8 +206,7 @@ for backward in (False, True):
             (ls, ws, s_shape, s_dt), (lz, wz, z_shape, z_dt) = errs
             SB = ls.view(rows, slots, *s_shape).to(s_dt).contiguous()
             ZB = lz.view(rows, slots, *z_shape).to(z_dt).contiguous()
-            if seg < slots:
-                _scan_launch("carry", _carry, SB, ZB, G if gated else torch.zeros(1), g, cfg, gated, backward, seg)
+            _scan_launch(SB, ZB, G if gated else torch.zeros(1), g, cfg, gated, backward, seg)
             err = lambda got, want: ((got.double().flatten(2) - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
             out[f"{'bwd' if backward else 'fwd'} {'gated' if gated else 'ungated'} seg={seg}"] = [err(SB, ws),
                                                                                                 err(ZB, wz)]
@@ -215,14 +214,15 @@ print(json.dumps(out))
 """
 
 
-def test_carry_completes_segment_sums_under_interpreter(gen, triton_interpreter):
-    """``_carry`` (the Hopper deltas kernel's later segments, which it sums from zero) against the states summed
-    whole in float64, both directions, gated or not, segments of 1, 2, 3 and 6 of 7 slots (the last shorter, and
+def test_scan_completes_segment_sums_under_interpreter(gen, triton_interpreter):
+    """``_scan`` in segments (the Hopper deltas kernel's, each summed from zero; one slot a segment: Triton's
+    contributions) against the states summed whole in float64, both directions, gated or not, segments of 1, 2, 3
+    and 6 of 7 slots (the last shorter, and
     segment starts inside the kernel's loads of 4 slots). ``S`` is bf16, the local sums rounded and the whole ones
     rounded again (the interpreter truncates: 3.8-4.5e-3 of a slot's norm over 7 seeds, 8e-3 allowed; a wrong
     decay, restart or first slot is O(1)); ``Z`` fp32 (<= 1.1e-7)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    run = subprocess.run([sys.executable, "-c", CARRY_CHECK, str(torch_seed(gen))], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", SCAN_CHECK, str(torch_seed(gen))], capture_output=True, text=True,
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
@@ -477,7 +477,7 @@ def test_cuda_forward_out_equals_the_triton_kernel(gen, gated):
 @pytest.mark.parametrize("chunk", [128, 256])
 @pytest.mark.parametrize("nseg", [1, 3])
 def test_compiled_cuda_deltas_summing_the_states_against_the_reference(gen, chunk, nseg, monkeypatch):
-    """The CUDA deltas kernel summing the states itself in one segment, or in 3 that ``_carry`` completes, end to
+    """The CUDA deltas kernel summing the states itself in one segment, or in 3 that ``_scan`` completes, end to
     end against the float64 reference."""
     from longctx.mechanisms.power import hopper
     from longctx.mechanisms.power.chunk_triton import KernelConfig
@@ -494,7 +494,7 @@ def test_compiled_cuda_deltas_summing_the_states_against_the_reference(gen, chun
 def test_cuda_state_deltas_equal_the_triton_kernel(gen, backward, gated, split, monkeypatch):
     """The states (forward) or state gradients (backward) between chunks from the CUDA kernel against the Triton
     kernel's on the same inputs, the CUDA kernel walking 7 chunk slots in one segment, or in segments of 4 and 3
-    or of 3, 3 and 1 slots that ``_carry`` completes. ``S``: bf16 products rounded at another place (the
+    or of 3, 3 and 1 slots that ``_scan`` completes. ``S``: bf16 products rounded at another place (the
     token weight on ``x_a`` there, on ``y`` in Triton), so equal to bf16 rounding at every row (a feature or a token
     mapped wrong moves whole rows). ``Z``: fp32-exact products on both sides (three bf16 parts there, three-pass
     tf32 in Triton)."""

@@ -25,7 +25,7 @@ a chunk's total, so no offset from earlier chunks is carried and long sequences 
    between chunks (forward) or their gradients (backward, reverse order): ``X <- decay_n X + delta_n``.
    Memory-bound; the only sequential walk, and it moves no features. With ``KernelConfig(cuda=("deltas",))``
    ``hopper.state_deltas`` makes the states of 1 and 2 in segments of chunks, each summed from zero, and
-   ``_carry`` adds to every later segment what it inherits (the first segment's states are whole: not moved).
+   ``_scan`` adds to every later segment what it inherits (the first segment's states are whole: not moved).
 3. ``_fwd_out``      grid (T / BM, B*Hq): per query block, the attention-like part inside the chunk plus the
    state part ``scale^2 exp(G_i) (phi(q_i) . S_n, q_i^T Z_n q_i)``; writes ``o`` (and fp32 ``o``, the
    normaliser). With ``KernelConfig(cuda=("out_state",))`` the numerator's state part comes from
@@ -116,7 +116,7 @@ class KernelConfig:
     backward's dq; ``_bwd_dq`` adds the rest) and / or ``"dkv"`` (the state part of dk and dv; ``_bwd_dkv`` adds the
     rest), a tuple: sm_90, bf16, d = e = 64, the default feature steps, chunks of whole tiles (``hopper.why_not``
     says what it refuses, and a tuple naming a kernel that cannot run raises); ``"auto"`` (the default): the CUDA
-    deltas kernel (summing the states itself in segments, ``hopper.segments``, ``_carry`` completing the later
+    deltas kernel (summing the states itself in segments, ``hopper.segments``, ``_scan`` completing the later
     ones) and the three state parts, ``"dq"``, ``"dkv"`` and ``"out_state"`` (chunks of whole 256-row
     blocks; 128 for ``"dkv"``), each wherever it can run these inputs (each measured faster than Triton's, notes
     v10-v16), the Triton kernels elsewhere."""
@@ -391,60 +391,17 @@ if triton is not None:
             tl.store(ZB + _z_offsets(bkv, m, NC - 1, DK), accz * post)
 
     @triton.jit
-    def _scan_slice(BUF, G, NC, L, pid, bkv, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+    def _scan_slice(BUF, G, NC, L, SEG, pid, bkv, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
                     BLOCK: tl.constexpr, U: tl.constexpr):
-        """In place over elements ``pid * BLOCK ...`` of ``BUF [B*Hkv, NC - 1, L]``, the slots of ``_state_deltas``.
-        Forward: slot ``m`` holds chunk ``m``'s contribution on entry and the state leaving chunk ``m`` on exit,
-        ``X_m = decay_m X_{m-1} + delta_m`` (``decay_n = exp(G at chunk n's last token)``, the chunk's whole gate).
-        ``REVERSE``: slot ``m`` holds chunk ``m + 1``'s contribution and then the gradient of the state leaving
-        chunk ``m``, ``X_m = decay_{m+1} X_{m+1} + delta_{m+1}``. ``U`` slots are loaded at once (independent loads
-        in flight), then folded in order in registers."""
-        NSLOT = NC - 1
-        off = pid * BLOCK + tl.arange(0, BLOCK)
-        base = BUF + bkv * NSLOT * L
-        g_ptr = G + bkv * NC * C
-        u = tl.arange(0, U)
-        x = tl.zeros([BLOCK], dtype=tl.float32)
-        for i0 in range(0, NSLOT, U):
-            m = NSLOT - 1 - (i0 + u) if REVERSE else i0 + u
-            n = m + 1 if REVERSE else m                                                  # the decaying chunk
-            valid = (i0 + u) < NSLOT
-            ptrs = base + m.to(tl.int64)[:, None] * L + off[None, :]
-            mask = valid[:, None] & (off < L)[None, :]
-            delta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)                    # [U, BLOCK]
-            if HAS_GATE:
-                decay = tl.exp(tl.load(g_ptr + n * C + C - 1, mask=valid, other=0.0))
-            else:
-                decay = tl.full([U], 1.0, tl.float32)
-            out = tl.zeros([U, BLOCK], dtype=tl.float32)
-            for j in tl.static_range(U):
-                pick = u == j
-                x = x * tl.sum(tl.where(pick, decay, 0.0), 0) + tl.sum(tl.where(pick[:, None], delta, 0.0), 0)
-                out += tl.where(pick[:, None], x[None, :], 0.0)
-            tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _scan(SB, ZB, G, NC, LS, LZ, NPS, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
-              BLOCK_S: tl.constexpr, BLOCK_Z: tl.constexpr, U: tl.constexpr):
-        """Both scans in one launch (one launch less a direction: small shapes are bound by launches): programs
-        ``0 .. NPS - 1`` walk slices of ``S`` (``LS = F * E`` elements a slot), the rest slices of ``Z``
-        (``LZ = d * d``)."""
-        pid = tl.program_id(0)
-        bkv = tl.program_id(1).to(tl.int64)
-        if pid < NPS:
-            _scan_slice(SB, G, NC, LS, pid, bkv, HAS_GATE, REVERSE, C, BLOCK_S, U)
-        else:
-            _scan_slice(ZB, G, NC, LZ, pid - NPS, bkv, HAS_GATE, REVERSE, C, BLOCK_Z, U)
-
-    @triton.jit
-    def _carry_slice(BUF, G, NC, L, SEG, pid, bkv, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
-                     BLOCK: tl.constexpr, U: tl.constexpr):
-        """In place over elements ``pid * BLOCK ...`` of ``BUF [B*Hkv, NC - 1, L]``, what ``hopper.state_deltas``
-        leaves in segments of ``SEG`` slots: on entry each slot holds the state summed from its segment's start
-        (walked in ``_scan_slice``'s order and form), on exit the whole state, ``X_m = L_m + decay ... X_prev``
-        (the decays of the segment's chunks up to ``m`` times the state where the segment before it ended). The
-        first segment walked is whole and only read at its end. ``U`` slots are loaded at once, then folded in
-        order in registers."""
+        """In place over elements ``pid * BLOCK ...`` of ``BUF [B*Hkv, NC - 1, L]``, the slots between chunks in
+        segments of ``SEG`` slots. On entry each slot holds the state summed from its segment's start,
+        ``L_m = decay_n L_prev + delta_n`` from zero (``decay_n = exp(G at chunk n's last token)``, the chunk's
+        whole gate); on exit the whole state, ``X_m = L_m + (the segment's decays up to m) X_prev`` with ``X_prev``
+        the state where the segment before it ended. ``SEG = 1``: every slot is a segment, its chunk's own
+        contribution on entry (``_state_deltas``); more: what ``hopper.state_deltas`` leaves. Forward: slot ``m``
+        is the state leaving chunk ``m`` (``n = m``). ``REVERSE``: the gradient of the state leaving chunk ``m``,
+        walked from the last slot (``n = m + 1``). The first segment walked is whole and only read at its end.
+        ``U`` slots are loaded at once (independent loads in flight), then folded in order in registers."""
         NSLOT = NC - 1
         off = pid * BLOCK + tl.arange(0, BLOCK)
         base = BUF + bkv * NSLOT * L
@@ -453,7 +410,7 @@ if triton is not None:
         first_len = NSLOT - (tl.cdiv(NSLOT, SEG) - 1) * SEG if REVERSE else SEG   # the first segment walked
         m_end = NSLOT - first_len if REVERSE else first_len - 1                    # its last slot walked
         x = tl.load(base + m_end.to(tl.int64) * L + off, mask=off < L, other=0.0).to(tl.float32)
-        y = tl.zeros([BLOCK], dtype=tl.float32)                       # the carry, decayed to the slot
+        y = tl.zeros([BLOCK], dtype=tl.float32)                       # X_prev, decayed to the slot
         for i0 in range(first_len, NSLOT, U):
             m = NSLOT - 1 - (i0 + u) if REVERSE else i0 + u
             n = m + 1 if REVERSE else m                                                  # the decaying chunk
@@ -476,15 +433,17 @@ if triton is not None:
             tl.store(ptrs, out.to(BUF.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _carry(SB, ZB, G, NC, LS, LZ, NPS, SEG, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
-               BLOCK_S: tl.constexpr, BLOCK_Z: tl.constexpr, U: tl.constexpr):
-        """``_carry_slice`` over ``S`` and ``Z`` in one launch, programs as in ``_scan``."""
+    def _scan(SB, ZB, G, NC, LS, LZ, NPS, SEG, HAS_GATE: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+              BLOCK_S: tl.constexpr, BLOCK_Z: tl.constexpr, U: tl.constexpr):
+        """Both scans in one launch (one launch less a direction: small shapes are bound by launches): programs
+        ``0 .. NPS - 1`` walk slices of ``S`` (``LS = F * E`` elements a slot), the rest slices of ``Z``
+        (``LZ = d * d``)."""
         pid = tl.program_id(0)
         bkv = tl.program_id(1).to(tl.int64)
         if pid < NPS:
-            _carry_slice(SB, G, NC, LS, SEG, pid, bkv, HAS_GATE, REVERSE, C, BLOCK_S, U)
+            _scan_slice(SB, G, NC, LS, SEG, pid, bkv, HAS_GATE, REVERSE, C, BLOCK_S, U)
         else:
-            _carry_slice(ZB, G, NC, LZ, SEG, pid - NPS, bkv, HAS_GATE, REVERSE, C, BLOCK_Z, U)
+            _scan_slice(ZB, G, NC, LZ, SEG, pid - NPS, bkv, HAS_GATE, REVERSE, C, BLOCK_Z, U)
 
     @triton.jit
     def _gate_sums(LG, G, T, NC, C: tl.constexpr, BLK: tl.constexpr):
@@ -504,6 +463,15 @@ if triton is not None:
             carry += tl.sum(x, 0)
 
     @triton.jit
+    def _gate_dg(DGQ, DGK, row, Tp, t, end, REP: tl.constexpr):
+        """``dG_t`` of ``_gate_grad`` at tokens ``t`` (0 from ``end`` on), float64."""
+        m = t < end
+        dg = -tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)
+        for r in tl.static_range(REP):
+            dg += tl.load(DGQ + (row * REP + r) * Tp + t, mask=m, other=0.0).to(tl.float64)
+        return dg
+
+    @triton.jit
     def _gate_grad(DGQ, DGK, DLG, T, Tp, REP: tl.constexpr, BLK: tl.constexpr, PIECE: tl.constexpr):
         """``d log_g [B*Hkv, T]`` (its dtype): ``dL/dlog_g_s = sum_{t >= s} dG_t`` with ``dG_t`` the sum over the
         KV head's ``REP`` query heads of ``DGQ [B*Hq, Tp]`` minus ``DGK [B*Hkv, Tp]``, in float64 (a difference of
@@ -516,19 +484,13 @@ if triton is not None:
         hi = tl.minimum(lo + PIECE, T)
         later = tl.zeros([BLK], dtype=tl.float64)
         for t0 in tl.range(hi, T, BLK, num_stages=3):
-            t = t0 + tl.arange(0, BLK)
-            m = t < T
-            later -= tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)
-            for r in tl.static_range(REP):
-                later += tl.load(DGQ + (row * REP + r) * Tp + t, mask=m, other=0.0).to(tl.float64)
+            later += _gate_dg(DGQ, DGK, row, Tp, t0 + tl.arange(0, BLK), T, REP)
         carry = tl.sum(later, 0)
         nblk = tl.cdiv(hi - lo, BLK)
         for j in tl.range(nblk, num_stages=3):   # loads issued ahead (asynchronous copies): the walk is sequential
             t = lo + (nblk - 1 - j) * BLK + tl.arange(0, BLK)
             m = t < hi
-            dg = -tl.load(DGK + row * Tp + t, mask=m, other=0.0).to(tl.float64)
-            for r in tl.static_range(REP):
-                dg += tl.load(DGQ + (row * REP + r) * Tp + t, mask=m, other=0.0).to(tl.float64)
+            dg = _gate_dg(DGQ, DGK, row, Tp, t, hi, REP)
             tl.store(DLG + row * T + t, (tl.cumsum(dg, 0, reverse=True) + carry).to(DLG.dtype.element_ty), mask=m)
             carry += tl.sum(dg, 0)
 
@@ -928,24 +890,24 @@ def _states(X, Y, G, den, delta, g: _Geometry, cfg: KernelConfig, scale: float, 
         hopper.state_deltas(X, Y, G, steps, SB, ZB, den, delta, ns=ns, nc=g.NC, chunk=g.C, f=g.F, hq=g.Hq,
                             hkv=g.Hkv, batch=g.B, scale=scale, has_gate=has_gate, backward=backward, nseg=nseg)
         if nseg > 1:
-            _scan_launch("carry", _carry, SB, ZB, G, g, cfg, has_gate, backward, -(-(g.NC - 1) // nseg))
+            _scan_launch(SB, ZB, G, g, cfg, has_gate, backward, -(-(g.NC - 1) // nseg))
         return SB, ZB
     _launch("bwd_deltas" if backward else "fwd_deltas", _state_deltas, (ns + 1, g.NC - 1, g.B * g.Hkv),
             X, Y, G, steps, SB, ZB, den, delta, g.NC, scale, HQ=g.Hq,
             HKV=g.Hkv, BACKWARD=backward, HAS_GATE=has_gate, C=g.C, BC=g.BC, DK=g.DK, E=g.E,
             **g.features(g.FA_state), INTERP=_interpreting(), OPDT=cfg.operand_type(),
             PDT=_product_type(X, cfg), num_warps=cfg.warps_state, num_stages=cfg.stages_state)
-    _scan_launch("scan", _scan, SB, ZB, G, g, cfg, has_gate, backward)
+    _scan_launch(SB, ZB, G, g, cfg, has_gate, backward, 1)
     return SB, ZB
 
 
-def _scan_launch(name: str, kernel, SB: Tensor, ZB: Tensor, G: Tensor, g: _Geometry, cfg: KernelConfig,
-                 has_gate: bool, backward: bool, *seg: int) -> None:
-    """``_scan`` or ``_carry`` (``seg``: its segment length) over ``SB`` and ``ZB``, in place."""
+def _scan_launch(SB: Tensor, ZB: Tensor, G: Tensor, g: _Geometry, cfg: KernelConfig, has_gate: bool,
+                 backward: bool, seg: int) -> None:
+    """``_scan`` over ``SB`` and ``ZB`` in place, in segments of ``seg`` slots."""
     LS, LZ = g.F * g.E, g.DK * g.DK
     block_s, block_z = (min(cfg.scan_block, _pow2_at_least(L)) for L in (LS, LZ))
     nps = -(-LS // block_s)
-    _launch(name, kernel, (nps - (-LZ // block_z), g.B * g.Hkv), SB, ZB, G, g.NC, LS, LZ, nps, *seg,
+    _launch("scan", _scan, (nps - (-LZ // block_z), g.B * g.Hkv), SB, ZB, G, g.NC, LS, LZ, nps, seg,
             HAS_GATE=has_gate, REVERSE=backward, C=g.C, BLOCK_S=block_s, BLOCK_Z=block_z, U=cfg.scan_unroll,
             num_warps=4)
 

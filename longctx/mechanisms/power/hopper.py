@@ -165,7 +165,7 @@ def _sm_count(device: int) -> int:
 
 # The deltas kernel's walk and the carry as measured on an H100 (notes v17, v18): a block walks a token of its
 # segment in ~0.02 us where 2 blocks share an SM (10.4 us a 512-token slot), in ~0.72 of that alone on an SM; the
-# carry (chunk_triton._carry) reads and writes states at ~2.7 TB/s (2.7e6 bytes a us)
+# carry (chunk_triton._scan in segments) reads and writes states at ~2.7 TB/s (2.7e6 bytes a us)
 WALK_US_PER_TOKEN = 0.0203
 ALONE = 0.72
 CARRY_BYTES_PER_US = 2.7e6
@@ -199,7 +199,7 @@ def state_deltas(X: Tensor, Y: Tensor, G: Tensor, steps: Tensor, SB: Tensor, ZB:
                  scale: float, has_gate: bool, backward: bool, nseg: int) -> None:
     """Writes ``SB [B*Hkv, nc - 1, f, 64]`` (bf16, feature steps ``0 .. ns - 1``) and ``ZB [B*Hkv, nc - 1, 64, 64]``
     (fp32): the states between chunks (``chunk_triton._states``' slots), each of ``nseg`` segments of
-    ``ceil((nc - 1) / nseg)`` slots summed from zero at its start (``segments``; ``chunk_triton._carry`` completes
+    ``ceil((nc - 1) / nseg)`` slots summed from zero at its start (``segments``; ``chunk_triton._scan`` completes
     the later ones). ``X [B, H, Tp, 64]``, ``Y [B, H, Tp, 64]`` bf16 contiguous (H = Hkv forward, Hq backward),
     ``G [B*Hkv, Tp]`` the in-chunk gate sums (fp32), ``steps`` int32 ``[ns * 3]``, ``den, delta [B, Hq, Tp]`` fp32
     (backward)."""

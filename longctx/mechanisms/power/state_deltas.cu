@@ -11,7 +11,7 @@
 // the slots of its segment of chunks in order, slot m holding chunk n = m (forward) or n = m + 1 (backward), and
 // sums them in fp32 registers, X_m = decay_n X_prev + S_n with decay_n = exp(G at chunk n's last token), walking
 // forward (backward: from the last slot), from zero at the segment's start; it writes every X_m. With one segment
-// these are the states; with more, chunk_triton._carry adds what each segment inherits from the ones before it.
+// these are the states; with more, chunk_triton._scan adds what each segment inherits from the ones before it.
 //
 // The features are wgmma's A operand, built in its register layout (4 bf16x2 multiplies a warp and 16 features)
 // from x_a^T, which carries the token weights (bf16(w_t x_t[a])), and the raw x_b columns; Y goes to the MMA as

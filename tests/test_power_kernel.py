@@ -190,7 +190,7 @@ for backward in (False, True):
         G = -(torch.rand(rows, NC, C) * torch.rand(rows, NC, 1) * 0.1).cumsum(-1).view(rows, NC * C)  # decays 0.2-1
         decay = G.view(rows, NC, C)[:, :, -1].double().exp() if gated else torch.ones(rows, NC, dtype=torch.float64)
         for seg in (1, 2, 3, 6):
-            errs = []
+            parts = []                                 # (local sums, whole states, slot shape, dtype): S, then Z
             for L, shape, dtype in ((g.F * g.E, (g.F, g.E), torch.bfloat16), (d * d, (d, d), torch.float32)):
                 delta = torch.randn(rows, slots, L, dtype=torch.float64)
                 whole, local = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -202,8 +202,8 @@ for backward in (False, True):
                     xw = dec * xw + delta[:, m]
                     xl = delta[:, m] if start else dec * xl + delta[:, m]
                     whole[:, m], local[:, m] = xw, xl
-                errs.append((local, whole, shape, dtype))
-            (ls, ws, s_shape, s_dt), (lz, wz, z_shape, z_dt) = errs
+                parts.append((local, whole, shape, dtype))
+            (ls, ws, s_shape, s_dt), (lz, wz, z_shape, z_dt) = parts
             SB = ls.view(rows, slots, *s_shape).to(s_dt).contiguous()
             ZB = lz.view(rows, slots, *z_shape).to(z_dt).contiguous()
             _scan_launch(SB, ZB, G if gated else torch.zeros(1), g, cfg, gated, backward, seg)
@@ -217,10 +217,9 @@ print(json.dumps(out))
 def test_scan_completes_segment_sums_under_interpreter(gen, triton_interpreter):
     """``_scan`` in segments (the Hopper deltas kernel's, each summed from zero; one slot a segment: Triton's
     contributions) against the states summed whole in float64, both directions, gated or not, segments of 1, 2, 3
-    and 6 of 7 slots (the last shorter, and
-    segment starts inside the kernel's loads of 4 slots). ``S`` is bf16, the local sums rounded and the whole ones
-    rounded again (the interpreter truncates: 3.8-4.5e-3 of a slot's norm over 7 seeds, 8e-3 allowed; a wrong
-    decay, restart or first slot is O(1)); ``Z`` fp32 (<= 1.1e-7)."""
+    and 6 of 7 slots (the last shorter, and segment starts inside the kernel's loads of 4 slots). ``S`` is bf16,
+    the local sums rounded and the whole ones rounded again (the interpreter truncates: 3.8-4.5e-3 of a slot's
+    norm over 7 seeds, 8e-3 allowed; a wrong decay, restart or first slot is O(1)); ``Z`` fp32 (<= 1.1e-7)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     run = subprocess.run([sys.executable, "-c", SCAN_CHECK, str(torch_seed(gen))], capture_output=True, text=True,
                          env=env, timeout=300)

@@ -43,7 +43,7 @@ def record_launches(cfg: ct.KernelConfig, B: int, Hq: int, Hkv: int, T: int, d: 
         q = torch.randn(B, Hq, T, d, dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, Hkv, T, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         log_g = torch.full((B, Hkv, T), -0.01, requires_grad=True)
-        ct._PowerRetentionFn.apply(q, k, v, log_g, chunk, d ** -0.5, cfg).sum().backward()
+        ct._PowerRetentionFn.apply(q, k, v, log_g, chunk, d ** -0.5, cfg, False).sum().backward()
     finally:
         ct._launch, ct._interpreting = saved
     return launches

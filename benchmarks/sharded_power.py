@@ -6,8 +6,10 @@ Runs unchanged on one process or under ``torchrun --nproc-per-node N`` (NCCL, on
     PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/sharded_power.py --out benchmarks/results/sharded_power_4.json
 
 For every ``L`` (tokens per rank): forward + backward of ``sharded_power_retention`` over ``N x L`` tokens, and on
-each rank alone ``power_retention`` over ``L`` tokens through the Triton kernel and through the PyTorch chunked
-form (what the sharded path runs when ``N > 1``). Weak scaling: the sharded step does each rank's work plus the
+each rank alone ``power_retention`` over ``L`` tokens through the Triton kernel, ``power_retention_continued``
+from a state (what each rank computes when ``N > 1``: the kernel, the incoming state's reads and the shard's own
+state; here the state of an earlier random stretch) and the PyTorch chunked form (what the ranks ran before the
+kernel could continue a state), each with its peak of allocated memory in one step. Weak scaling: the sharded step does each rank's work plus the
 relay, so ``efficiency = single L / sharded`` against each baseline. bf16, B = 1, 8 heads, d = e = 64, deg 2, gated,
 chunk 128. The sharded step and the kernel are timed in ``--rounds`` alternating rounds (each 2 untimed steps, then
 enough timed ones to last ``--round-ms``, synchronised over the ranks) and the best round's mean is kept, so that
@@ -29,7 +31,8 @@ import torch.distributed as dist
 from longctx.atomic import atomic_write_json
 from longctx.bench.measure import device_name
 from longctx.distributed.power import relay_bytes, sharded_power_retention
-from longctx.mechanisms.power import power_retention
+from longctx.mechanisms.power import power_retention, power_retention_continued
+from longctx.mechanisms.power.continued import stretch_state
 
 
 def median_paired_ratio(a: list[float], b: list[float]) -> float:
@@ -54,6 +57,16 @@ def timed_step(fn, reps: int, device) -> float:
     if dist.is_initialized():
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return float(seconds)
+
+
+def peak_bytes(fn, device) -> int:
+    """Peak allocated bytes during one forward + backward of ``fn()``, above what was allocated before."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn().float().sum().backward()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def alternating_rounds(variants: dict, rounds: int, round_ms: float, device, sizing: str) -> dict:
@@ -95,11 +108,17 @@ def main(argv=None) -> int:
         log_g.requires_grad_()
         row = {"tokens_per_rank": L, "total_tokens": L * world,
                "relay_bytes": relay_bytes(1, 8, 64, 64, 2) if world > 1 else 0}
+        with torch.no_grad():   # the state an earlier stretch of L random tokens leaves
+            X, _ = stretch_state(*(torch.randn_like(t) for t in (k, v)), log_g.detach().flip(-1), 2)
+        S, z = X[..., :64].clone().requires_grad_(), X[..., 64].clone().requires_grad_()
         variants = {"sharded": lambda: sharded_power_retention(q, k, v, log_g, chunk_size=128),
-                    "kernel": lambda: power_retention(q, k, v, log_g, chunk_size=128)}
+                    "kernel": lambda: power_retention(q, k, v, log_g, chunk_size=128),
+                    "continued": lambda: power_retention_continued(q, k, v, log_g, (S, z), chunk_size=128)}
+        chunked = lambda: power_retention(q, k, v, log_g, chunk_size=128, use_kernel=False)  # noqa: E731
         row.update(alternating_rounds(variants, args.rounds, args.round_ms, device, sizing="kernel"))
-        row["chunked_ms"] = 1000 * timed_step(lambda: power_retention(q, k, v, log_g, chunk_size=128, use_kernel=False),
-                                              args.reps, device)
+        row["chunked_ms"] = 1000 * timed_step(chunked, args.reps, device)
+        for name, fn in (*variants.items(), ("chunked", chunked)):
+            row[f"{name}_peak_bytes"] = peak_bytes(fn, device)
         row["efficiency_vs_kernel"] = row["kernel_ms"] / row["sharded_ms"]
         row["efficiency_vs_kernel_median_paired"] = median_paired_ratio(row["kernel_ms_rounds"], row["sharded_ms_rounds"])
         row["efficiency_vs_chunked"] = row["chunked_ms"] / row["sharded_ms"]

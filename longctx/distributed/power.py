@@ -2,23 +2,23 @@
 
 Layout: contiguous. Rank ``r`` of ``N`` holds the ``r``-th stretch of the sequence, ``q [B, Hq, L_r, d]``,
 ``k [B, Hkv, L_r, d]``, ``v [B, Hkv, L_r, e]``, ``log_g [B, Hkv, L_r]``; ``layout.shard(x, N, r, "contiguous")``
-cuts equal stretches, but the lengths may differ by rank (any ``L_r >= 1``: the chunked form pads a partial last
-chunk). A rank needs no other rank's keys, only the state the tokens before its shard leave behind
-(``power.chunk``: ``S = sum_j g_(end, j) phi(k_j) v_j^T [D, e]``, ``z = sum_j g_(end, j) phi(k_j) [D]``, kept
-here as one tensor ``X = [S | z]`` of ``[B, Hkv, D, e + 1]``):
+cuts equal stretches, but the lengths may differ by rank (any ``L_r >= 1``). A rank needs no other rank's keys,
+only the state the tokens before its shard leave behind (``S = sum_j g_(end, j) phi(k_j) v_j^T [D, e]``, ``z =
+sum_j g_(end, j) phi(k_j) [D]``, kept as one tensor ``X = [S | z]`` of ``[B, Hkv, D, e + 1]``;
+``power.continued``):
 
-1. each rank cuts its shard into chunks (``power.chunk.cut_chunks``: the weights inside each chunk and each
-   chunk's own state, all that does not depend on the state before) and scans the chunks' states from zero:
-   its shard's own state ``X_r`` and its decay across the shard, ``a_r = sum log_g`` (``[B, Hkv]``);
+1. each rank forms its shard's own state from zero, ``X_r`` (``stretch_state``), and its decay across the shard,
+   ``a_r = sum log_g`` (``[B, Hkv]``);
 2. relay in rank order: rank ``r`` receives the state entering its shard, ``I_r`` (``I_0 = 0``), from
    ``r - 1`` and sends ``I_(r+1) = exp(a_r) I_r + X_r`` to ``r + 1``;
-3. each rank reads its chunks from ``I_r`` (``read_chunks``): its outputs.
+3. each rank's outputs (``continue_from``): its shard from zero through the Triton kernel where it applies (the
+   chunked form elsewhere), numerators and normalisers, plus what ``I_r`` adds to each (``read_state``).
 
 Backward (``relay.relay_state``): autograd through 3 gives ``dI_r``, the gradient of this rank's own outputs with
 respect to its incoming state; relayed the other way, rank ``r`` receives ``Λ_(r+1)`` (the whole gradient of the
 state leaving its shard, ``Λ_N = 0``) from ``r + 1`` and sends ``Λ_r = dI_r + exp(a_r) Λ_(r+1)`` to ``r - 1``;
 then ``dX_r = Λ_(r+1)``, ``da_r = exp(a_r) <I_r, Λ_(r+1)>``, and autograd through 1 and 3 finishes the q, k, v
-and gate gradients. The result is the single-process chunked form's, up to the order of sums.
+and gate gradients. The result is the single-process form's, up to the order of sums.
 
 Bytes moved per call (``relay_bytes``: ``B x Hkv x D x (e + 1)`` numbers in the arithmetic dtype, float32 for
 fp16/bf16/float32 inputs, ``D = C(d + deg - 1, deg)``), independent of the shard length: forward, every rank but
@@ -38,20 +38,17 @@ power4 (deg 4, D = 766480)  1.6 GB                       1.6 GB
 Deg 2 sends less than the ring from ``(N - 1) L > D (e + 1) x 4 / (2 d x 2) ~ 2100`` tokens on; deg 4 at
 ``d = 64`` only beyond ~780K (its state is what makes it costly anywhere; at the bench's ``d = 16``, ``D = 3876``).
 
-Scaling efficiency, a prediction (nothing measured: no GPU this session). The work is the single-process chunked
-form's, cut in ``N``: the chunks' own states are computed once, and scanned twice (from zero in step 1, from
-``I_r`` in step 3), ``2 L / c`` elementwise steps of one state against ``~2 D (e + 1) (1 + R) + 2 c R (d + e)``
-flops a token (``R = Hq / Hkv``, ``c`` the chunk). What is added is the relay, sequential and on the critical
-path (a rank's outputs wait for its incoming state): ``(N - 1)`` hops of one state forward and again backward,
-``(N - 1) (t_lat + relay_bytes / BW)`` each way. So ``E(N) ~ 1 / (1 + (N - 1) hop / t_chunk(L))``. With ``B = 1,
-Hkv = 8, d = e = 64, c = 64, R = 1``: one hop of 4.3 MB at ~100 GB/s is ~45 us, 7 hops at ``N = 8`` ~0.3 ms,
-against 1.5e11 flops of chunked form per layer forward for ``L = 32K`` (1.5 ms at 100 TFLOP/s, several ms in the
-PyTorch chunked form this runs: the Triton kernel takes no initial state), so ``E(8)`` ~ 0.85-0.95 at ``L =
-32K``, rising with ``L`` and ``R``, falling as ``N`` grows (a log-depth scan would make it ``log2 N`` hops).
+Scaling efficiency, a prediction (nothing measured: multi-GPU machines were not lent). Each rank does the
+single-process work of its shard (the kernel's, where it applies) plus two passes over its tokens' features:
+forming ``X_r`` (``2 D (e + 1)`` flops a key) and reading ``I_r`` (``2 D (e + 1) R`` a query, ``R = Hq / Hkv``),
+in float32 matrix products. What is added is the relay, sequential and on the critical path (a rank's outputs
+wait for its incoming state): ``(N - 1)`` hops of one state forward and again backward, ``(N - 1) (t_lat +
+relay_bytes / BW)`` each way. So ``E(N) ~ 1 / (1 + (N - 1) hop / t_rank(L))``. With ``B = 1, Hkv = 8, d = e =
+64, R = 1``: one hop of 4.3 MB at ~100 GB/s is ~45 us, 7 hops at ``N = 8`` ~0.3 ms each way.
 
 The ``power`` / ``power4`` mechanisms use this with ``sequence_parallel=True`` when ``torch.distributed`` is
 initialised with more than one rank (an option, not a new name: a data-parallel job, whose ranks hold different
-sequences, must not have them chained by default). A group of one runs the chunked form with no communication.
+sequences, must not have them chained by default). A group of one runs ``power_retention`` with no communication.
 A rank that raises, dies or hangs makes the others raise ``RingCommError`` at their next transfer, within the
 process group's timeout.
 """
@@ -65,8 +62,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..attention import check_qkv
-from ..mechanisms.power.chunk import (Chunks, check_chunk_size, chunks_state, cut_chunks, power_retention,
-                                      read_chunks)
+from ..mechanisms.power.chunk import check_chunk_size, power_retention
+from ..mechanisms.power.continued import continue_from, stretch_state
 from ..mechanisms.power.expand import check_deg, expanded_dim
 from ..mechanisms.power.naive import check_gate, compute_dtype, default_scale
 from .comm import RingComm, check_agreement, shard_shapes
@@ -82,14 +79,6 @@ def relay_bytes(batch: int, n_kv: int, d: int, e: int, deg: int, dtype: torch.dt
     """Bytes of the one state a rank sends per call (forward; the backward sends as many): ``B x Hkv x D x (e+1)``
     in the arithmetic dtype of ``dtype`` inputs."""
     return batch * n_kv * expanded_dim(d, check_deg(deg)) * (e + 1) * compute_dtype(dtype).itemsize
-
-
-def shard_state(chunks: Chunks) -> tuple[Tensor, Tensor]:
-    """The state a shard leaves from zero, ``X [B, Hkv, D, e + 1]`` (``[S | z]``, on the gate level of its last
-    token), and its log-decay ``a [B, Hkv]``, from its chunks (``cut_chunks``): a scan of ``n`` elementwise steps,
-    the chunks' own states being computed once for this and for the outputs."""
-    S, z = chunks_state(chunks, torch.zeros_like(chunks.dS[:, :, 0]), torch.zeros_like(chunks.dz[:, :, 0]))
-    return torch.cat([S, z.unsqueeze(-1)], -1), chunks.log_decay
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, chunk_size: int,
@@ -169,10 +158,9 @@ def sharded_power_retention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | Non
             check_agreement(comm, AGREED, None, dev, _decode, _explain)
         raise
     check_agreement(comm, AGREED, facts, q.device, _decode, _explain)
-    chunks = cut_chunks(q, k, v, log_g, deg, chunk_size, scale)
-    incoming = relay_state(*shard_state(chunks), comm)
-    e = v.shape[-1]
-    return read_chunks(chunks, incoming[..., :e], incoming[..., e])[0]
+    log_g = check_gate(log_g, k)            # poisoned on CUDA (refused on CPU by the checks above)
+    incoming = relay_state(*stretch_state(k, v, log_g, deg), comm)
+    return continue_from(q, k, v, log_g, incoming, deg, chunk_size, scale)
 
 
-__all__ = ["sharded_power_retention", "shard_state", "relay_bytes", "AGREED"]
+__all__ = ["sharded_power_retention", "relay_bytes", "AGREED"]

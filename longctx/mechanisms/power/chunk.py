@@ -134,17 +134,30 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
     return Chunks(num, den, qc, r, dS, dz, gamma, G_end.sum(-1), deg, T, q.dtype)
 
 
-def chunks_state(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """The state after the last chunk from ``(S [B,Hkv,D,e], z [B,Hkv,D])`` before the first."""
-    for m in range(chunks.gamma.shape[-1]):
-        S = chunks.gamma[..., m, None, None] * S + chunks.dS[:, :, m]
-        z = chunks.gamma[..., m, None] * z + chunks.dz[:, :, m]
-    return S, z
-
-
 def read_chunks(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """``o [B, Hq, T, e]`` from the state ``(S [B,Hkv,D,e], z [B,Hkv,D])`` entering the sequence, and the
     state after its last token."""
+    num, den, state = _numerators(chunks, S, z)
+    B, Hkv, R, n, c, e = num.shape
+    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T].to(chunks.dtype)
+    return o, state
+
+
+def read_chunks_with_den(chunks: Chunks) -> tuple[Tensor, Tensor]:
+    """From a zero state: ``(o [B, Hq, T, e], den [B, Hq, T])`` in the arithmetic dtype, ``den`` the sum of each
+    row's weights and ``o = num / den`` (0 where ``den = 0``): ``power_retention_triton(return_den=True)``'s
+    outputs, from the chunked form."""
+    B, Hkv, _, D, e = chunks.dS.shape
+    num, den, _ = _numerators(chunks, *empty_state(B, Hkv, chunks.qc.shape[-1], e, chunks.deg, chunks.dS.device,
+                                                   chunks.dS.dtype))
+    R, n, c = num.shape[2:5]
+    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T]
+    return o, den.reshape(B, Hkv * R, n * c)[:, :, :chunks.T]
+
+
+def _numerators(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """``(num [B, Hkv, R, n, c, e], den [B, Hkv, R, n, c])`` of every chunk's rows from the state entering the
+    sequence, and the state after its last token."""
     S_in, z_in = [], []
     for m in range(chunks.gamma.shape[-1]):
         S_in.append(S)
@@ -155,9 +168,7 @@ def read_chunks(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, tuple[Ten
     phiq = sympow(chunks.qc, chunks.deg)                                          # [B, Hkv, R, n, c, D]
     num = chunks.num + chunks.r[..., None] * torch.einsum("bhrncD,bhnDe->bhrnce", phiq, S_in)
     den = chunks.den + chunks.r * torch.einsum("bhrncD,bhnD->bhrnc", phiq, z_in)
-    B, Hkv, R, n, c, e = num.shape
-    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T].to(chunks.dtype)
-    return o, (S, z)
+    return num, den, (S, z)
 
 
 def _check_state(state, B: int, Hkv: int, D: int, e: int, ct: torch.dtype) -> tuple[Tensor, Tensor]:

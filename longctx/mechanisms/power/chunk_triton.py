@@ -585,11 +585,11 @@ if triton is not None:
         return dg, tl.reshape(dqa, (BM, DK)) + tl.reshape(dqb, (BM, DK))
 
     @triton.jit
-    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DELTA, DQ, DGQ, US, VS, NC, scale,
+    def _bwd_dq(Q, K, V, G, STEPS, SB, ZB, DO, O32, DEN, DDEN, DELTA, DQ, DGQ, US, VS, NC, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, HAS_GATE: tl.constexpr, C: tl.constexpr,
                 BM: tl.constexpr, DK: tl.constexpr, E: tl.constexpr, FB: tl.constexpr, FA: tl.constexpr,
                 F: tl.constexpr, NS: tl.constexpr, INTERP: tl.constexpr, OPDT: tl.constexpr,
-                LOOP_STAGES: tl.constexpr, STATE_IN: tl.constexpr):
+                LOOP_STAGES: tl.constexpr, STATE_IN: tl.constexpr, HAS_DDEN: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         bkv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
@@ -607,9 +607,12 @@ if triton is not None:
         q = tl.load(q_ptr + rows[:, None] * DK + di[None, :])
         do = tl.load(DO + bh * Tp * E + rows[:, None] * E + ei[None, :])
         den = tl.load(DEN + bh * Tp + rows)
-        den = tl.where(den == 0.0, 1.0, den)
-        # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward
+        # delta_i = do_i . o_i (fp32 o), written here for kernels 1 and 5 of the backward; where the normaliser is an
+        # output too (return_den), its own gradient: dL/dden_i = -(delta_i - dden_i den_i) / den_i
         delta = tl.sum(do.to(tl.float32) * tl.load(O32 + bh * Tp * E + rows[:, None] * E + ei[None, :]), 1)
+        if HAS_DDEN:
+            delta -= tl.load(DDEN + bh * Tp + rows) * den
+        den = tl.where(den == 0.0, 1.0, den)
         tl.store(DELTA + bh * Tp + rows, delta)
         gq = _gates(g_ptr, rows, BM, HAS_GATE)
         if HAS_GATE:
@@ -914,7 +917,7 @@ def _scan_launch(SB: Tensor, ZB: Tensor, G: Tensor, g: _Geometry, cfg: KernelCon
 
 class _PowerRetentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_g, chunk_size, scale, cfg):
+    def forward(ctx, q, k, v, log_g, chunk_size, scale, cfg, return_den):
         g = _geometry(q, k, v, chunk_size, cfg)
         qp, kp, vp = _pad(q, g), _pad(k, g), _pad(v, g)
         has_gate = log_g is not None
@@ -951,10 +954,12 @@ class _PowerRetentionFn(torch.autograd.Function):
         ctx.save_for_backward(qp, kp, vp, G, O32, DEN, SB, ZB)
         ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate = g, scale, cfg, has_gate
         ctx.log_g_dtype = None if log_g is None else log_g.dtype
+        if return_den:   # the fp32 output and its normaliser, the sum of the row's weights
+            return O32[:, :, :g.T], DEN[:, :, :g.T]
         return O if g.T == g.Tp else O[:, :, :g.T].contiguous()
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dden=None):
         qp, kp, vp, G, O32, DEN, SB, ZB = ctx.saved_tensors
         g, scale, cfg, has_gate = ctx.geometry, ctx.scale, ctx.cfg, ctx.has_gate
         steps = _steps(g.NB, g.FB, g.FA, qp.device)
@@ -980,9 +985,10 @@ class _PowerRetentionFn(torch.autograd.Function):
             stages = min(cfg.stages_chunk, 2)    # of 2, 0.80 -> 0.72-0.74 ms at 4K (H100, notes v18)
             dq_launch = dict(common, num_stages=stages, LOOP_STAGES=min(g.loop_stages(cfg), stages),
                              maxnreg=STATE_IN_REGISTERS)
+        ddenp = DEN if dden is None else F.pad(dden.float(), (0, g.Tp - g.T)).contiguous()
         _launch("bwd_dq", _bwd_dq, (g.Tp // g.BM, g.B * g.Hq),
-                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, delta, dq, dgq, US, VS, g.NC, scale, STATE_IN=state_in,
-                **dq_launch)
+                qp, kp, vp, G, steps, SB, ZB, dop, O32, DEN, ddenp, delta, dq, dgq, US, VS, g.NC, scale,
+                STATE_IN=state_in, HAS_DDEN=dden is not None, **dq_launch)
         DSB, DZB = _states(qp, dop, G, DEN, delta, g, cfg, scale, has_gate, backward=True)
         dk = torch.empty(g.B, g.Hkv, g.Tp, g.DK, device=dev, dtype=kp.dtype)
         dv = torch.empty(g.B, g.Hkv, g.Tp, g.E, device=dev, dtype=vp.dtype)
@@ -1005,15 +1011,19 @@ class _PowerRetentionFn(torch.autograd.Function):
             _launch("gate_grad", _gate_grad, (-(-g.T // (GATE_PIECE * blk)), g.B * g.Hkv), dgq, dgk, dlog_g, g.T,
                     g.Tp, REP=g.Hq // g.Hkv, BLK=blk, PIECE=GATE_PIECE * blk, num_warps=8)
         T = g.T
-        return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dlog_g, None, None, None
+        return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dlog_g, None, None, None, None
 
 
 def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None, chunk_size: int = 128,
-                           scale: float | None = None, config: KernelConfig | None = None) -> Tensor:
+                           scale: float | None = None, config: KernelConfig | None = None,
+                           return_den: bool = False):
     """Deg-2 power retention through the Triton kernels, differentiable in ``q, k, v, log_g``.
 
     ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]`` fp16/bf16, ``log_g [B,Hkv,T]`` (float32 advised),
-    ``d, e`` in 16, 32, 64, 128, ``chunk_size`` 16, 32 or a multiple of 64. Returns ``o [B,Hq,T,e]``.
+    ``d, e`` in 16, 32, 64, 128, ``chunk_size`` 16, 32 or a multiple of 64. Returns ``o [B,Hq,T,e]``; with
+    ``return_den``, ``(o, den)`` in float32 instead, ``den [B,Hq,T]`` the sum of each row's weights (``o = num /
+    den``, 0 where ``den = 0``), both differentiable: what continuing from an incoming state needs
+    (``power.continued``).
     """
     if not _supported(q, v, 2, chunk_size):
         raise ValueError(f"power_retention_triton needs triton, CUDA (or TRITON_INTERPRET=1), fp16/bf16 inputs, "
@@ -1022,4 +1032,4 @@ def power_retention_triton(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None
     check_qkv(q, k, v)
     log_g = check_gate(log_g, k, poison=False)     # poisoned, floored by the forward's first kernel: no autograd node
     return _PowerRetentionFn.apply(q, k, v, log_g, chunk_size, default_scale(q.shape[-1], scale),
-                                   config or KernelConfig())
+                                   config or KernelConfig(), bool(return_den))

@@ -13,7 +13,8 @@ fp16/bf16 inputs never overflow (fp16's own range, 65504, would not survive 64K 
 
 Two halves: ``cut_chunks`` computes all that does not depend on the state entering the sequence (the weights
 inside each chunk, each chunk's own state), ``read_chunks`` scans the chunks' states from a given one and reads
-them; sharded power retention (``longctx.distributed.power``) relays the state between the two.
+them; ``read_chunks_with_den`` reads them from zero with their normalisers, what ``power.continued`` adds an
+incoming state's part to where the kernel does not apply.
 
 Differentiable through autograd. This is also the reference the Triton kernel
 (``longctx.mechanisms.power.chunk_triton``) is tested against.

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ...attention import check_qkv
-from .chunk import check_chunk_size, cut_chunks, read_chunks_with_den, takes_kernel
+from .chunk import check_chunk_size, cut_chunks, power_retention_chunk, read_chunks_with_den, takes_kernel
 from .expand import check_deg, expanded_dim, sympow
 from .naive import check_gate, compute_dtype, default_scale, group_queries, safe_ratio
 
@@ -97,14 +97,16 @@ def continue_from(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, X: Tens
     return safe_ratio(num, den_own.to(X.dtype) + den_in).to(q.dtype)
 
 
-def power_retention_continued(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, initial_state: tuple[Tensor, Tensor],
-                              deg: int = 2, chunk_size: int = 64, scale: float | None = None,
-                              use_kernel: bool | None = None) -> Tensor:
+def power_retention_continued(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None,
+                              initial_state: tuple[Tensor, Tensor], deg: int = 2, chunk_size: int = 64,
+                              scale: float | None = None, use_kernel: bool | None = None, return_state: bool = False):
     """Power retention of ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]``, ``log_g [B,Hkv,T]`` (optional gate,
     ``<= 0``) continuing ``initial_state = (S [B,Hkv,D,e], z [B,Hkv,D])`` (on the gate level just before the first
-    token, as ``power_retention_chunk``'s): ``o [B,Hq,T,e]`` in q's dtype, equal to ``power_retention_chunk(...,
-    initial_state=...)`` and differentiable in all six, with the Triton kernel doing the stretch's own part
-    wherever it applies (``use_kernel`` as in ``power_retention``)."""
+    token, as ``power_retention_chunk``'s): ``o [B,Hq,T,e]`` in q's dtype, and with ``return_state`` also the state
+    after the last token (arithmetic dtype); equal to ``power_retention_chunk(..., initial_state=...)`` and
+    differentiable in all six. Where the Triton kernel applies (``use_kernel`` as in ``power_retention``) it computes
+    the stretch's own part and ``continue_from`` adds the state's (the state after: ``exp(a) X_in + stretch_state``);
+    elsewhere the chunked form continues the state itself, at no extra cost."""
     check_qkv(q, k, v)
     check_deg(deg)
     check_chunk_size(chunk_size)
@@ -119,9 +121,17 @@ def power_retention_continued(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | N
                          f"{tuple(z.shape)}")
     if S.device != q.device or z.device != q.device:
         raise ValueError(f"initial_state is on {S.device} / {z.device}, q on {q.device}")
+    if not takes_kernel(q, k, v, deg, chunk_size, use_kernel):
+        return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale, initial_state=(S, z),
+                                     return_state=return_state)
     ct = compute_dtype(q.dtype)
     X = torch.cat([S.to(ct), z.to(ct).unsqueeze(-1)], -1)
-    return continue_from(q, k, v, log_g, X, deg, chunk_size, default_scale(d, scale), use_kernel)
+    o = continue_from(q, k, v, log_g, X, deg, chunk_size, default_scale(d, scale), use_kernel=True)
+    if not return_state:
+        return o
+    own, log_decay = stretch_state(k, v, log_g, deg)
+    X = torch.exp(log_decay)[..., None, None] * X + own
+    return o, (X[..., :e], X[..., e])
 
 
 __all__ = ["power_retention_continued", "continue_from", "read_state", "stretch_state"]

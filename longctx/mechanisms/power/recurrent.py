@@ -207,7 +207,8 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
     """Consume ``T_new`` tokens (none: an empty output, the same state): ``q [B,Hq,T_new,d]``,
     ``k, v [B,Hkv,T_new,·]``, ``log_g [B,Hkv,T_new]`` (required exactly when the state is gated). Returns ``(o [B,Hq,T_new,e], new state)``; ``state`` is not
     modified. ``use_kernel``: one-token steps through the Triton decode kernel (CUDA, deg 2, head dims 16–128);
-    ``None`` uses it wherever it applies, ``True`` raises where it does not."""
+    ``None`` uses it wherever it applies, ``True`` raises where it does not. A prefill of ``switch_over`` tokens or
+    more runs through the chunked Triton kernel wherever it applies unless ``use_kernel=False``."""
     check_qkv(q, k, v)
     check_deg(deg)
     check_schedule(chunk_size, switch_over)
@@ -219,7 +220,8 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
     if q.numel() == 0:   # no new tokens (or a batch of 0): nothing to add
         return q.new_empty(*q.shape[:3], v.shape[-1]), state
     if q.shape[2] >= switch_over:   # pieces would be at most chunk_size tokens each, every one over all recent keys
-        return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over)
+        return _long_step(q, k, v, log_g, state, deg, scale, chunk_size, switch_over,
+                          use_kernel=False if use_kernel is False else None)
     outs, start, T = [], 0, q.shape[2]
     while start < T:
         stop = min(T, start + switch_over - state.k.shape[2])     # the next fold point
@@ -234,12 +236,14 @@ def power_retention_step(q: Tensor, k: Tensor, v: Tensor, state: PowerState, log
 
 
 def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: PowerState, deg: int, scale: float,
-               chunk_size: int, switch_over: int) -> tuple[Tensor, PowerState]:
+               chunk_size: int, switch_over: int, use_kernel: bool | None) -> tuple[Tensor, PowerState]:
     """``T_new >= switch_over`` tokens (a prefill) in a few large operations rather than one piece per fold:
-    fold the recent tokens, run the chunked form from that state over all but the last ``r`` new tokens, and
-    append those ``r`` as recent tokens, ``r`` being what the folding schedule leaves unfolded at the new
-    length. The same outputs and the same state layout as the piecewise path (its sums in another order)."""
-    from .chunk import power_retention_chunk
+    fold the recent tokens, continue that state over all but the last ``r`` new tokens (``power_retention_continued``:
+    the chunked kernel where it applies, else the chunked form), and append those ``r`` as recent tokens, ``r``
+    being what the folding schedule leaves unfolded at the new length. The same outputs and the same state layout
+    as the piecewise path (its sums in another order)."""
+    from .chunk import empty_state
+    from .continued import power_retention_continued
 
     T = q.shape[2]
     r = recent_count(state.seen + T, chunk_size, switch_over)
@@ -247,9 +251,10 @@ def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: Pow
         state = _fold(state, state.k.shape[2], deg)
     bulk = T - r
     gate = None if log_g is None else log_g[:, :, :bulk]
-    initial = None if state.S is None else (state.S, state.z)
-    out, (S, z) = power_retention_chunk(q[:, :, :bulk], k[:, :, :bulk], v[:, :, :bulk], gate, deg, chunk_size, scale,
-                                        initial_state=initial, return_state=True)
+    initial = (empty_state(q.shape[0], k.shape[1], q.shape[-1], v.shape[-1], deg, q.device, compute_dtype(q.dtype))
+               if state.S is None else (state.S, state.z))
+    out, (S, z) = power_retention_continued(q[:, :, :bulk], k[:, :, :bulk], v[:, :, :bulk], gate, initial, deg,
+                                            chunk_size, scale, use_kernel, return_state=True)
     folded = PowerState(k[:, :, :0], v[:, :, :0], None if state.g is None else state.g[:, :, :0], S, z,
                         state.seen + bulk)
     if r == 0:

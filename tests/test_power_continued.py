@@ -96,6 +96,13 @@ def test_continued_without_the_kernel_is_the_chunked_form_from_the_state(gen):
     assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
+def test_continued_over_no_tokens_keeps_the_state(gen):
+    q, k, v, log_g = _inputs(gen, 1, 2, 1, 0, 3, 2, True)
+    S, z = torch.rand(1, 1, 6, 2, generator=gen), torch.rand(1, 1, 6, generator=gen)
+    o, (S1, z1) = power_retention_continued(q, k, v, log_g, (S, z), return_state=True)
+    assert o.shape == (1, 2, 0, 2) and S1 is S and z1 is z
+
+
 def test_continued_refuses_a_state_of_the_wrong_shape(gen):
     q, k, v, log_g = _inputs(gen, 1, 2, 1, 4, 3, 2, True)
     with pytest.raises(ValueError, match=r"initial_state must be \(S \(1, 1, 6, 2\), z \(1, 1, 6\)\)"):

@@ -121,6 +121,9 @@ def power_retention_continued(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | N
                          f"{tuple(z.shape)}")
     if S.device != q.device or z.device != q.device:
         raise ValueError(f"initial_state is on {S.device} / {z.device}, q on {q.device}")
+    if q.shape[2] == 0:   # nothing to continue: an empty output, the same state
+        o = q.new_empty(*q.shape[:3], e)
+        return (o, (S, z)) if return_state else o
     if not takes_kernel(q, k, v, deg, chunk_size, use_kernel):
         return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale, initial_state=(S, z),
                                      return_state=return_state)

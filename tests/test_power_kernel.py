@@ -23,9 +23,14 @@ def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=F
          **config):
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
+    k0 = k[:, torch.arange(hq) // (hq // hkv), 0]          # the one key the first query sees
+    dot = (q[:, :, 0] * k0).sum(-1, keepdim=True)
     if tiny_first_weight:  # q_0 almost orthogonal to k_0: row 0 is v_0 with a weight ~1e-6, its dq exactly 0
-        k0 = k[:, :1, 0].expand(B, hq, d)
-        q[:, :, 0] -= (q[:, :, 0] * k0).sum(-1, keepdim=True) / (k0 * k0).sum(-1, keepdim=True) * k0 * 0.999
+        q[:, :, 0] -= dot / (k0 * k0).sum(-1, keepdim=True) * k0 * 0.999
+    else:  # |q_0 . k_0| >= 1: row 0's dq (0 exactly) is fp32's rounding of v_0 - o_0 times 1 / (q_0 . k_0), which
+        # a random q_0 almost orthogonal to k_0 made 1.5e-3 of dq's norm (seed 783774730); that row has its own case
+        lift = torch.where(dot.abs() < 1, torch.where(dot < 0, -1.0, 1.0) - dot, torch.zeros_like(dot))
+        q[:, :, 0] += lift / (k0 * k0).sum(-1, keepdim=True) * k0
     q, k = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
     v = torch.randn(B, hkv, T, e, generator=g).to(dtype).requires_grad_()
     log_g = (-decay * torch.rand(B, hkv, T, generator=g)) if gated else None
@@ -39,7 +44,9 @@ def case(B, hq, hkv, T, d, e, chunk, gated, dtype, operands, tiny_first_weight=F
     grads = torch.autograd.grad(out, leaves, do.to(dtype))
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = power_retention_chunk(*ref_leaves[:3], ref_leaves[3] if gated else None, 2, chunk)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    # the kernel's own dout (fp16 / bf16): with the unrounded one the reference also measured dout's rounding, which
+    # cancellation amplifies where dq and dk are small differences
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.to(dtype).double())
     assert all(a.dtype == b.dtype and torch.isfinite(a).all() for a, b in zip(grads, leaves))
     return [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
 
@@ -155,19 +162,16 @@ def test_kernel_matches_chunked_reference_under_interpreter(gen, triton_interpre
                  "exact_two_chunks", "exact_d32_blocks_of_8", "exact_e128", "exact_hard_reset",
                  "exact_resets_inside_chunks", "exact_gate_blocks", "exact_state_dq_split",
                  "exact_state_dq_split_ungated", "exact_state_out_split", "exact_state_dkv_split",
-                 "exact_state_splits_ungated"):
-        # fp16 output and dout each rounded once (2^-11 = 4.9e-4 of the norm at most): measured <= 4.3e-4 over
-        # 40 seeds
+                 "exact_state_splits_ungated", "exact_strong_decay", "exact_state_splits_strong_decay"):
+        # the fp16 output rounded once (2^-11 = 4.9e-4 of the norm at most), the same fp16 dout on both sides:
+        # measured <= 2.8e-4 over 30 seeds, the strong-decay cases included (with the unrounded dout in the
+        # reference those reached 1.21e-3, results/power_v19/strong_decay_seeds.json: o_i ~ v_i makes their dq and
+        # dk small differences, which amplify dout's rounding)
         assert max(errors[name]) < 1e-3, (name, errors[name])
-    for name in ("exact_strong_decay", "exact_state_splits_strong_decay"):
-        # forgetting fast, a row's output is almost its own value (o_i ~ v_i), so dq and dk are small differences
-        # (do_i . v_j - do_i . o_i) and their relative errors larger: exact_strong_decay over 150 seeds, output
-        # <= 1.8e-4, dq / dk median 3.1e-4, max 1.21e-3 (1e-3 failed 2 of them; results/power_v19/
-        # strong_decay_seeds.json); the split case forms the same differences, its state parts by reference
-        assert errors[name][0] < 1e-3 and max(errors[name]) < 2.5e-3, (name, errors[name])
     for name in ("bf16_gated_gqa", "bf16_tiny_first_weight"):
-        # bf16 operands: o, dq, dk, dv measured <= 7.9e-3 over 140 seeds; d log_g, a difference of two large sums
-        # of bf16 products, is heavy-tailed: median 6e-3, max 2.9e-2 (it shared the 3e-2 bound until then)
+        # bf16 operands: o, dq, dk, dv measured <= 6.6e-3 and d log_g, a difference of two large sums of bf16
+        # products, <= 2.2e-2 over 30 seeds (with the unrounded bf16 dout in the reference, up to 7.9e-3 and a
+        # heavy-tailed 2.9e-2 over 140 seeds)
         assert max(errors[name][:4]) < 3e-2 and errors[name][4] < 0.1, (name, errors[name])
     assert "head dims d, e in (16, 32, 64, 128)" in report["refused"]["d=24"]
     assert "chunk_size=48" in report["refused"]["chunk=48"]

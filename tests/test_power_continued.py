@@ -195,3 +195,28 @@ def test_kernel_normalisers_and_the_continued_form_under_interpreter(test_seed, 
     o_err, S_err, z_err, recent_err = report["prefill"]
     # o measured <= 3.1e-3, S and z <= 7.7e-8 over 20 seeds; the recent keys are copies
     assert o_err < 2e-2 and max(S_err, z_err) < 1e-5 and recent_err == 0, report["prefill"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+def test_compiled_kernel_continues_a_state(gen):
+    """On the GPU: bf16, d = e = 64, chunk 128, a stretch of 700 tokens after 601, through the compiled kernel,
+    against float64 (o and the state after; gradients of q, k, v, log_g and the incoming state)."""
+    dev, (s, T) = torch.device("cuda"), (601, 1301)
+    q, k, v, _ = _inputs(gen, 1, 4, 2, T, 64, 64, False)
+    log_g = torch.nn.functional.logsigmoid(4 + torch.randn(1, 2, T, generator=gen, dtype=torch.float64))
+    _, (S, z) = power_retention_chunk(*(_head(t, s) for t in (q, k, v, log_g)), 2, 128, return_state=True)
+    tail = [_tail(t, s).to(dev) for t in (q, k, v, log_g)]
+    leaves = [t.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(tail)]
+    S32, z32 = S.float().to(dev).requires_grad_(), z.float().to(dev).requires_grad_()
+    o, (S1, z1) = power_retention_continued(*leaves, (S32, z32), 2, 128, return_state=True)
+    ref_leaves = [t.to(torch.bfloat16 if i < 3 else torch.float32).double().requires_grad_()
+                  for i, t in enumerate(tail)]
+    Sd, zd = S.to(dev).requires_grad_(), z.to(dev).requires_grad_()
+    ref, (rS1, rz1) = power_retention_chunk(*ref_leaves, 2, 128, initial_state=(Sd, zd), return_state=True)
+    assert o.dtype == torch.bfloat16 and rel_err(o, ref) < 2e-2          # bf16 operands, as the kernel's tests
+    assert rel_err(S1, rS1) < 1e-4 and rel_err(z1, rz1) < 1e-4           # float32 products of the same inputs
+    w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(dev)
+    got = torch.autograd.grad((o.double() * w).sum(), leaves + [S32, z32])
+    want = torch.autograd.grad((ref * w).sum(), ref_leaves + [Sd, zd])
+    errors = [rel_err(a, b) for a, b in zip(got, want)]
+    assert max(errors[:3]) < 3e-2 and errors[3] < 0.1 and max(errors[4:]) < 3e-2, errors

@@ -6,15 +6,15 @@ Runs unchanged on one process or under ``torchrun --nproc-per-node N`` (NCCL, on
     PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/sharded_power.py --out benchmarks/results/sharded_power_4.json
 
 For every ``L`` (tokens per rank): forward + backward of ``sharded_power_retention`` over ``N x L`` tokens, and on
-each rank alone ``power_retention`` over ``L`` tokens through the Triton kernel, ``power_retention_continued``
-from a state (what each rank computes when ``N > 1``: the kernel, the incoming state's reads and the shard's own
-state; here the state of an earlier random stretch) and the PyTorch chunked form (what the ranks ran before the
-kernel could continue a state), each with its peak of allocated memory in one step. Weak scaling: the sharded step does each rank's work plus the
-relay, so ``efficiency = single L / sharded`` against each baseline. bf16, B = 1, 8 heads, d = e = 64, deg 2, gated,
-chunk 128. The sharded step and the kernel are timed in ``--rounds`` alternating rounds (each 2 untimed steps, then
-enough timed ones to last ``--round-ms``, synchronised over the ranks) and the best round's mean is kept, so that
-clock drift falls on both alike, and the median over rounds of the paired ratio is reported too; the chunked form
-(slow) in one round of ``--reps`` steps. Rank 0 writes the JSON atomically.
+each rank alone ``power_retention`` over ``L`` tokens through the Triton kernel, ``power_retention_continued`` from
+a state (what each rank computes when ``N > 1``: the kernel, the incoming state's reads and the shard's own state;
+here the state of an earlier random stretch) and the PyTorch chunked form (what the ranks ran before the kernel
+could continue a state), each with its peak of allocated memory in one step. Weak scaling: the sharded step does
+each rank's work plus the relay, so ``efficiency = single L / sharded`` against each baseline. bf16, B = 1, 8 heads,
+d = e = 64, deg 2, gated, chunk 128. The sharded step and the kernel are timed in ``--rounds`` alternating rounds
+(each 2 untimed steps, then enough timed ones to last ``--round-ms``, synchronised over the ranks) and the best
+round's mean is kept, so that clock drift falls on both alike, and the median over rounds of the paired ratio is
+reported too; the chunked form (slow) in one round of ``--reps`` steps. Rank 0 writes the JSON atomically.
 """
 from __future__ import annotations
 

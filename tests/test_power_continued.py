@@ -101,6 +101,9 @@ def test_continued_over_no_tokens_keeps_the_state(gen):
     S, z = torch.rand(1, 1, 6, 2, generator=gen), torch.rand(1, 1, 6, generator=gen)
     o, (S1, z1) = power_retention_continued(q, k, v, log_g, (S, z), return_state=True)
     assert o.shape == (1, 2, 0, 2) and S1 is S and z1 is z
+    _, (S0, z0) = power_retention_continued(q, k, v, log_g, None, return_state=True)   # no state: the zero one
+    assert torch.equal(S0, torch.zeros(1, 1, 6, 2, dtype=S0.dtype)) and torch.equal(z0, torch.zeros(1, 1, 6,
+                                                                                                    dtype=z0.dtype))
 
 
 def test_continued_refuses_a_state_of_the_wrong_shape(gen):
@@ -190,8 +193,9 @@ def test_kernel_normalisers_and_the_continued_form_under_interpreter(test_seed, 
     o_err, S_err, z_err, *grad_errors = errors
     assert dtype == "torch.float16" and o_err < 2e-2 and max(S_err, z_err) < 1e-5, errors
     assert max(grad_errors) < 2e-2, errors
-    # the prefill: both long steps continued through the kernel (the first from a zero state); use_kernel=False never
-    assert report["prefill_asked"] == [[None, True, None, True], [False, False]], report["prefill_asked"]
+    # the prefill: both long steps through the kernel (the first from no state, the kernel alone; the second
+    # continuing the folded state); use_kernel=False never
+    assert report["prefill_asked"] == [[None, None, True], [False, False]], report["prefill_asked"]
     o_err, S_err, z_err, recent_err = report["prefill"]
     # o measured <= 3.1e-3, S and z <= 7.7e-8 over 20 seeds; the recent keys are copies
     assert o_err < 2e-2 and max(S_err, z_err) < 1e-5 and recent_err == 0, report["prefill"]

@@ -138,10 +138,8 @@ def cut_chunks(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, deg: int, 
 def read_chunks(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """``o [B, Hq, T, e]`` from the state ``(S [B,Hkv,D,e], z [B,Hkv,D])`` entering the sequence, and the
     state after its last token."""
-    num, den, state = _numerators(chunks, S, z)
-    B, Hkv, R, n, c, e = num.shape
-    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T].to(chunks.dtype)
-    return o, state
+    o, _, state = _read_rows(chunks, S, z)
+    return o.to(chunks.dtype), state
 
 
 def read_chunks_with_den(chunks: Chunks) -> tuple[Tensor, Tensor]:
@@ -149,16 +147,14 @@ def read_chunks_with_den(chunks: Chunks) -> tuple[Tensor, Tensor]:
     row's weights and ``o = num / den`` (0 where ``den = 0``): ``power_retention_triton(return_den=True)``'s
     outputs, from the chunked form."""
     B, Hkv, _, D, e = chunks.dS.shape
-    num, den, _ = _numerators(chunks, *empty_state(B, Hkv, chunks.qc.shape[-1], e, chunks.deg, chunks.dS.device,
-                                                   chunks.dS.dtype))
-    R, n, c = num.shape[2:5]
-    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T]
-    return o, den.reshape(B, Hkv * R, n * c)[:, :, :chunks.T]
+    o, den, _ = _read_rows(chunks, *empty_state(B, Hkv, chunks.qc.shape[-1], e, chunks.deg, chunks.dS.device,
+                                                chunks.dS.dtype))
+    return o, den
 
 
-def _numerators(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """``(num [B, Hkv, R, n, c, e], den [B, Hkv, R, n, c])`` of every chunk's rows from the state entering the
-    sequence, and the state after its last token."""
+def _read_rows(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """``(o [B, Hq, T, e], den [B, Hq, T])`` in the arithmetic dtype from the state entering the sequence, and the
+    state after its last token."""
     S_in, z_in = [], []
     for m in range(chunks.gamma.shape[-1]):
         S_in.append(S)
@@ -169,7 +165,9 @@ def _numerators(chunks: Chunks, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor, t
     phiq = sympow(chunks.qc, chunks.deg)                                          # [B, Hkv, R, n, c, D]
     num = chunks.num + chunks.r[..., None] * torch.einsum("bhrncD,bhnDe->bhrnce", phiq, S_in)
     den = chunks.den + chunks.r * torch.einsum("bhrncD,bhnD->bhrnc", phiq, z_in)
-    return num, den, (S, z)
+    B, Hkv, R, n, c, e = num.shape
+    o = safe_ratio(num, den).reshape(B, Hkv * R, n * c, e)[:, :, :chunks.T]
+    return o, den.reshape(B, Hkv * R, n * c)[:, :, :chunks.T], (S, z)
 
 
 def _check_state(state, B: int, Hkv: int, D: int, e: int, ct: torch.dtype) -> tuple[Tensor, Tensor]:

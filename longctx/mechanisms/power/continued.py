@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ...attention import check_qkv
-from .chunk import check_chunk_size, cut_chunks, power_retention_chunk, read_chunks_with_den, takes_kernel
+from .chunk import (_check_state, check_chunk_size, cut_chunks, empty_state, power_retention_chunk,
+                    read_chunks_with_den, takes_kernel)
 from .expand import check_deg, expanded_dim, sympow
 from .naive import check_gate, compute_dtype, default_scale, group_queries, safe_ratio
 
@@ -98,42 +99,47 @@ def continue_from(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, X: Tens
 
 
 def power_retention_continued(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None,
-                              initial_state: tuple[Tensor, Tensor], deg: int = 2, chunk_size: int = 64,
+                              initial_state: tuple[Tensor, Tensor] | None, deg: int = 2, chunk_size: int = 64,
                               scale: float | None = None, use_kernel: bool | None = None, return_state: bool = False):
     """Power retention of ``q [B,Hq,T,d]``, ``k [B,Hkv,T,d]``, ``v [B,Hkv,T,e]``, ``log_g [B,Hkv,T]`` (optional gate,
     ``<= 0``) continuing ``initial_state = (S [B,Hkv,D,e], z [B,Hkv,D])`` (on the gate level just before the first
-    token, as ``power_retention_chunk``'s): ``o [B,Hq,T,e]`` in q's dtype, and with ``return_state`` also the state
-    after the last token (arithmetic dtype); equal to ``power_retention_chunk(..., initial_state=...)`` and
-    differentiable in all six. Where the Triton kernel applies (``use_kernel`` as in ``power_retention``) it computes
-    the stretch's own part and ``continue_from`` adds the state's (the state after: ``exp(a) X_in + stretch_state``);
-    elsewhere the chunked form continues the state itself, at no extra cost."""
+    token, as ``power_retention_chunk``'s; ``None``: from zero): ``o [B,Hq,T,e]`` in q's dtype, and with
+    ``return_state`` also the state after the last token (arithmetic dtype); equal to ``power_retention_chunk(...,
+    initial_state=...)`` and differentiable in all six. Where the Triton kernel applies (``use_kernel`` as in
+    ``power_retention``) it computes the stretch's own part and ``continue_from`` adds the state's (the state after:
+    ``exp(a) X_in + stretch_state``); elsewhere the chunked form continues the state itself, at no extra cost."""
     check_qkv(q, k, v)
     check_deg(deg)
     check_chunk_size(chunk_size)
     log_g = check_gate(log_g, k)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same length, got {q.shape[2]} and {k.shape[2]}")
-    S, z = initial_state
     B, Hkv, _, d = k.shape
-    e, D = v.shape[-1], expanded_dim(d, deg)
-    if tuple(S.shape) != (B, Hkv, D, e) or tuple(z.shape) != (B, Hkv, D):
-        raise ValueError(f"initial_state must be (S {(B, Hkv, D, e)}, z {(B, Hkv, D)}), got {tuple(S.shape)}, "
-                         f"{tuple(z.shape)}")
-    if S.device != q.device or z.device != q.device:
-        raise ValueError(f"initial_state is on {S.device} / {z.device}, q on {q.device}")
+    e, ct = v.shape[-1], compute_dtype(q.dtype)
+    if initial_state is not None:
+        S, z = initial_state
+        _check_state(initial_state, B, Hkv, expanded_dim(d, deg), e, ct)
+        if S.device != q.device or z.device != q.device:
+            raise ValueError(f"initial_state is on {S.device} / {z.device}, q on {q.device}")
     if q.shape[2] == 0:   # nothing to continue: an empty output, the same state
         o = q.new_empty(*q.shape[:3], e)
-        return (o, (S, z)) if return_state else o
+        if not return_state:
+            return o
+        return o, initial_state if initial_state is not None else empty_state(B, Hkv, d, e, deg, q.device, ct)
     if not takes_kernel(q, k, v, deg, chunk_size, use_kernel):
-        return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale, initial_state=(S, z),
+        return power_retention_chunk(q, k, v, log_g, deg, chunk_size, scale, initial_state=initial_state,
                                      return_state=return_state)
-    ct = compute_dtype(q.dtype)
-    X = torch.cat([S.to(ct), z.to(ct).unsqueeze(-1)], -1)
-    o = continue_from(q, k, v, log_g, X, deg, chunk_size, default_scale(d, scale), use_kernel=True)
+    scale = default_scale(d, scale)
+    if initial_state is None:   # the kernel alone: no state to read
+        from .chunk_triton import power_retention_triton
+        o, X = power_retention_triton(q, k, v, log_g, chunk_size=chunk_size, scale=scale), None
+    else:
+        X = torch.cat([S.to(ct), z.to(ct).unsqueeze(-1)], -1)
+        o = continue_from(q, k, v, log_g, X, deg, chunk_size, scale, use_kernel=True)
     if not return_state:
         return o
     own, log_decay = stretch_state(k, v, log_g, deg)
-    X = torch.exp(log_decay)[..., None, None] * X + own
+    X = own if X is None else torch.exp(log_decay)[..., None, None] * X + own
     return o, (X[..., :e], X[..., e])
 
 

@@ -242,7 +242,6 @@ def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: Pow
     the chunked kernel where it applies, else the chunked form), and append those ``r`` as recent tokens, ``r``
     being what the folding schedule leaves unfolded at the new length. The same outputs and the same state layout
     as the piecewise path (its sums in another order)."""
-    from .chunk import empty_state
     from .continued import power_retention_continued
 
     T = q.shape[2]
@@ -251,8 +250,7 @@ def _long_step(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, state: Pow
         state = _fold(state, state.k.shape[2], deg)
     bulk = T - r
     gate = None if log_g is None else log_g[:, :, :bulk]
-    initial = (empty_state(q.shape[0], k.shape[1], q.shape[-1], v.shape[-1], deg, q.device, compute_dtype(q.dtype))
-               if state.S is None else (state.S, state.z))
+    initial = None if state.S is None else (state.S, state.z)
     out, (S, z) = power_retention_continued(q[:, :, :bulk], k[:, :, :bulk], v[:, :, :bulk], gate, initial, deg,
                                             chunk_size, scale, use_kernel, return_state=True)
     folded = PowerState(k[:, :, :0], v[:, :, :0], None if state.g is None else state.g[:, :, :0], S, z,
